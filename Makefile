@@ -1,0 +1,30 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO   ?= demo_out
+
+.PHONY: test demo bench info clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/gpudiffim info
+
+bench: $(STAMP)
+	$(PY) -m pytest bench -q -o python_files='bench_*.py' --benchmark-only \
+		--benchmark-columns=min,median,max,rounds
+
+info: $(STAMP)
+	$(VENV)/bin/gpudiffim info
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache .benchmarks

@@ -1,0 +1,418 @@
+"""The one seam between the DIA stages and an array library.
+
+Every stage takes a :class:`Backend` and does its array work through it:
+
+* ``backend.xp`` — the array namespace (NumPy, CuPy or ``array_api_strict``);
+* ``rfft2`` / ``irfft2`` — real 2-D FFTs over the last two axes, plans cached by
+  shape and dtype (pyFFTW with all cores on CPU, cuFFT through CuPy on GPU);
+* ``label``, ``maximum_filter``, ``uniform_filter`` — the ``scipy.ndimage``
+  operations the stages need;
+* ``solve`` — batched linear solves;
+* ``to_device`` / ``to_host`` — the only places data crosses between host and device;
+* ``synchronize`` — wait for queued device work (timings).
+
+``get_backend("strict")`` runs the same code on ``array_api_strict`` arrays placed
+on a non-CPU device, which refuses any implicit conversion to NumPy, exactly as
+CuPy does. The test suite uses it to prove the GPU path has no hidden host round
+trip without needing a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from functools import lru_cache
+
+import numpy as np
+from scipy import fft as _scipy_fft
+from scipy import ndimage as _ndi
+
+from .errors import BackendError
+
+log = logging.getLogger(__name__)
+
+BACKEND_NAMES = ("cpu", "gpu", "strict", "auto")
+
+
+def next_fast_len(n: int) -> int:
+    """Smallest length >= n that factors into 2, 3, 5 (fast for FFTW and cuFFT)."""
+    return _scipy_fft.next_fast_len(int(n), real=True)
+
+
+class Backend:
+    """Base class: array-API generic implementations of everything but FFTs and I/O."""
+
+    name = "base"
+    fft_library = "none"
+    threads = 1
+
+    def __init__(self, xp, device=None):
+        self.xp = xp
+        self.device = device
+        self.reason = ""
+
+    # -- host <-> device ---------------------------------------------------------
+    def to_device(self, a, dtype=None):
+        """Copy a host (NumPy) array or scalar onto this backend's device."""
+        raise NotImplementedError
+
+    def to_host(self, a) -> np.ndarray:
+        """Copy a backend array to a host NumPy array (explicit, never implicit)."""
+        raise NotImplementedError
+
+    def asarray(self, a, dtype=None):
+        """Backend arrays pass through (cast if asked); host arrays are sent to the device."""
+        if isinstance(a, np.ndarray) or np.isscalar(a) or isinstance(a, (list, tuple)):
+            return self.to_device(np.asarray(a), dtype=dtype)
+        return a if dtype is None else self.xp.astype(a, dtype)
+
+    def synchronize(self) -> None:
+        """Block until queued device work is done (no-op on CPU)."""
+
+    # -- creation on this backend's device ---------------------------------------
+    _device_kw: dict = {}
+
+    def arange(self, *args, dtype=None):
+        return self.xp.arange(*args, dtype=dtype, **self._device_kw)
+
+    def zeros(self, shape, dtype=None):
+        return self.xp.zeros(shape, dtype=dtype, **self._device_kw)
+
+    def ones(self, shape, dtype=None):
+        return self.xp.ones(shape, dtype=dtype, **self._device_kw)
+
+    def full(self, shape, value, dtype=None):
+        return self.xp.full(shape, value, dtype=dtype, **self._device_kw)
+
+    # -- FFTs --------------------------------------------------------------------
+    def rfft2(self, a, s=None):
+        """Real-to-complex FFT over the last two axes, zero-padded to ``s``."""
+        raise NotImplementedError
+
+    def irfft2(self, a, s):
+        """Complex-to-real inverse of :meth:`rfft2` with output size ``s``."""
+        raise NotImplementedError
+
+    # -- ndimage -----------------------------------------------------------------
+    def label(self, mask):
+        """Label 8-connected components of a boolean image: ``(labels int32, count)``."""
+        raise NotImplementedError
+
+    def maximum_filter(self, a, size: int):
+        """Running maximum in a ``size``x``size`` box (outside the image: -inf)."""
+        xp = self.xp
+        low = -xp.inf if xp.isdtype(a.dtype, "real floating") else xp.iinfo(a.dtype).min
+        out = a
+        for axis in (0, 1):
+            out = _window_reduce(self, out, size, axis, xp.maximum, low)
+        return out
+
+    def uniform_filter(self, a, size: int):
+        """Mean in a ``size``x``size`` box, zero outside the image (``mode='constant'``)."""
+        xp = self.xp
+        out = a
+        for axis in (0, 1):
+            c = xp.cumulative_sum(out, axis=axis, include_initial=True)
+            n = out.shape[axis]
+            half = size // 2
+            hi = xp.clip(self.arange(n) + (size - half), max=n)
+            lo = xp.clip(self.arange(n) - half, min=0)
+            out = (xp.take(c, hi, axis=axis) - xp.take(c, lo, axis=axis)) / size
+        return xp.astype(out, a.dtype)
+
+    # -- linear algebra ----------------------------------------------------------
+    def solve(self, a, b):
+        """Solve ``a @ x = b`` for stacks: ``a`` (..., n, n), ``b`` (..., n)."""
+        xp = self.xp
+        return xp.linalg.solve(a, b[..., None])[..., 0]
+
+    def describe(self) -> dict:
+        return {
+            "backend": self.name,
+            "device": str(self.device),
+            "fft": self.fft_library,
+            "threads": self.threads,
+            "reason": self.reason,
+        }
+
+
+def _shift(backend, a, k: int, axis: int, fill):
+    """``out[i] = a[i + k]`` along ``axis``, ``fill`` where ``i + k`` is outside."""
+    xp = backend.xp
+    n = a.shape[axis]
+    if k == 0:
+        return a
+    if abs(k) >= n:
+        return xp.full_like(a, fill)
+    idx = backend.arange(n) + k
+    inside = (idx >= 0) & (idx < n)
+    taken = xp.take(a, xp.clip(idx, 0, n - 1), axis=axis)
+    shape = [1] * a.ndim
+    shape[axis] = n
+    return xp.where(xp.reshape(inside, tuple(shape)), taken, xp.full_like(a, fill))
+
+
+def _window_reduce(backend, a, size: int, axis: int, op, fill, start: int | None = None):
+    """``out[i] = op`` over ``a[i + start : i + start + size]`` along ``axis``.
+
+    Pads with ``fill`` (the identity of ``op``), then doubles power-of-two blocks:
+    O(log size) whole-array operations in pure array API.
+    ``start`` defaults to ``-(size // 2)`` (a centred window).
+    """
+    xp = backend.xp
+    if start is None:
+        start = -(size // 2)
+    n = a.shape[axis]
+    left, right = max(-start, 0), max(start + size - 1, 0)
+
+    def pad(count):
+        shape = list(a.shape)
+        shape[axis] = count
+        return backend.full(tuple(shape), fill, dtype=a.dtype)
+
+    padded = xp.concat([pad(left), a, pad(right)], axis=axis) if (left or right) else a
+    acc = None
+    block, width, offset, remaining = padded, 1, 0, size  # block[i] = op(a[i : i + width])
+    while remaining:
+        if remaining & 1:
+            part = _shift(backend, block, offset, axis, fill)
+            acc = part if acc is None else op(acc, part)
+            offset += width
+        remaining >>= 1
+        if remaining:
+            block = op(block, _shift(backend, block, width, axis, fill))
+            width *= 2
+    first = left + start
+    index = [slice(None)] * a.ndim
+    index[axis] = slice(first, first + n)
+    return acc[tuple(index)]
+
+
+def window_or(backend, mask, size: tuple[int, int], start: tuple[int, int]):
+    """Bitwise OR of an integer mask over the box ``[i+start, i+start+size)`` per axis."""
+    out = mask
+    for axis in (0, 1):
+        out = _window_reduce(backend, out, size[axis], axis, backend.xp.bitwise_or, 0,
+                             start[axis])
+    return out
+
+
+class CpuBackend(Backend):
+    """NumPy arrays, pyFFTW (all cores) with cached plans, SciPy ndimage and LAPACK."""
+
+    name = "cpu"
+
+    def __init__(self, threads: int | None = None):
+        super().__init__(np, device="cpu")
+        if threads is None:
+            threads = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                       else os.cpu_count() or 1)
+        self.threads = threads
+        self._plans: dict = {}
+        self._lock = threading.Lock()
+        try:
+            import pyfftw  # noqa: F401
+
+            self.fft_library = f"pyfftw {pyfftw.__version__}"
+            self._pyfftw = pyfftw
+        except ImportError:  # pragma: no cover - pyfftw is a core dependency
+            self.fft_library = "scipy.fft (pyfftw not installed)"
+            self._pyfftw = None
+
+    def to_device(self, a, dtype=None):
+        return np.asarray(a, dtype=dtype)
+
+    def to_host(self, a):
+        return np.asarray(a)
+
+    def _plan(self, kind, shape, dtype, s):
+        key = (kind, shape, np.dtype(dtype).str, s)
+        plan = self._plans.get(key)
+        if plan is None:
+            b = self._pyfftw.builders
+            proto = self._pyfftw.empty_aligned(shape, dtype=dtype)
+            build = b.rfftn if kind == "r2c" else b.irfftn
+            plan = build(proto, s=s, axes=(-2, -1), threads=self.threads,
+                         planner_effort="FFTW_ESTIMATE", auto_align_input=True)
+            self._plans[key] = plan
+        return plan
+
+    def _run(self, kind, a, s):
+        if self._pyfftw is None:
+            f = _scipy_fft.rfftn if kind == "r2c" else _scipy_fft.irfftn
+            return f(a, s=s, axes=(-2, -1), workers=self.threads)
+        with self._lock:  # a pyFFTW plan owns its buffers: one caller at a time
+            plan = self._plan(kind, a.shape, a.dtype, tuple(s))
+            return plan(a).copy()
+
+    def rfft2(self, a, s=None):
+        a = np.asarray(a)
+        if a.dtype not in (np.float32, np.float64):
+            a = a.astype(np.float64)
+        return self._run("r2c", a, tuple(s) if s is not None else a.shape[-2:])
+
+    def irfft2(self, a, s):
+        return self._run("c2r", np.asarray(a), tuple(s))
+
+    def label(self, mask):
+        labels, n = _ndi.label(np.asarray(mask, dtype=bool), structure=np.ones((3, 3)))
+        return labels.astype(np.int32), int(n)
+
+    def maximum_filter(self, a, size):
+        low = -np.inf if a.dtype.kind == "f" else np.iinfo(a.dtype).min
+        return _ndi.maximum_filter(a, size=size, mode="constant", cval=low)
+
+    def uniform_filter(self, a, size):
+        return _ndi.uniform_filter(a, size=size, mode="constant", cval=0.0)
+
+    def solve(self, a, b):
+        return np.linalg.solve(a, b[..., None])[..., 0]
+
+
+class GpuBackend(Backend):
+    """CuPy arrays on the current CUDA device, cuFFT (CuPy's plan cache), cupyx.scipy.ndimage."""
+
+    name = "gpu"
+
+    def __init__(self):
+        import cupy
+        import cupyx.scipy.ndimage as cndi
+
+        super().__init__(cupy, device=cupy.cuda.Device())
+        self._cp, self._cndi = cupy, cndi
+        props = cupy.cuda.runtime.getDeviceProperties(self.device.id)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        self.device_name = f"cuda:{self.device.id} {name}"
+        self.fft_library = f"cuFFT (CuPy {cupy.__version__})"
+
+    def to_device(self, a, dtype=None):
+        return self._cp.asarray(a, dtype=dtype)
+
+    def to_host(self, a):
+        return self._cp.asnumpy(a)
+
+    def synchronize(self):
+        self._cp.cuda.get_current_stream().synchronize()
+
+    def rfft2(self, a, s=None):
+        return self._cp.fft.rfftn(a, s=s, axes=(-2, -1))
+
+    def irfft2(self, a, s):
+        return self._cp.fft.irfftn(a, s=s, axes=(-2, -1))
+
+    def label(self, mask):
+        labels, n = self._cndi.label(mask, structure=self._cp.ones((3, 3)))
+        return labels.astype(self._cp.int32), int(n)
+
+    def maximum_filter(self, a, size):
+        low = -self._cp.inf if a.dtype.kind == "f" else self._cp.iinfo(a.dtype).min
+        return self._cndi.maximum_filter(a, size=size, mode="constant", cval=low)
+
+    def uniform_filter(self, a, size):
+        return self._cndi.uniform_filter(a, size=size, mode="constant", cval=0.0)
+
+    def describe(self):
+        d = super().describe()
+        d["device"] = self.device_name
+        return d
+
+
+class StrictBackend(Backend):
+    """``array_api_strict`` on ``Device("device1")``: implicit NumPy conversion raises.
+
+    FFTs use the namespace's own ``fft`` extension; everything else is the generic
+    array-API code of :class:`Backend`, except :meth:`label`, which — like any
+    explicit transfer — goes through :meth:`to_host` / :meth:`to_device`.
+    """
+
+    name = "strict"
+    fft_library = "array_api_strict.fft (NumPy pocketfft)"
+
+    def __init__(self):
+        import array_api_strict as xps
+
+        super().__init__(xps, device=xps.Device("device1"))
+        self._cpu = xps.Device("CPU_DEVICE")
+        self._device_kw = {"device": self.device}
+        self._array_type = type(xps.asarray(0.0))
+
+    def to_device(self, a, dtype=None):
+        a = np.asarray(a, dtype=dtype)
+        return self.xp.asarray(a, device=self.device)
+
+    def to_host(self, a):
+        if not hasattr(a, "to_device"):
+            return np.asarray(a)
+        return np.asarray(a.to_device(self._cpu))
+
+    def asarray(self, a, dtype=None):
+        if isinstance(a, self._array_type):
+            if a.device != self.device:
+                a = a.to_device(self.device)
+            return a if dtype is None else self.xp.astype(a, dtype)
+        return self.to_device(np.asarray(a), dtype=dtype)
+
+    def rfft2(self, a, s=None):
+        return self.xp.fft.rfftn(a, s=s, axes=(-2, -1))
+
+    def irfft2(self, a, s):
+        return self.xp.fft.irfftn(a, s=s, axes=(-2, -1))
+
+    def label(self, mask):
+        labels, n = _ndi.label(self.to_host(mask), structure=np.ones((3, 3)))
+        return self.to_device(labels.astype(np.int32)), int(n)
+
+
+def _gpu_unavailable_reason() -> str | None:
+    """None when CuPy sees a CUDA device, else a one-line reason."""
+    try:
+        import cupy
+    except ImportError:
+        return "CuPy is not installed (pip install 'gpudiffim[gpu]')"
+    except Exception as exc:  # broken CUDA install
+        return f"CuPy failed to import: {exc}"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return f"CuPy sees no CUDA device ({exc.__class__.__name__}: {exc})"
+    return None if n > 0 else "CuPy sees no CUDA device"
+
+
+@lru_cache(maxsize=None)
+def _make(name: str) -> Backend:
+    if name == "cpu":
+        return CpuBackend()
+    if name == "strict":
+        try:
+            return StrictBackend()
+        except ImportError as exc:
+            raise BackendError("the strict backend needs array-api-strict "
+                               "(pip install 'gpudiffim[test]')") from exc
+    if name == "gpu":
+        reason = _gpu_unavailable_reason()
+        if reason:
+            raise BackendError(f"GPU backend unavailable: {reason}")
+        return GpuBackend()
+    raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+
+
+def get_backend(name: str | Backend | None = None) -> Backend:
+    """Return the backend called ``name`` (default: ``$GPUDIFFIM_BACKEND`` or ``auto``).
+
+    ``auto`` picks the GPU when CuPy sees a device, else the CPU, logging why.
+    Backends are cached, so FFT plans are shared by every caller.
+    """
+    if isinstance(name, Backend):
+        return name
+    name = (name or os.environ.get("GPUDIFFIM_BACKEND") or "auto").lower()
+    if name == "auto":
+        reason = _gpu_unavailable_reason()
+        if reason is None:
+            return _make("gpu")
+        backend = _make("cpu")
+        if not backend.reason:
+            backend.reason = reason
+            log.info("using the CPU backend: %s", reason)
+        return backend
+    return _make(name)

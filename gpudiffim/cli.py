@@ -1,0 +1,61 @@
+"""The ``gpudiffim`` command line: thin wrappers around the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import __version__
+from .backend import BACKEND_NAMES, get_backend
+from .errors import GpuDiffimError
+
+
+def _cmd_info(args) -> int:
+    from .backend import _gpu_unavailable_reason
+
+    print(f"gpudiffim {__version__}")
+    gpu_reason = _gpu_unavailable_reason()
+    found = {"cpu": "available", "gpu": gpu_reason and f"unavailable: {gpu_reason}" or "available"}
+    try:
+        get_backend("strict")
+        found["strict"] = "available (array-api-strict, for tests)"
+    except GpuDiffimError as exc:
+        found["strict"] = f"unavailable: {exc}"
+    print("backends:")
+    for name, state in found.items():
+        print(f"  {name:7s}{state}")
+    backend = get_backend(args.backend)
+    d = backend.describe()
+    print(f"in use:   {d['backend']}"
+          + (f" (auto: {d['reason']})" if d["reason"] and args.backend in (None, "auto") else ""))
+    print(f"device:   {d['device']}")
+    print(f"FFT:      {d['fft']}")
+    print(f"threads:  {d['threads']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpudiffim", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"gpudiffim {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="show the backends found, the device, FFT library, threads")
+    info.add_argument("--backend", choices=BACKEND_NAMES, default=None)
+    info.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except GpuDiffimError as exc:
+        print(f"gpudiffim: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

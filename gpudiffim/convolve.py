@@ -1,0 +1,88 @@
+"""FFT convolution of images with small kernels, with mask and variance propagation.
+
+The output grid equals the input grid (``scipy.signal.fftconvolve(..., mode="same")``
+alignment): ``out[i] = sum_k kernel[k] * image[i + (K - 1) // 2 - k]``. Images are
+zero-padded to fast FFT sizes, so nothing wraps around; pixels whose kernel footprint
+leaves the image are flagged EDGE and every mask bit inside a footprint is carried to
+the output pixel (so NO_DATA, BAD, SAT... grow by the kernel).
+"""
+
+from __future__ import annotations
+
+from .backend import get_backend, next_fast_len, window_or
+from .exposure import MASK_PLANES, mask_bits
+
+
+def padded_shape(image_shape, kernel_shape) -> tuple[int, int]:
+    """FFT size that holds the full linear convolution without wrap-around."""
+    return tuple(next_fast_len(n + k - 1) for n, k in zip(image_shape[-2:], kernel_shape[-2:]))
+
+
+def _crop(full, image_shape, kernel_shape):
+    (h, w), (kh, kw) = image_shape[-2:], kernel_shape[-2:]
+    y0, x0 = (kh - 1) // 2, (kw - 1) // 2
+    return full[..., y0:y0 + h, x0:x0 + w]
+
+
+def fft_convolve(image, kernel, backend=None):
+    """Convolve ``image`` (..., H, W) with ``kernel`` (..., kh, kw), same-size output.
+
+    Leading axes broadcast, so one image against a stack of kernels costs a single
+    forward FFT of the image (see :func:`fft_convolve_many`).
+    """
+    backend = get_backend(backend)
+    xp = backend.xp
+    image = backend.asarray(image)
+    kernel = backend.asarray(kernel, image.dtype)
+    shape = padded_shape(image.shape, kernel.shape)
+    spectrum = backend.rfft2(image, s=shape) * backend.rfft2(kernel, s=shape)
+    out = _crop(backend.irfft2(spectrum, s=shape), image.shape, kernel.shape)
+    return xp.astype(out, image.dtype)
+
+
+def fft_convolve_many(image, kernels, backend=None):
+    """Convolve one image (H, W) with many kernels (K, kh, kw): returns (K, H, W)."""
+    return fft_convolve(image, kernels, backend)
+
+
+def edge_mask(shape, kernel_shape, backend=None):
+    """Boolean image: True where the kernel footprint reaches outside the image."""
+    backend = get_backend(backend)
+    xp = backend.xp
+    out = None
+    for axis, (n, k) in enumerate(zip(shape, kernel_shape)):
+        i = backend.arange(n)
+        s = (k - 1) // 2
+        bad = (i + s - (k - 1) < 0) | (i + s > n - 1)
+        bad = xp.reshape(bad, (n, 1) if axis == 0 else (1, n))
+        out = bad if out is None else (out | bad)
+    return xp.broadcast_to(out, tuple(shape))
+
+
+def grow_mask(mask, kernel_shape, backend=None, planes=MASK_PLANES):
+    """Carry every bit within each pixel's kernel footprint; flag EDGE where it leaves."""
+    backend = get_backend(backend)
+    xp = backend.xp
+    kh, kw = kernel_shape[-2:]
+    start = (-(kh - 1 - (kh - 1) // 2), -(kw - 1 - (kw - 1) // 2))
+    grown = window_or(backend, mask, (kh, kw), start) if bool(xp.any(mask != 0)) else mask
+    edge = mask_bits("EDGE", planes=planes)
+    return xp.where(edge_mask(mask.shape, (kh, kw), backend), grown | edge, grown)
+
+
+def convolve_exposure(image, mask, variance, kernel, backend=None, planes=MASK_PLANES):
+    """Convolve image, mask and variance planes with one kernel.
+
+    NO_DATA pixels are zeroed first; the variance is convolved with the squared
+    kernel (independent pixels in, correlated out). Returns ``(image, mask, variance)``.
+    """
+    backend = get_backend(backend)
+    xp = backend.xp
+    image, variance = backend.asarray(image), backend.asarray(variance)
+    mask = backend.asarray(mask)
+    kernel = backend.asarray(kernel, image.dtype)
+    good = (mask & mask_bits("NO_DATA", planes=planes)) == 0
+    planes_in = xp.stack([xp.where(good, image, 0.0), xp.where(good, variance, 0.0)])
+    kernels = xp.stack([kernel, kernel * kernel])
+    out = fft_convolve(planes_in, kernels, backend)
+    return out[0, ...], grow_mask(mask, kernel.shape, backend, planes), out[1, ...]

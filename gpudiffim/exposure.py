@@ -1,0 +1,90 @@
+"""The exposure model: image, mask, variance, PSF, WCS, zero point and metadata."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import numpy as np
+
+#: LSST mask plane names and bit numbers (afw's defaults; INJECTED and SAT_TEMPLATE added).
+MASK_PLANES: Mapping[str, int] = MappingProxyType({
+    "BAD": 0, "SAT": 1, "INTRP": 2, "CR": 3, "EDGE": 4, "DETECTED": 5,
+    "DETECTED_NEGATIVE": 6, "SUSPECT": 7, "NO_DATA": 8, "INJECTED": 9, "SAT_TEMPLATE": 10,
+})
+
+
+def mask_bits(*names: str, planes: Mapping[str, int] = MASK_PLANES) -> int:
+    """Integer with the bits of the named planes set."""
+    value = 0
+    for name in names:
+        value |= 1 << planes[name]
+    return value
+
+
+@dataclass(frozen=True)
+class ExposureInfo:
+    """Metadata carried with an exposure (LSST-like names)."""
+
+    visit: int | None = None
+    detector: int | None = None
+    band: str | None = None
+    exptime: float | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class Exposure:
+    """A calibrated exposure.
+
+    ``image`` and ``variance`` are float32, ``mask`` int32 with bits from
+    ``mask_planes``; all three are 2-D arrays of one backend (host NumPy after I/O;
+    see :meth:`to_backend`). ``zero_point`` is the AB magnitude of one count.
+    """
+
+    image: Any
+    mask: Any
+    variance: Any
+    psf: Any = None
+    wcs: Any = None
+    zero_point: float | None = None
+    info: ExposureInfo = field(default_factory=ExposureInfo)
+    mask_planes: Mapping[str, int] = field(default_factory=lambda: MASK_PLANES)
+
+    def __post_init__(self):
+        shapes = {tuple(a.shape) for a in (self.image, self.mask, self.variance)}
+        if len(shapes) != 1 or len(self.image.shape) != 2:
+            raise ValueError("image, mask and variance must be 2-D arrays of one shape, got "
+                             f"{[tuple(a.shape) for a in (self.image, self.mask, self.variance)]}")
+
+    @classmethod
+    def from_arrays(cls, image, mask=None, variance=None, **kwargs) -> "Exposure":
+        """Build a host exposure, casting to float32/int32/float32 and filling defaults."""
+        image = np.asarray(image, dtype=np.float32)
+        mask = np.zeros(image.shape, np.int32) if mask is None else np.asarray(mask, np.int32)
+        variance = (np.ones(image.shape, np.float32) if variance is None
+                    else np.asarray(variance, np.float32))
+        return cls(image, mask, variance, **kwargs)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.image.shape)
+
+    def bit(self, *names: str) -> int:
+        return mask_bits(*names, planes=self.mask_planes)
+
+    def replace(self, **changes) -> "Exposure":
+        return replace(self, **changes)
+
+    def to_backend(self, backend) -> "Exposure":
+        """The same exposure with its pixel planes on ``backend``'s device."""
+        xp = backend.xp
+        return self.replace(image=backend.asarray(self.image, xp.float32),
+                            mask=backend.asarray(self.mask, xp.int32),
+                            variance=backend.asarray(self.variance, xp.float32))
+
+    def to_host(self, backend) -> "Exposure":
+        """The same exposure with NumPy pixel planes."""
+        return self.replace(image=backend.to_host(self.image), mask=backend.to_host(self.mask),
+                            variance=backend.to_host(self.variance))

@@ -1,0 +1,88 @@
+"""Backend conformance: every backend gives the same answers as NumPy/SciPy."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from gpudiffim.backend import get_backend
+from gpudiffim.errors import BackendError
+
+
+def test_rfft_roundtrip_and_values(backend, rng):
+    a = rng.normal(size=(3, 40, 37))
+    spec = backend.rfft2(backend.to_device(a), s=(64, 45))
+    np.testing.assert_allclose(backend.to_host(spec), np.fft.rfftn(a, s=(64, 45), axes=(-2, -1)),
+                               rtol=1e-10, atol=1e-10)
+    back = backend.to_host(backend.irfft2(spec, s=(64, 45)))[:, :40, :37]
+    np.testing.assert_allclose(back, a, atol=1e-12)
+
+
+def test_rfft_keeps_float32(backend, rng):
+    a = backend.to_device(rng.normal(size=(32, 32)).astype(np.float32))
+    out = backend.irfft2(backend.rfft2(a), s=(32, 32))
+    assert backend.to_host(out).dtype == np.float32
+
+
+def test_fft_plans_are_cached():
+    cpu = get_backend("cpu")
+    a = np.ones((16, 18), np.float32)
+    cpu.rfft2(a)
+    n = len(cpu._plans)
+    cpu.rfft2(a + 1)
+    assert len(cpu._plans) == n
+    out1 = cpu.rfft2(a)
+    out2 = cpu.rfft2(2 * a)  # results must not alias the plan's buffer
+    assert np.allclose(out2, 2 * out1)
+
+
+def test_label_matches_scipy(backend, rng):
+    mask = rng.random((50, 60)) > 0.7
+    labels, n = backend.label(backend.to_device(mask))
+    ref, n_ref = ndimage.label(mask, structure=np.ones((3, 3)))
+    assert n == n_ref
+    np.testing.assert_array_equal(backend.to_host(labels), ref)
+
+
+@pytest.mark.parametrize("size", [1, 3, 4, 7])
+def test_filters_match_scipy(backend, rng, size):
+    a = rng.normal(size=(31, 29))
+    got = backend.to_host(backend.maximum_filter(backend.to_device(a), size))
+    np.testing.assert_array_equal(got, ndimage.maximum_filter(a, size, mode="constant",
+                                                              cval=-np.inf))
+    got = backend.to_host(backend.uniform_filter(backend.to_device(a), size))
+    np.testing.assert_allclose(got, ndimage.uniform_filter(a, size, mode="constant"), atol=1e-12)
+
+
+def test_batched_solve(backend, rng):
+    m = rng.normal(size=(10, 6, 6))
+    a = m @ np.swapaxes(m, -1, -2) + 6 * np.eye(6)
+    x = rng.normal(size=(10, 6))
+    b = np.einsum("kij,kj->ki", a, x)
+    got = backend.to_host(backend.solve(backend.to_device(a), backend.to_device(b)))
+    np.testing.assert_allclose(got, x, rtol=1e-10)
+
+
+def test_strict_refuses_implicit_numpy_conversion():
+    strict = get_backend("strict")
+    a = strict.to_device(np.ones((4, 4)))
+    with pytest.raises((RuntimeError, TypeError, ValueError)):
+        np.asarray(a)
+    assert np.array_equal(strict.to_host(a), np.ones((4, 4)))  # explicit is fine
+
+
+def test_auto_without_cupy_falls_back_to_cpu(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    backend = get_backend("auto")
+    assert backend.name == "cpu"
+    assert "CuPy" in backend.reason
+    with pytest.raises(BackendError, match="GPU backend unavailable"):
+        get_backend("gpu")
+
+
+def test_environment_variable_and_unknown_name(monkeypatch):
+    monkeypatch.setenv("GPUDIFFIM_BACKEND", "strict")
+    assert get_backend().name == "strict"
+    with pytest.raises(BackendError, match="unknown backend"):
+        get_backend("tpu")

@@ -1,0 +1,163 @@
+"""FITS I/O: LSST-style round trip, plain images, and one test per kind of bad input."""
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from gpudiffim.errors import InputError
+from gpudiffim.exposure import Exposure, ExposureInfo, mask_bits
+from gpudiffim.io import read_exposure, read_psf, write_exposure, write_psf
+from gpudiffim.psf import PolynomialPsf, gaussian_psf
+
+
+def _wcs(crval=(150.1, 2.2)):
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = crval
+    w.wcs.crpix = [100.5, 60.5]
+    w.wcs.cd = np.array([[-0.168, 0.001], [0.0005, 0.168]]) / 3600
+    return w
+
+
+def _exposure(rng, shape=(120, 200)):
+    image = rng.normal(100, 5, size=shape).astype(np.float32)
+    mask = np.zeros(shape, np.int32)
+    mask[10, :] |= mask_bits("BAD")
+    mask[50:53, 70:72] |= mask_bits("SAT", "INTRP")
+    mask[5, 5] |= mask_bits("DETECTED_NEGATIVE")
+    variance = rng.uniform(20, 30, size=shape).astype(np.float32)
+    return Exposure(image, mask, variance, psf=gaussian_psf(1.7), wcs=_wcs(), zero_point=27.3,
+                    info=ExposureInfo(visit=11690, detector=49, band="g", exptime=30.0))
+
+
+def test_lsst_roundtrip_bit_for_bit(tmp_path, rng):
+    exp = _exposure(rng)
+    path = write_exposure(exp, tmp_path / "calexp.fits")
+    back = read_exposure(path)
+    for plane in ("image", "mask", "variance"):
+        a, b = getattr(exp, plane), getattr(back, plane)
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    assert back.info == exp.info and back.zero_point == exp.zero_point
+    assert back.mask_planes == exp.mask_planes
+    assert back.wcs.to_header() == exp.wcs.to_header()
+    np.testing.assert_allclose(back.psf.image, exp.psf.image, rtol=1e-12)
+    with fits.open(path) as hdul:
+        assert [h.name for h in hdul] == ["PRIMARY", "IMAGE", "MASK", "VARIANCE", "PSF"]
+        assert hdul["MASK"].header["MP_SAT"] == 1
+        assert hdul["MASK"].header["MP_DETECTED_NEGATIVE"] == 6
+
+
+def test_foreign_mask_bits_are_remapped(tmp_path, rng):
+    shape = (20, 30)
+    mask = np.zeros(shape, np.int32)
+    mask[3, 4] = 1 << 5  # the file says bit 5 is SAT
+    mask[7, 8] = 1 << 12  # and bit 12 a plane we do not know
+    hdr = fits.Header({"MP_SAT": 5, "MP_STREAK": 12})
+    fits.HDUList([fits.PrimaryHDU(),
+                  fits.ImageHDU(np.ones(shape, np.float32), name="IMAGE"),
+                  fits.ImageHDU(mask, header=hdr, name="MASK"),
+                  fits.ImageHDU(np.ones(shape, np.float32), name="VARIANCE")]).writeto(
+        tmp_path / "x.fits")
+    exp = read_exposure(tmp_path / "x.fits")
+    assert exp.mask[3, 4] == exp.bit("SAT")
+    assert exp.mask[7, 8] == exp.bit("STREAK") and exp.bit("STREAK") not in (
+        exp.bit(n) for n in exp.mask_planes if n != "STREAK")
+
+
+def test_plain_fits_with_gain(tmp_path, rng):
+    image = rng.uniform(500, 2000, size=(64, 80)).astype(np.float32)
+    image[3, 3] = np.nan
+    image[30, 30] = 60000.0
+    hdr = fits.Header({"GAIN": 2.0, "RDNOISE": 6.0, "SATURATE": 50000.0, "EXPTIME": 30.0})
+    fits.PrimaryHDU(image, header=hdr).writeto(tmp_path / "plain.fits")
+    exp = read_exposure(tmp_path / "plain.fits")
+    good = np.isfinite(image)
+    np.testing.assert_allclose(exp.variance[good], image[good] / 2.0 + 9.0, rtol=1e-6)
+    assert exp.mask[3, 3] & exp.bit("NO_DATA") and exp.image[3, 3] == 0.0
+    assert exp.mask[30, 30] & exp.bit("SAT")
+    assert np.count_nonzero(exp.mask) == 2 and exp.info.exptime == 30.0
+
+
+def test_plain_fits_without_gain_estimates_sky_noise(tmp_path, rng):
+    image = rng.normal(0.0, 7.0, size=(256, 256)).astype(np.float32)
+    image[100:110, 100:110] += 5000.0  # a bright source must not inflate the estimate
+    fits.PrimaryHDU(image).writeto(tmp_path / "plain.fits")
+    exp = read_exposure(tmp_path / "plain.fits")
+    assert abs(np.sqrt(exp.variance[0, 0]) / 7.0 - 1) < 0.03
+    assert np.ptp(exp.variance) == 0 and exp.wcs is None
+
+
+def test_psf_file_roundtrip(tmp_path, rng):
+    coeffs = rng.normal(size=(3, 11, 11)) * 0.01
+    coeffs[0] += gaussian_psf(2.0, size=11).image
+    psf = PolynomialPsf(coeffs, order=1, bbox=(200, 100))
+    back = read_psf(write_psf(psf, tmp_path / "psf.fits"))
+    np.testing.assert_allclose(back.image_at(10, 90), psf.image_at(10, 90))
+    assert back.order == 1 and back.bbox == (200, 100)
+
+
+def test_failed_write_leaves_old_file_intact(tmp_path, rng, monkeypatch):
+    path = write_exposure(_exposure(rng), tmp_path / "calexp.fits")
+    before = path.read_bytes()
+
+    def boom(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fits.HDUList, "writeto", boom)
+    with pytest.raises(OSError):
+        write_exposure(_exposure(rng), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["calexp.fits"]
+
+
+# -- bad input: one test each, each error names the file ----------------------------------
+def _check(path, fragment):
+    with pytest.raises(InputError) as info:
+        read_exposure(path)
+    assert str(path) in str(info.value) and fragment in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    _check(tmp_path / "nope.fits", "not found")
+
+
+def test_not_fits(tmp_path):
+    (tmp_path / "junk.fits").write_bytes(b"SIMPLE  = garbage" * 100)
+    _check(tmp_path / "junk.fits", "not a readable FITS")
+
+
+def test_truncated_file(tmp_path, rng):
+    path = write_exposure(_exposure(rng), tmp_path / "c.fits")
+    path.write_bytes(path.read_bytes()[:20000])
+    _check(path, "")
+
+
+def test_no_image_hdu(tmp_path):
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(
+        [fits.Column("a", "E", array=np.ones(3))])]).writeto(tmp_path / "t.fits")
+    _check(tmp_path / "t.fits", "no HDU holds a 2-D image")
+
+
+def test_shape_mismatch(tmp_path):
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(np.ones((10, 10), np.float32), name="IMAGE"),
+                  fits.ImageHDU(np.zeros((10, 10), np.int32), name="MASK"),
+                  fits.ImageHDU(np.ones((10, 12), np.float32), name="VARIANCE")]).writeto(
+        tmp_path / "s.fits")
+    _check(tmp_path / "s.fits", "plane shapes differ")
+
+
+def test_non_float_data(tmp_path):
+    fits.PrimaryHDU(np.ones((10, 10), np.int16)).writeto(tmp_path / "i.fits")
+    _check(tmp_path / "i.fits", "not floating point")
+
+
+def test_all_nan_image(tmp_path):
+    fits.PrimaryHDU(np.full((10, 10), np.nan, np.float32)).writeto(tmp_path / "n.fits")
+    _check(tmp_path / "n.fits", "no finite pixels")
+
+
+def test_unparseable_wcs(tmp_path):
+    hdr = fits.Header({"CTYPE1": "RA---FOO", "CTYPE2": "DEC--FOO", "CRVAL1": 1.0})
+    fits.PrimaryHDU(np.ones((10, 10), np.float32), header=hdr).writeto(tmp_path / "w.fits")
+    _check(tmp_path / "w.fits", "unparseable WCS")
