@@ -18,6 +18,7 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/gpudiffim info
+	$(VENV)/bin/gpudiffim simulate $(DEMO)/repo --preset demo --seed 0
 
 bench: $(STAMP)
 	$(PY) -m pytest bench -q -o python_files='bench_*.py' --benchmark-only \
