@@ -122,6 +122,10 @@ class Backend:
         return xp.astype(out, a.dtype)
 
     # -- linear algebra ----------------------------------------------------------
+    def matrix_transpose(self, a):
+        """Swap the last two axes (a stack of matrices)."""
+        return self.xp.matrix_transpose(a)
+
     def solve(self, a, b):
         """Solve ``a @ x = b`` for stacks: ``a`` (..., n, n), ``b`` (..., n)."""
         xp = self.xp
@@ -143,14 +147,16 @@ def _shift(backend, a, k: int, axis: int, fill):
     n = a.shape[axis]
     if k == 0:
         return a
-    if abs(k) >= n:
-        return xp.full_like(a, fill)
-    idx = backend.arange(n) + k
-    inside = (idx >= 0) & (idx < n)
-    taken = xp.take(a, xp.clip(idx, 0, n - 1), axis=axis)
-    shape = [1] * a.ndim
-    shape[axis] = n
-    return xp.where(xp.reshape(inside, tuple(shape)), taken, xp.full_like(a, fill))
+    m = min(abs(k), n)
+    shape = list(a.shape)
+    shape[axis] = m
+    block = backend.full(tuple(shape), fill, dtype=a.dtype)
+    index = [slice(None)] * a.ndim
+    if k > 0:
+        index[axis] = slice(m, None)
+        return xp.concat([a[tuple(index)], block], axis=axis)
+    index[axis] = slice(0, n - m)
+    return xp.concat([block, a[tuple(index)]], axis=axis)
 
 
 def _window_reduce(backend, a, size: int, axis: int, op, fill, start: int | None = None):
@@ -244,7 +250,8 @@ class CpuBackend(Backend):
             return f(a, s=s, axes=(-2, -1), workers=self.threads)
         with self._lock:  # a pyFFTW plan owns its buffers: one caller at a time
             plan = self._plan(kind, a.shape, a.dtype, tuple(s))
-            return plan(a).copy()
+            out = self._pyfftw.empty_aligned(plan.output_shape, dtype=plan.output_dtype)
+            return plan(a, output_array=out)
 
     def rfft2(self, a, s=None):
         a = np.asarray(a)
@@ -312,6 +319,9 @@ class GpuBackend(Backend):
     def uniform_filter(self, a, size):
         return self._cndi.uniform_filter(a, size=size, mode="constant", cval=0.0)
 
+    def matrix_transpose(self, a):
+        return self._cp.swapaxes(a, -1, -2)
+
     def describe(self):
         d = super().describe()
         d["device"] = self.device_name
@@ -338,8 +348,8 @@ class StrictBackend(Backend):
         self._array_type = type(xps.asarray(0.0))
 
     def to_device(self, a, dtype=None):
-        a = np.asarray(a, dtype=dtype)
-        return self.xp.asarray(a, device=self.device)
+        out = self.xp.asarray(np.asarray(a), device=self.device)
+        return out if dtype is None else self.xp.astype(out, dtype)
 
     def to_host(self, a):
         if not hasattr(a, "to_device"):

@@ -35,13 +35,17 @@ def moffat(dx, dy, fwhm, beta, e1=0.0, e2=0.0):
     return (beta - 1.0) / (np.pi * alpha**2) * (1.0 + r2 / alpha**2) ** (-beta)
 
 
-def moffat_radius(flux: float, fwhm: float, beta: float, floor: float) -> float:
-    """Radius at which a Moffat of total ``flux`` falls to surface brightness ``floor``."""
+def moffat_radius(flux: float, fwhm: float, beta: float, floor: float,
+                  lost: float = 1e-3) -> float:
+    """Radius beyond which a Moffat of total ``flux`` is both fainter than ``floor`` (surface
+    brightness) and holds less than ``lost`` of its flux, so truncating there shows no
+    edge and loses no measurable flux."""
     alpha = moffat_alpha(fwhm, beta)
+    r_flux = alpha * np.sqrt(lost ** (1.0 / (1.0 - beta)) - 1.0)
     peak = flux * (beta - 1.0) / (np.pi * alpha**2)
     if peak <= floor:
-        return 2.0 * fwhm
-    return alpha * np.sqrt((peak / floor) ** (1.0 / beta) - 1.0)
+        return r_flux
+    return max(r_flux, alpha * np.sqrt((peak / floor) ** (1.0 / beta) - 1.0))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,111 @@
+"""The Alard–Lupton kernel basis: Gaussians times polynomials, sized from the PSFs.
+
+Follows ``ip_diffim``'s ``makeKernelBasisList``: with ``scaleByFwhm`` the middle
+Gaussian's sigma solves ``sigma_target**2 = sigma_source**2 + sigma_k**2`` and the others
+are that divided and multiplied by ``alardGaussBeta``; the kernel size is
+``kernelSizeFwhmScaling`` times the largest sigma, odd, clamped to
+[``kernelSizeMin``, ``kernelSizeMax``]. When the image to convolve has the wider PSF
+(deconvolution), the minimum sigma drops and every degree becomes
+``alardDegGaussDeconv``. The first kernel has unit sum; every other kernel has zero
+sum, so the kernel sum (the photometric scale) is one coefficient.
+
+Basis kernels are small, fixed parameters: they are built on the host and sent to the
+device by the fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .psf import FWHM_PER_SIGMA
+
+
+@dataclass(frozen=True)
+class BasisConfig:
+    """Alard–Lupton basis settings (names as in ``ip_diffim``)."""
+
+    alardNGauss: int = 3
+    alardSigGauss: tuple = (0.7, 1.5, 3.0)
+    alardDegGauss: tuple = (4, 2, 2)
+    alardGaussBeta: float = 2.0
+    alardMinSig: float = 0.7
+    alardDegGaussDeconv: int = 3
+    alardMinSigDeconv: float = 0.4
+    scaleByFwhm: bool = True
+    kernelSizeFwhmScaling: float = 6.0
+    kernelSizeMin: int = 21
+    kernelSizeMax: int = 35
+    # gpudiffim's own: broad Gaussians (degree 0) beyond the widest, for differing PSF wings
+    wingGaussians: int = 1
+    wingSizeMax: int = 51
+
+
+@dataclass(frozen=True, eq=False)
+class KernelBasis:
+    """Basis kernels ``kernels`` (n, size, size), host float64, and how they were made."""
+
+    kernels: np.ndarray
+    sigmas: tuple
+    degrees: tuple
+    deconvolution: bool
+
+    @property
+    def size(self) -> int:
+        return self.kernels.shape[-1]
+
+    def __len__(self) -> int:
+        return self.kernels.shape[0]
+
+
+def basis_sigmas(fwhm_source: float | None, fwhm_target: float | None,
+                 config: BasisConfig = BasisConfig()) -> tuple[tuple, tuple, bool]:
+    """Gaussian sigmas and polynomial degrees for matching a PSF of ``fwhm_source``
+    (the image that gets convolved) to ``fwhm_target``. Returns (sigmas, degrees, deconv)."""
+    c = config
+    if not c.scaleByFwhm or fwhm_source is None or fwhm_target is None:
+        return tuple(c.alardSigGauss), tuple(c.alardDegGauss), False
+    s_src, s_tgt = fwhm_source / FWHM_PER_SIGMA, fwhm_target / FWHM_PER_SIGMA
+    deconv = bool(s_src > s_tgt)
+    min_sig = c.alardMinSigDeconv if deconv else c.alardMinSig
+    middle = max(np.sqrt(abs(s_tgt**2 - s_src**2)), min_sig)
+    n = c.alardNGauss
+    smallest = max(middle * c.alardGaussBeta ** (-(n // 2)), min_sig)  # distinct, >= minimum
+    sigmas = tuple(smallest * c.alardGaussBeta**i for i in range(n))
+    degrees = (c.alardDegGaussDeconv,) * n if deconv else tuple(c.alardDegGauss[:n])
+    for k in range(c.wingGaussians):
+        sigmas += (sigmas[-1] * c.alardGaussBeta,)
+        degrees += (0,)
+    return sigmas, degrees, deconv
+
+
+def kernel_size(sigmas, config: BasisConfig = BasisConfig()) -> int:
+    """Odd kernel size: ``kernelSizeFwhmScaling`` x the largest sigma, clamped (to
+    ``wingSizeMax`` when wing Gaussians are on)."""
+    size = int(np.ceil(config.kernelSizeFwhmScaling * max(sigmas)))
+    size += 1 - size % 2
+    top = config.wingSizeMax if config.wingGaussians else config.kernelSizeMax
+    return int(np.clip(size, config.kernelSizeMin, top))
+
+
+def alard_lupton_basis(fwhm_source: float | None = None, fwhm_target: float | None = None,
+                       config: BasisConfig = BasisConfig(), size: int | None = None) -> KernelBasis:
+    """Build the basis for matching ``fwhm_source`` (convolved image) to ``fwhm_target``."""
+    sigmas, degrees, deconv = basis_sigmas(fwhm_source, fwhm_target, config)
+    size = size or kernel_size(sigmas, config)
+    half = size // 2
+    y, x = np.mgrid[-half:half + 1, -half:half + 1].astype(float)
+    u, v = x / half, y / half  # polynomials on [-1, 1] keep the numbers tame
+    kernels = []
+    for sigma, degree in zip(sigmas, degrees):
+        g = np.exp(-0.5 * (x * x + y * y) / sigma**2)
+        for n in range(degree + 1):
+            for i in range(n, -1, -1):
+                kernels.append(g * u**i * v ** (n - i))
+    kernels = np.array(kernels)
+    kernels[0] /= kernels[0].sum()
+    for k in range(1, len(kernels)):
+        kernels[k] -= kernels[k].sum() * kernels[0]
+        kernels[k] /= np.sqrt(np.sum(kernels[k] ** 2))
+    return KernelBasis(kernels, sigmas, degrees, deconv)

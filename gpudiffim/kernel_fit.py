@@ -1,0 +1,452 @@
+"""Fit a spatially varying PSF-matching kernel and differential background on stamps.
+
+The model, for an image ``source`` to be convolved onto ``target``::
+
+    target(x) ~ sum_i a_i(x) (B_i * source)(x) + b(x)
+
+with ``B_i`` the Alard–Lupton basis, ``a_i`` Chebyshev polynomials of order
+``spatialKernelOrder`` over the detector (``a_0``, the kernel sum, optionally constant)
+and ``b`` a Chebyshev polynomial of order ``spatialBgOrder``. All stamps are handled
+at once: stamps are gathered with one indexing operation, the convolved-basis images by
+batched FFTs, the inverse-variance-weighted normal equations by batched matrix
+products, and the per-stamp and spatial systems are solved on the backend.
+
+Candidates are rejected as in ``ip_diffim``: by the residual mean and scatter in units
+of the noise, and by kernel-sum clipping, for up to ``maxIter`` rounds. With too few
+survivors for the spatial model the kernel falls back to a spatially constant one;
+with fewer than ``minKernelSources`` the fit fails with :class:`KernelFitError`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backend import get_backend, next_fast_len
+from .basis import KernelBasis
+from .errors import GpuDiffimError
+from .exposure import MASK_PLANES, mask_bits
+from .psf import polynomial_terms
+
+log = logging.getLogger(__name__)
+
+
+class KernelFitError(GpuDiffimError):
+    """The PSF-matching kernel could not be fitted (too few usable sources)."""
+
+
+@dataclass(frozen=True)
+class KernelFitConfig:
+    """Kernel-fit settings (``ip_diffim`` names where it has them)."""
+
+    spatialKernelOrder: int = 2
+    spatialBgOrder: int = 1
+    constantKernelSum: bool = True  # one photometric scale per detector, as flat-fielded data have
+    stampSize: int = 41  # side of the target-image stamp fitted around each source
+    detectionThreshold: float = 10.0  # kernel sources: S/N between this ...
+    maxSnr: float = 500.0  # ... and this
+    sizeCellX: int = 128
+    sizeCellY: int = 128
+    nStarPerCell: int = 5
+    maxKernelSources: int = 1000
+    minKernelSources: int = 3
+    isolation: float = 0.1  # no neighbour brighter than this fraction inside the stamp
+    candidateResidualMeanMax: float = 0.25
+    candidateResidualStdMax: float = 1.5
+    maxKsumSigma: float = 3.0
+    maxIter: int = 3
+    badMaskPlanes: tuple = ("NO_DATA", "BAD", "SAT", "EDGE", "INJECTED", "SAT_TEMPLATE")
+    chunk: int = 128  # stamps per batched FFT block (bounds device memory)
+    # gpudiffim's own: Tikhonov penalty on the kernel's Laplacian, relative to each stamp's
+    # information. The matched image barely constrains kernel structure finer than the
+    # convolved image's PSF; this keeps it smooth instead of noisy.
+    regularization: float = 0.03
+
+
+def chebyshev_terms(xp, u, v, order: int):
+    """Stack of T_i(u) T_j(v), i + j <= order, in :func:`polynomial_terms` order."""
+    def cheb(t, n):
+        out = [xp.ones_like(t), t]
+        for _ in range(2, n + 1):
+            out.append(2 * t * out[-1] - out[-2])
+        return out[:n + 1]
+
+    tu, tv = cheb(u, order), cheb(v, order)
+    return xp.stack([tu[i] * tv[j] for i, j in polynomial_terms(order)])
+
+
+def scaled_coords(x, y, bbox):
+    """Detector pixel coordinates mapped onto [-1, 1] over ``bbox`` (width, height)."""
+    w, h = bbox
+    return 2.0 * x / max(w - 1, 1) - 1.0, 2.0 * y / max(h - 1, 1) - 1.0
+
+
+@dataclass(frozen=True, eq=False)
+class KernelSolution:
+    """A fitted kernel: ``kernel_coeffs`` (n_basis, n_kernel_terms) and ``bg_coeffs``.
+
+    Coefficients are host float64; the basis is host; ``bbox`` is (width, height).
+    """
+
+    basis: KernelBasis
+    kernel_coeffs: np.ndarray
+    bg_coeffs: np.ndarray
+    kernel_order: int
+    bg_order: int
+    bbox: tuple
+    stats: dict = field(default_factory=dict)
+
+    def _terms(self, x, y, order):
+        u, v = scaled_coords(np.asarray(x, float), np.asarray(y, float), self.bbox)
+        return chebyshev_terms(np, u, v, order)
+
+    def term_kernels(self) -> np.ndarray:
+        """(n_kernel_terms, K, K): the kernel is sum_j T_j(x, y) * term_kernels[j]."""
+        return np.tensordot(self.kernel_coeffs.T, self.basis.kernels, axes=1)
+
+    def kernel_at(self, x, y) -> np.ndarray:
+        """The kernel image at detector position (x, y)."""
+        return np.tensordot(self._terms(x, y, self.kernel_order), self.term_kernels(), axes=1)
+
+    def kernel_sum_at(self, x, y):
+        """Kernel sum (the photometric scale source -> target) at (x, y)."""
+        return self._terms(x, y, self.kernel_order).T @ self.kernel_coeffs[0]
+
+    def background_at(self, x, y):
+        return self._terms(x, y, self.bg_order).T @ self.bg_coeffs
+
+    def background_image(self, shape, backend=None):
+        """The differential background over a (ny, nx) image, on the backend."""
+        backend = get_backend(backend)
+        terms = spatial_term_images(shape, self.bbox, self.bg_order, backend)
+        coeffs = backend.to_device(self.bg_coeffs.astype(np.float32))
+        return backend.xp.tensordot(coeffs, terms, axes=1)
+
+
+_TERM_CACHE: dict = {}
+
+
+def spatial_term_images(shape, bbox, order, backend, dtype=None):
+    """(n_terms, ny, nx) Chebyshev term images over the detector, on the backend.
+
+    Cached by shape, bbox, order and backend: every exposure of one detector size reuses them.
+    """
+    key = (tuple(shape), tuple(bbox), order, backend.name, str(dtype))
+    if key not in _TERM_CACHE:
+        if len(_TERM_CACHE) > 8:
+            _TERM_CACHE.clear()
+        _TERM_CACHE[key] = _spatial_term_images(shape, bbox, order, backend, dtype)
+    return _TERM_CACHE[key]
+
+
+def _spatial_term_images(shape, bbox, order, backend, dtype=None):
+    xp = backend.xp
+    dtype = dtype or xp.float32
+    ny, nx = shape
+    x = xp.astype(backend.arange(nx), dtype)
+    y = xp.astype(backend.arange(ny), dtype)
+    u, v = scaled_coords(x, y, bbox)
+    uu = xp.broadcast_to(xp.reshape(u, (1, nx)), (ny, nx))
+    vv = xp.broadcast_to(xp.reshape(v, (ny, 1)), (ny, nx))
+    return chebyshev_terms(xp, uu, vv, order)
+
+
+# ---------------------------------------------------------------------------- sources
+def select_kernel_sources(target, target_var, bad, psf_image, config: KernelFitConfig,
+                          kernel_size: int, backend=None) -> np.ndarray:
+    """Pick kernel sources on ``target``: matched-filter S/N within
+    [detectionThreshold, maxSnr], a clean stamp (no ``bad`` pixel), isolated, inside the
+    image with room for the stamp, at most ``nStarPerCell`` per cell.
+
+    Returns host integer (x, y) pixel positions, brightest first, shape (n, 2).
+    """
+    from .convolve import fft_convolve
+
+    backend = get_backend(backend)
+    xp = backend.xp
+    ny, nx = target.shape
+    # matched filter with a compensated PSF (PSF minus a 65x65 box mean): local sky removed
+    psf = np.asarray(psf_image, np.float64)
+    size = max(65, psf.shape[0] + 2)
+    size += 1 - size % 2
+    comp = np.full((size, size), -1.0 / size**2)
+    o = (size - psf.shape[0]) // 2
+    comp[o:o + psf.shape[0], o:o + psf.shape[1]] += np.flip(psf) / psf.sum()
+    flux_map = fft_convolve(target, backend.to_device(comp.astype(np.float32)), backend)
+    noise = xp.sqrt(target_var * float(np.sum((psf / psf.sum()) ** 2)))
+    snr = flux_map / xp.where(noise > 0, noise, xp.inf)
+    is_peak = snr == backend.maximum_filter(snr, 5)
+    half = (config.stampSize + kernel_size - 1) // 2 + 1
+    ii = xp.reshape(backend.arange(ny), (ny, 1))
+    jj = xp.reshape(backend.arange(nx), (1, nx))
+    inside = (ii >= half) & (ii < ny - half) & (jj >= half) & (jj < nx - half)
+    ys, xs = xp.nonzero(is_peak & inside & (snr >= config.detectionThreshold))
+    all_y, all_x = xp.nonzero(is_peak & (snr >= 5.0))
+    s_cand = backend.to_host(snr[ys, xs])
+    pos = np.column_stack([backend.to_host(xs), backend.to_host(ys)])
+    others = np.column_stack([backend.to_host(all_x), backend.to_host(all_y)])
+    s_others = backend.to_host(snr[all_y, all_x])
+    if len(pos):  # a clean stamp: no bad pixel in it
+        stamps = _gather(backend, bad, backend.to_device(pos.astype(np.int64)), config.stampSize)
+        clean = ~backend.to_host(xp.any(xp.reshape(stamps, (stamps.shape[0], -1)), axis=1))
+        pos, s_cand = pos[clean], s_cand[clean]
+    keep = s_cand <= config.maxSnr
+    pos, s_cand = pos[keep], s_cand[keep]
+    # isolation: no other peak brighter than `isolation` x this one inside the stamp
+    r = config.stampSize / 2 + 2
+    isolated = np.ones(len(pos), bool)
+    for k, (p, s) in enumerate(zip(pos, s_cand)):
+        d = np.abs(others - p).max(axis=1)
+        near = (d > 0) & (d <= r)
+        isolated[k] = not np.any(s_others[near] > config.isolation * s)
+    pos, s_cand = pos[isolated], s_cand[isolated]
+    order = np.argsort(-s_cand, kind="stable")
+    pos = pos[order]
+    cell = (pos[:, 1] // config.sizeCellY) * (nx // config.sizeCellX + 1) + pos[:, 0] // config.sizeCellX
+    counts: dict = {}
+    chosen = []
+    for k, c in enumerate(cell):
+        if counts.get(c, 0) < config.nStarPerCell:
+            counts[c] = counts.get(c, 0) + 1
+            chosen.append(k)
+    return pos[chosen][:config.maxKernelSources]
+
+
+def _gather(backend, image, pos_dev, size):
+    """(n, size, size) stamps of ``image`` centred on integer positions (device (n, 2))."""
+    xp = backend.xp
+    ny, nx = image.shape
+    half = size // 2
+    off = backend.arange(size) - half
+    ys = xp.reshape(pos_dev[:, 1], (-1, 1, 1)) + xp.reshape(off, (1, size, 1))
+    xs = xp.reshape(pos_dev[:, 0], (-1, 1, 1)) + xp.reshape(off, (1, 1, size))
+    flat = xp.reshape(ys * nx + xs, (-1,))
+    return xp.reshape(xp.take(xp.reshape(image, (-1,)), flat), (-1, size, size))
+
+
+# ---------------------------------------------------------------------------- fitting
+@dataclass
+class _Stamps:
+    design: object  # (n, P, nb + 1): convolved basis images and the background column
+    target: object  # (n, P)
+    weight: object  # (n, P): inverse variance, 0 where masked
+    normal: object  # (n, nb + 1, nb + 1)
+    rhs: object  # (n, nb + 1)
+    pos: np.ndarray  # host (n, 2)
+
+
+def build_stamps(source, target, variance, bad, positions, basis: KernelBasis,
+                 config: KernelFitConfig, backend=None, source_psf=None) -> _Stamps:
+    """Design matrices and normal equations for every stamp, in float64 on the backend."""
+    backend = get_backend(backend)
+    xp = backend.xp
+    f64 = xp.float64
+    S, K = config.stampSize, basis.size
+    L = S + K - 1
+    F = next_fast_len(L)  # circular convolution of this size leaves the valid part intact
+    pos_dev = backend.to_device(np.asarray(positions, np.int64))
+    kernels = backend.to_device(basis.kernels.astype(np.float32))
+    kspec = backend.rfft2(kernels, s=(F, F))  # (nb, F, F//2+1); float32 FFTs, float64 sums
+    designs = []
+    for start in range(0, len(positions), config.chunk):
+        p = pos_dev[start:min(start + config.chunk, len(positions)), ...]
+        src = xp.astype(_gather(backend, source, p, L), xp.float32)
+        conv = backend.irfft2(backend.rfft2(src, s=(F, F))[:, None, ...] * kspec[None, ...],
+                              s=(F, F))
+        conv = xp.astype(conv[..., K - 1:K - 1 + S, K - 1:K - 1 + S], f64)
+        n = conv.shape[0]
+        cols = xp.reshape(conv, (n, len(basis), S * S))
+        ones = backend.ones((n, 1, S * S), dtype=f64)
+        designs.append(backend.matrix_transpose(xp.concat([cols, ones], axis=1)))
+    design = xp.concat(designs, axis=0)
+    tgt = xp.reshape(xp.astype(_gather(backend, target, pos_dev, S), f64), (-1, S * S))
+    var = xp.reshape(xp.astype(_gather(backend, variance, pos_dev, S), f64), (-1, S * S))
+    bad_st = xp.reshape(_gather(backend, bad, pos_dev, S), (-1, S * S))
+    weight = xp.where(bad_st | (var <= 0), 0.0, 1.0 / xp.where(var > 0, var, 1.0))
+    weighted = design * weight[..., None]
+    normal = xp.matmul(backend.matrix_transpose(weighted), design)
+    rhs = xp.matmul(backend.matrix_transpose(weighted), tgt[..., None])[..., 0]
+    if config.regularization > 0:
+        rough = roughness_matrix(basis, source_psf)
+        penalty = backend.to_device(rough)
+        nb = len(basis)
+        scale = (xp.sum(xp.reshape(normal, (normal.shape[0], -1))[:, ::nb + 2][:, :nb], axis=1)
+                 * config.regularization / float(np.trace(rough)))
+        normal = normal + scale[:, None, None] * penalty[None, ...]
+    # a whisper of ridge keeps fully masked or degenerate stamps solvable
+    diag = xp.sum(xp.reshape(normal, (normal.shape[0], -1))[:, ::normal.shape[-1] + 1], axis=1)
+    eye = xp.astype(xp.reshape(backend.arange(normal.shape[-1] ** 2), normal.shape[1:])
+                    % (normal.shape[-1] + 1) == 0, normal.dtype)
+    normal = normal + (1e-10 * diag / normal.shape[-1] + 1e-30)[:, None, None] * eye[None, ...]
+    return _Stamps(design, tgt, weight, normal, rhs, np.asarray(positions))
+
+
+def roughness_matrix(basis: KernelBasis, source_psf=None) -> np.ndarray:
+    """(nb + 1)^2 penalty matrix on kernel structure the data cannot constrain.
+
+    With the convolved image's PSF ``P``, the penalty on a kernel ``k`` is
+    ``sum_f |k(f)|^2 (1 / (|P(f)|^2 + eps) - 1)``: nothing where ``P`` passes the signal,
+    much where it does not. Without a PSF, the kernel's Laplacian energy. The background
+    row and column are zero.
+    """
+    k = basis.kernels
+    nb, size = len(k), basis.size
+    if source_psf is None:
+        lap = np.zeros_like(k)
+        lap[:, 1:-1, 1:-1] = (k[:, 2:, 1:-1] + k[:, :-2, 1:-1] + k[:, 1:-1, 2:]
+                              + k[:, 1:-1, :-2] - 4 * k[:, 1:-1, 1:-1])
+        flat = lap.reshape(nb, -1)
+        gram = flat @ flat.T
+    else:
+        n = size + np.asarray(source_psf).shape[0]
+        spec = np.fft.rfft2(k, s=(n, n))
+        p = np.asarray(source_psf, float)
+        p2 = np.abs(np.fft.rfft2(p / p.sum(), s=(n, n))) ** 2
+        w = 1.0 / (p2 + 1e-4) - 1.0 / (1.0 + 1e-4)
+        gram = np.real(np.einsum("iyx,jyx->ij", spec * w, np.conj(spec)))
+    out = np.zeros((nb + 1, nb + 1))
+    out[:-1, :-1] = gram
+    return out
+
+
+def _residual_stats(backend, stamps: _Stamps, coeffs):
+    """Per-stamp mean and std of the residual in units of the noise (host arrays)."""
+    xp = backend.xp
+    model = xp.matmul(stamps.design, coeffs[..., None])[..., 0]
+    good = stamps.weight > 0
+    chi = xp.where(good, (stamps.target - model) * xp.sqrt(stamps.weight), 0.0)
+    n = xp.sum(xp.astype(good, xp.float64), axis=1)
+    mean = xp.sum(chi, axis=1) / n
+    std = xp.sqrt(xp.sum(chi * chi, axis=1) / n - mean * mean)
+    return backend.to_host(mean), backend.to_host(std)
+
+
+def _ksum_error(backend, normal):
+    """Standard error of each stamp's kernel sum (the first basis coefficient)."""
+    xp = backend.xp
+    n = normal.shape[-1]
+    e0 = backend.zeros((normal.shape[0], n), dtype=normal.dtype) + xp.astype(
+        backend.arange(n) == 0, normal.dtype)
+    return xp.sqrt(xp.abs(backend.solve(normal, e0)[:, 0]))
+
+
+def _ksum_inliers(ksum, err, ok, nsigma):
+    """Kernel-sum clipping in units of each stamp's own error, so a bright variable star
+    (small error, wrong sum) is caught; the scale follows the spread of the pulls."""
+    if ok.sum() < 3:
+        return ok
+    med = np.median(ksum[ok])
+    z = (ksum - med) / np.where(err > 0, err, np.inf)
+    for _ in range(3):
+        scale = max(1.0, 1.4826 * np.median(np.abs(z[ok])))
+        keep = ok & (np.abs(z) <= nsigma * scale)
+        if keep.sum() < 3:
+            break
+        w = 1.0 / err[keep] ** 2
+        med = np.sum(w * ksum[keep]) / np.sum(w)
+        z = (ksum - med) / np.where(err > 0, err, np.inf)
+    return ok & (np.abs(z) <= nsigma * scale)
+
+
+def _term_layout(nb: int, config: KernelFitConfig, kernel_order: int):
+    """Spatial order of each per-stamp parameter (nb kernel coefficients, then background)."""
+    orders = [0 if config.constantKernelSum else kernel_order] + [kernel_order] * (nb - 1)
+    return orders + [config.spatialBgOrder]
+
+
+def _spatial_design(pos, bbox, orders):
+    """Host (n, n_params, n_theta) map from spatial coefficients to per-stamp parameters."""
+    u, v = scaled_coords(pos[:, 0].astype(float), pos[:, 1].astype(float), bbox)
+    n_theta = sum(len(polynomial_terms(o)) for o in orders)
+    phi = np.zeros((len(pos), len(orders), n_theta))
+    col = 0
+    for p, o in enumerate(orders):
+        t = chebyshev_terms(np, u, v, o).T  # (n, terms)
+        phi[:, p, col:col + t.shape[1]] = t
+        col += t.shape[1]
+    return phi
+
+
+def _unpack(theta, orders, nb):
+    """Spatial coefficient vector -> (kernel_coeffs (nb, n_terms), bg_coeffs)."""
+    n_terms = len(polynomial_terms(max(orders[:nb])))
+    kc = np.zeros((nb, n_terms))
+    col = 0
+    for p, o in enumerate(orders[:nb]):
+        m = len(polynomial_terms(o))
+        kc[p, :m] = theta[col:col + m]
+        col += m
+    return kc, theta[col:]
+
+
+def fit_kernel(source, target, source_var, target_var, bad, basis: KernelBasis,
+               positions, config: KernelFitConfig = KernelFitConfig(), backend=None,
+               bbox=None, source_psf=None) -> KernelSolution:
+    """Fit the spatial kernel and background matching ``source`` onto ``target``.
+
+    ``bad`` is a boolean image of pixels to ignore; ``positions`` host (n, 2) integer
+    stamp centres (see :func:`select_kernel_sources`).
+    """
+    backend = get_backend(backend)
+    xp = backend.xp
+    ny, nx = target.shape
+    bbox = bbox or (nx, ny)
+    positions = np.asarray(positions)
+    if len(positions) < config.minKernelSources:
+        raise KernelFitError(f"only {len(positions)} kernel sources found; at least "
+                             f"{config.minKernelSources} are needed")
+    # the source's noise reaches the model through the kernel, which spreads it over
+    # ~4 pi sigma_k^2 pixels: weight with the variance of the model's residual
+    sigma_k = basis.sigmas[min(1, len(basis.sigmas) - 1)]  # the middle Alard-Lupton Gaussian
+    spread = float(1.0 / (4.0 * np.pi * sigma_k**2))
+    stamps = build_stamps(source, target, target_var + spread * source_var, bad, positions,
+                          basis, config, backend, source_psf)
+    nb = len(basis)
+    # 1. each stamp on its own: reject bad residuals and kernel-sum outliers
+    single = backend.solve(stamps.normal, stamps.rhs)
+    mean, std = _residual_stats(backend, stamps, single)
+    ksum = backend.to_host(single[:, 0])
+    ok = (np.abs(mean) <= config.candidateResidualMeanMax) & (std <= config.candidateResidualStdMax)
+    ok &= np.isfinite(ksum)
+    ok &= _ksum_inliers(ksum, backend.to_host(_ksum_error(backend, stamps.normal)), ok,
+                        config.maxKsumSigma)
+    if ok.sum() < config.minKernelSources:
+        ok = np.isfinite(ksum) & (std < 3 * config.candidateResidualStdMax)  # keep the best
+    stats = {"n_candidates": int(len(positions)), "n_single_ok": int(ok.sum())}
+    # 2. spatial fit with iterative rejection
+    kernel_order = config.spatialKernelOrder
+    for iteration in range(config.maxIter + 1):
+        n_ok = int(ok.sum())
+        if n_ok < config.minKernelSources:
+            raise KernelFitError(f"only {n_ok} kernel sources survived rejection; at least "
+                                 f"{config.minKernelSources} are needed")
+        orders = _term_layout(nb, config, kernel_order)
+        n_kterms = len(polynomial_terms(kernel_order))
+        if kernel_order > 0 and n_ok < 2 * n_kterms:
+            log.info("%d kernel sources: too few for spatial order %d, fitting a constant kernel",
+                     n_ok, kernel_order)
+            kernel_order = 0
+            continue
+        phi = backend.to_device(_spatial_design(positions, bbox, orders))
+        okd = backend.to_device(ok.astype(np.float64))
+        m_phi = xp.matmul(stamps.normal, phi)
+        gram = xp.sum(xp.matmul(backend.matrix_transpose(phi), m_phi) * okd[:, None, None], axis=0)
+        rhs = xp.sum(xp.matmul(backend.matrix_transpose(phi), stamps.rhs[..., None])[..., 0]
+                     * okd[:, None], axis=0)
+        theta = backend.solve(gram, rhs)
+        per_stamp = xp.matmul(phi, theta[:, None])[..., 0]
+        mean, std = _residual_stats(backend, stamps, per_stamp)
+        bad_fit = ok & ((np.abs(mean) > config.candidateResidualMeanMax)
+                        | (std > config.candidateResidualStdMax))
+        if not bad_fit.any() or iteration == config.maxIter:
+            break
+        # drop the worst offenders only, so a globally poor model does not empty the set
+        worst = np.argsort(-np.where(bad_fit, std, -np.inf))[:max(1, int(bad_fit.sum() // 2))]
+        ok[worst[bad_fit[worst]]] = False
+    kc, bg = _unpack(backend.to_host(theta), orders, nb)
+    stats.update({"n_used": int(ok.sum()), "kernel_order": kernel_order,
+                  "residual_mean": float(np.median(mean[ok])),
+                  "residual_std": float(np.median(std[ok])), "iterations": iteration + 1})
+    return KernelSolution(basis, kc, bg, kernel_order, config.spatialBgOrder, bbox, stats)

@@ -1,0 +1,61 @@
+"""Synthetic science/template pairs with a known, spatially varying matching kernel."""
+
+import numpy as np
+
+from gpudiffim.exposure import Exposure
+from gpudiffim.psf import ImagePsf
+
+
+def gaussian_image(size, sigma_x, sigma_y=None, dx=0.0, dy=0.0):
+    sigma_y = sigma_x if sigma_y is None else sigma_y
+    h = size // 2
+    y, x = np.mgrid[-h:h + 1, -h:h + 1].astype(float)
+    g = np.exp(-0.5 * (((x - dx) / sigma_x) ** 2 + ((y - dy) / sigma_y) ** 2))
+    return g / (2 * np.pi * sigma_x * sigma_y)
+
+
+def true_kernel(x, y, shape, size):
+    """The matching kernel used to make the pair: an elliptical Gaussian whose widths and
+    sum vary across the detector."""
+    sx, sy, ks = kernel_params(x, y, shape)
+    k = gaussian_image(size, sx, sy)
+    return ks * k / k.sum()
+
+
+def kernel_params(x, y, shape):
+    ny, nx = shape
+    u, v = 2 * x / (nx - 1) - 1, 2 * y / (ny - 1) - 1
+    return 1.8 + 0.25 * u, 1.7 + 0.2 * v + 0.1 * u * v, 0.9 * (1 + 0.01 * u)
+
+
+def kernel_pair(shape=(1024, 1024), n_stars=500, seed=0, sigma_t=1.3, sky=500.0,
+                template_var=10.0):
+    """Template of Gaussian stars; science = known kernel * template + sky + noise."""
+    rng = np.random.default_rng(seed)
+    ny, nx = shape
+    tmpl = np.zeros(shape)
+    sci = np.zeros(shape)
+    xs, ys = rng.uniform(20, nx - 20, n_stars), rng.uniform(20, ny - 20, n_stars)
+    fluxes = 10 ** rng.uniform(3.3, 5.5, n_stars)
+    half = 15
+    for x, y, f in zip(xs, ys, fluxes):
+        ix, iy = int(round(x)), int(round(y))
+        sx, sy, ks = kernel_params(x, y, shape)
+        t = f * gaussian_image(2 * half + 1, sigma_t, sigma_t, x - ix, y - iy)
+        s = f * ks * gaussian_image(2 * half + 1, np.hypot(sigma_t, sx), np.hypot(sigma_t, sy),
+                                    x - ix, y - iy)
+        sl = (slice(max(iy - half, 0), iy + half + 1), slice(max(ix - half, 0), ix + half + 1))
+        cut = (slice(sl[0].start - (iy - half), sl[0].stop - (iy - half)),
+               slice(sl[1].start - (ix - half), sl[1].stop - (ix - half)))
+        tmpl[sl] += t[cut][:tmpl[sl].shape[0], :tmpl[sl].shape[1]]
+        sci[sl] += s[cut][:sci[sl].shape[0], :sci[sl].shape[1]]
+    sci_var = sci + sky + 25.0
+    sci_img = sci + sky + rng.normal(size=shape) * np.sqrt(sci_var)
+    t_var = np.full(shape, template_var) + tmpl / 20.0
+    t_img = tmpl + rng.normal(size=shape) * np.sqrt(t_var)
+    psf_t = ImagePsf(gaussian_image(31, sigma_t))
+    sx, sy, _ = kernel_params(nx / 2, ny / 2, shape)
+    psf_s = ImagePsf(gaussian_image(31, np.hypot(sigma_t, sx), np.hypot(sigma_t, sy)))
+    science = Exposure.from_arrays(sci_img, None, sci_var, psf=psf_s, zero_point=30.0)
+    template = Exposure.from_arrays(t_img, None, t_var, psf=psf_t, zero_point=30.0)
+    return science, template
