@@ -209,9 +209,12 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
     matched = convolve_spatial(source, solution, backend)
     ksum, ssq = kernel_fields(solution, sci.shape, backend)
     k_centre = solution.kernel_at((nx - 1) / 2, (ny - 1) / 2)
-    conv_var = fft_convolve(xp.where(nodata, zero, source_var),
-                            backend.to_device((k_centre**2).astype(np.float32)), backend)
-    conv_var = conv_var * ssq / float(np.sum(k_centre**2))
+    if config.doDecorrelation:  # the decorrelated variance is white: no convolution needed
+        conv_var = source_var * ssq
+    else:
+        conv_var = fft_convolve(xp.where(nodata, zero, source_var),
+                                backend.to_device((k_centre**2).astype(np.float32)), backend)
+        conv_var = conv_var * ssq / float(np.sum(k_centre**2))
     background = solution.background_image(sci.shape, backend) if config.doSubtractBackground else 0.0
 
     if flavor == "convolveScience":
