@@ -39,6 +39,7 @@ class BasisConfig:
     kernelSizeMax: int = 35
     # gpudiffim's own: broad Gaussians (degree 0) beyond the widest, for differing PSF wings
     wingGaussians: int = 1
+    wingSizeMin: int = 41
     wingSizeMax: int = 51
 
 
@@ -71,8 +72,10 @@ def basis_sigmas(fwhm_source: float | None, fwhm_target: float | None,
     min_sig = c.alardMinSigDeconv if deconv else c.alardMinSig
     middle = max(np.sqrt(abs(s_tgt**2 - s_src**2)), min_sig)
     n = c.alardNGauss
-    smallest = max(middle * c.alardGaussBeta ** (-(n // 2)), min_sig)  # distinct, >= minimum
-    sigmas = tuple(smallest * c.alardGaussBeta**i for i in range(n))
+    sigmas = [max(middle * c.alardGaussBeta ** (i - n // 2), min_sig) for i in range(n)]
+    for i in range(1, n):  # clamping may merge the narrow ones: keep them distinct
+        sigmas[i] = max(sigmas[i], sigmas[i - 1] * np.sqrt(c.alardGaussBeta))
+    sigmas = tuple(float(s) for s in sigmas)
     degrees = (c.alardDegGaussDeconv,) * n if deconv else tuple(c.alardDegGauss[:n])
     for k in range(c.wingGaussians):
         sigmas += (sigmas[-1] * c.alardGaussBeta,)
@@ -82,11 +85,13 @@ def basis_sigmas(fwhm_source: float | None, fwhm_target: float | None,
 
 def kernel_size(sigmas, config: BasisConfig = BasisConfig()) -> int:
     """Odd kernel size: ``kernelSizeFwhmScaling`` x the largest sigma, clamped (to
-    ``wingSizeMax`` when wing Gaussians are on)."""
+    [``wingSizeMin``, ``wingSizeMax``] when wing Gaussians are on: differing PSF wings
+    need room, or they leave rings around bright stars)."""
     size = int(np.ceil(config.kernelSizeFwhmScaling * max(sigmas)))
     size += 1 - size % 2
-    top = config.wingSizeMax if config.wingGaussians else config.kernelSizeMax
-    return int(np.clip(size, config.kernelSizeMin, top))
+    if config.wingGaussians:
+        return int(np.clip(size, config.wingSizeMin, config.wingSizeMax))
+    return int(np.clip(size, config.kernelSizeMin, config.kernelSizeMax))
 
 
 def alard_lupton_basis(fwhm_source: float | None = None, fwhm_target: float | None = None,

@@ -65,10 +65,14 @@ def _cmd_subtract(args) -> int:
         template = template.replace(psf=read_psf(args.template_psf))
     start = time.perf_counter()
     result = subtract(science, template, SubtractConfig(mode=args.flavor), backend)
+    from .measure import dia_sources, write_dia_sources
+
+    sources = dia_sources(result, science.to_backend(backend), backend=backend)
     backend.synchronize()
     elapsed = time.perf_counter() - start
     out = Path(args.output)
     write_exposure(result.difference.to_host(backend), out / "difference.fits")
+    write_dia_sources(sources, out / "diaSources.parquet")
     summary = result.summary()
     summary["seconds"] = elapsed
     summary["backend"] = backend.name
@@ -77,7 +81,8 @@ def _cmd_subtract(args) -> int:
     q = result.quality
     print(f"{result.flavor}: kernel sum {q['kernel_sum_centre']:.4f} from "
           f"{q['n_kernel_sources']} sources, difference/sigma {q['difference_pull_sigma']:.3f}, "
-          f"{elapsed:.2f} s on {backend.name} -> {out}/difference.fits")
+          f"{int((~sources['sky_source']).sum())} diaSources, {elapsed:.2f} s on {backend.name} "
+          f"-> {out}/difference.fits, {out}/diaSources.parquet")
     return 0
 
 

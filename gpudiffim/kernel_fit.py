@@ -53,6 +53,10 @@ class KernelFitConfig:
     maxKernelSources: int = 1000
     minKernelSources: int = 3
     isolation: float = 0.1  # no neighbour brighter than this fraction inside the stamp
+    # gpudiffim's own: when the science image is the one convolved (convolveScience), its
+    # noise sits in the fit's regressors and biases the kernel towards smoothing
+    # (regression dilution), so only bright sources are used: S/N in this range
+    convolvedScienceSnr: tuple = (50.0, 2000.0)
     candidateResidualMeanMax: float = 0.25
     candidateResidualStdMax: float = 1.5
     maxKsumSigma: float = 3.0
@@ -381,13 +385,51 @@ def _unpack(theta, orders, nb):
     return kc, theta[col:]
 
 
+def psf_flux_ratio(source, target, source_psf, target_psf, positions, backend=None,
+                   size: int = 41) -> float:
+    """Photometric scale target/source from aperture-corrected fluxes of the kernel sources.
+
+    Each image gets a wide circular aperture (2.5 x the larger FWHM) around each source,
+    the stamp's border median removed, and the aperture correction of its own PSF model
+    (so differing wings do not bias the ratio, and sub-pixel centring hardly matters).
+    The ratio of the summed fluxes has no first-order noise bias, unlike a least-squares
+    kernel sum when the convolved image is the noisier one.
+    """
+    from .psf import ImagePsf
+
+    backend = get_backend(backend)
+    xp = backend.xp
+    pos = backend.to_device(np.asarray(positions, np.int64))
+    fwhm = max(np.mean(ImagePsf(source_psf).fwhm()), np.mean(ImagePsf(target_psf).fwhm()))
+    c = size // 2
+    yy, xx = np.mgrid[-c:c + 1, -c:c + 1]
+    aperture = (xx * xx + yy * yy) <= (2.5 * fwhm) ** 2
+
+    def fluxes(image, psf):
+        st = xp.astype(_gather(backend, image, pos, size), xp.float64)
+        edge = xp.concat([st[:, 0, :], st[:, -1, :], st[:, :, 0], st[:, :, -1]], axis=1)
+        sky = xp.sort(edge, axis=1)[:, edge.shape[1] // 2]
+        p = np.zeros((size, size))
+        h = psf.shape[0] // 2
+        m = min(h, c)
+        p[c - m:c + m + 1, c - m:c + m + 1] = psf[h - m:h + m + 1, h - m:h + m + 1]
+        enclosed = float(np.sum(p[aperture]) / np.sum(psf))
+        ap = backend.to_device(aperture.astype(np.float64))
+        return backend.to_host(xp.sum((st - sky[:, None, None]) * ap, axis=(1, 2))) / enclosed
+
+    fs, ft = fluxes(source, np.asarray(source_psf)), fluxes(target, np.asarray(target_psf))
+    ok = np.isfinite(fs) & np.isfinite(ft)
+    return float(np.sum(ft[ok]) / np.sum(fs[ok]))
+
+
 def fit_kernel(source, target, source_var, target_var, bad, basis: KernelBasis,
                positions, config: KernelFitConfig = KernelFitConfig(), backend=None,
-               bbox=None, source_psf=None) -> KernelSolution:
+               bbox=None, source_psf=None, kernel_sum: float | None = None) -> KernelSolution:
     """Fit the spatial kernel and background matching ``source`` onto ``target``.
 
     ``bad`` is a boolean image of pixels to ignore; ``positions`` host (n, 2) integer
-    stamp centres (see :func:`select_kernel_sources`).
+    stamp centres (see :func:`select_kernel_sources`). A given ``kernel_sum`` is imposed
+    (the first basis coefficient is pinned to it) instead of fitted.
     """
     backend = get_backend(backend)
     xp = backend.xp
@@ -404,14 +446,20 @@ def fit_kernel(source, target, source_var, target_var, bad, basis: KernelBasis,
     stamps = build_stamps(source, target, target_var + spread * source_var, bad, positions,
                           basis, config, backend, source_psf)
     nb = len(basis)
+    if kernel_sum is not None:  # pin coefficient 0 with a stiff quadratic penalty
+        stiff = 1e8 * stamps.normal[:, 0, 0]
+        pin = xp.astype(backend.arange(nb + 1) == 0, stamps.normal.dtype)
+        stamps.normal = stamps.normal + stiff[:, None, None] * (pin[:, None] * pin[None, :])[None, ...]
+        stamps.rhs = stamps.rhs + (stiff * kernel_sum)[:, None] * pin[None, :]
     # 1. each stamp on its own: reject bad residuals and kernel-sum outliers
     single = backend.solve(stamps.normal, stamps.rhs)
     mean, std = _residual_stats(backend, stamps, single)
     ksum = backend.to_host(single[:, 0])
     ok = (np.abs(mean) <= config.candidateResidualMeanMax) & (std <= config.candidateResidualStdMax)
     ok &= np.isfinite(ksum)
-    ok &= _ksum_inliers(ksum, backend.to_host(_ksum_error(backend, stamps.normal)), ok,
-                        config.maxKsumSigma)
+    if kernel_sum is None:
+            ok &= _ksum_inliers(ksum, backend.to_host(_ksum_error(backend, stamps.normal)), ok,
+                            config.maxKsumSigma)
     if ok.sum() < config.minKernelSources:
         ok = np.isfinite(ksum) & (std < 3 * config.candidateResidualStdMax)  # keep the best
     stats = {"n_candidates": int(len(positions)), "n_single_ok": int(ok.sum())}

@@ -186,8 +186,9 @@ def _add(image, stamp, y0, x0):
         image[ya:yb, xa:xb] += stamp[ya - y0:yb - y0, xa - x0:xb - x0]
 
 
-def add_cosmic_rays(image, mask, rng, density):
-    """Short random-walk tracks of high counts, masked CR (as if found by ISR)."""
+def add_cosmic_rays(image, mask, rng, density, expect=None, read_noise=0.0):
+    """Short random-walk tracks of high counts, masked CR. With ``expect`` (the noise-free
+    image) the hit pixels are then repaired the way ISR interpolates them (CR | INTRP)."""
     ny, nx = image.shape
     cr = mask_bits("CR")
     for _ in range(rng.poisson(density * nx * ny / 1e6)):
@@ -198,6 +199,10 @@ def add_cosmic_rays(image, mask, rng, density):
             mask[y, x] |= cr
             y = int(np.clip(y + rng.integers(-1, 2), 0, ny - 1))
             x = int(np.clip(x + rng.integers(-1, 2), 0, nx - 1))
+    if expect is not None:
+        hit = (mask & cr) != 0
+        image[hit] = expect[hit] + rng.normal(0, 1, hit.sum()) * np.sqrt(expect[hit] + read_noise**2)
+        mask[hit] |= mask_bits("INTRP")
 
 
 def make_wcs(shape, detector, offset=(0.0, 0.0)) -> WCS:
@@ -338,7 +343,7 @@ def _simulate_detector(cfg: SimConfig, band: str, detector: int, seed: int, outd
         sat = expect >= cfg.saturation
         image[sat] = cfg.saturation
         mask[sat] |= mask_bits("SAT")
-        add_cosmic_rays(image, mask, rng, cfg.cr_density)
+        add_cosmic_rays(image, mask, rng, cfg.cr_density, expect, cfg.read_noise)
         bad_col = int(np.random.default_rng([seed, detector]).integers(nx // 8, nx - nx // 8))
         image[:, bad_col] *= 0.3
         mask[:, bad_col] |= mask_bits("BAD")

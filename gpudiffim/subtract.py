@@ -21,18 +21,18 @@ The template must already be on the science pixel grid. Both exposures need PSF 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .backend import get_backend
+from .backend import get_backend, window_or
 from .basis import BasisConfig, alard_lupton_basis
 from .convolve import convolve_exposure, fft_convolve, grow_mask
 from .decorrelate import decorrelation_kernel, white_variance
 from .errors import GpuDiffimError
 from .exposure import Exposure, mask_bits
-from .kernel_fit import (KernelFitConfig, KernelSolution, fit_kernel, select_kernel_sources,
-                         spatial_term_images)
+from .kernel_fit import (KernelFitConfig, KernelSolution, fit_kernel, psf_flux_ratio,
+                         select_kernel_sources, spatial_term_images)
 from .psf import ImagePsf
 
 log = logging.getLogger(__name__)
@@ -198,10 +198,22 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
     fwhm_tgt = float(np.mean(ImagePsf(target_psf).fwhm()))
     basis = alard_lupton_basis(fwhm_src, fwhm_tgt, config.basis)
     bad = _bad_for_fit(sci, tmpl, config.kernel.badMaskPlanes)
-    positions = select_kernel_sources(target, target_var, bad, target_psf, config.kernel,
+    # kernel sources are chosen on the science image, as in ip_diffim (its own S/N)
+    select_cfg = config.kernel
+    if flavor == "convolveScience":
+        lo, hi = config.kernel.convolvedScienceSnr
+        select_cfg = replace(config.kernel, detectionThreshold=lo, maxSnr=hi)
+    sel_image, sel_var, sel_psf = ((source, source_var, source_psf) if flavor == "convolveScience"
+                                   else (target, target_var, target_psf))
+    positions = select_kernel_sources(sel_image, sel_var, bad, sel_psf, select_cfg,
                                       basis.size, backend)
+    # convolving the noisier image: its noise would bias a fitted kernel sum low (regression
+    # dilution), so the photometric scale comes from PSF fluxes and is imposed
+    ksum = (psf_flux_ratio(source, target, source_psf, target_psf, positions, backend)
+            if flavor == "convolveScience" else None)
     solution = fit_kernel(source, target, source_var, target_var, bad, basis, positions,
-                          config.kernel, backend, bbox=(nx, ny), source_psf=source_psf)
+                          config.kernel, backend, bbox=(nx, ny), source_psf=source_psf,
+                          kernel_sum=ksum)
     log.info("kernel: %d of %d stamps, size %d, sum %.4f at centre", solution.stats["n_used"],
              solution.stats["n_candidates"], basis.size,
              float(solution.kernel_sum_at((nx - 1) / 2, (ny - 1) / 2)))
@@ -222,7 +234,7 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
         var = (conv_var + target_var) / (ksum * ksum)
         grown = grow_mask(sci.mask, k_centre.shape, backend, sci.mask_planes)
         mask = grown | _template_mask_bits(tmpl, backend)
-        out_psf = psf_t
+        out_psf = _convolve_small(_pad_to(psf_s, k_centre.shape[0]), k_centre)  # k * P_science
     else:
         diff = target - matched - background
         var = target_var + conv_var
@@ -231,8 +243,15 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
         mask = (n_mask if flavor == "preconvolve" else sci.mask) | tmask
         out_psf = psf_s if flavor == "convolveTemplate" else target_psf
     mask = mask & ~mask_bits("DETECTED", "DETECTED_NEGATIVE")
+    # saturated stars' wings reach past the kernel: grow SAT / SAT_TEMPLATE once more by it
+    sat = mask & mask_bits("SAT", "SAT_TEMPLATE")
+    if bool(xp.any(sat != 0)):
+        h = k_centre.shape[0]
+        mask = mask | window_or(backend, sat, (h, h), (-(h // 2), -(h // 2)))
     nodata_out = (mask & mask_bits("NO_DATA")) != 0
-    diff = xp.where(nodata_out, 0.0, diff)
+    # pixels with no usable value are zeroed so the decorrelation does not spread them
+    unusable = (mask & mask_bits("NO_DATA", "BAD", "SAT", "SAT_TEMPLATE")) != 0
+    diff = xp.where(unusable, 0.0, diff)
 
     good = (mask & mask_bits("NO_DATA", "BAD", "SAT", "EDGE", "SAT_TEMPLATE", "CR")) == 0
     s_var = _median(backend, sci.variance, good)
@@ -254,6 +273,9 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
         out_psf = _convolve_small(out_psf, phi)
         decorrelated = True
     var = xp.where(nodata_out, 0.0, var)
+    if flavor == "preconvolve":  # score in flux units: its value at a source is the PSF flux
+        norm = float(np.sum((psf_s / psf_s.sum()) ** 2))
+        diff, var = diff / norm, var / norm**2
     diff = xp.astype(diff, xp.float32)
     var = xp.astype(var, xp.float32)
 
@@ -287,6 +309,12 @@ def _convolve_small(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
     full = fftconvolve(a, b, mode="same")
     return full / full.sum()
+
+
+def _pad_to(image: np.ndarray, size: int) -> np.ndarray:
+    """Zero-pad a centred odd image to at least ``size`` on a side."""
+    pad = max(0, (size - image.shape[0]) // 2)
+    return np.pad(image, pad)
 
 
 def _self_convolved(psf: np.ndarray) -> np.ndarray:
