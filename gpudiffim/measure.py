@@ -72,6 +72,17 @@ def _centroid(backend, snr_stamps):
     return np.clip(dx, -0.5, 0.5), np.clip(dy, -0.5, 0.5)
 
 
+def _peak_value(s3):
+    """Peak of a quadratic through each 3x3 patch (n, 3, 3), separably in x and y."""
+    c = s3[:, 1, 1]
+    out = c.astype(np.float64)
+    for a, b in ((s3[:, 1, 0], s3[:, 1, 2]), (s3[:, 0, 1], s3[:, 2, 1])):
+        curv = a - 2 * c + b
+        safe = np.where(np.abs(curv) > 1e-12, curv, np.inf)
+        out = out - (a - b) ** 2 / (8 * safe)
+    return out.astype(np.float32)
+
+
 def measure(difference: Exposure, detections: Detections, science: Exposure | None = None,
             is_score: bool = False, config: MeasureConfig = MeasureConfig(),
             backend=None) -> Table:
@@ -97,12 +108,15 @@ def measure(difference: Exposure, detections: Detections, science: Exposure | No
     m_st = _gather(backend, pad(mask, difference.bit("NO_DATA")), pos, S)
     snr_st = _gather(backend, pad(detections.snr_image, 0.0), pos, S)
     dx, dy = _centroid(backend, snr_st) if n else (np.zeros(0), np.zeros(0))
+    dx[n_det:], dy[n_det:] = 0.0, 0.0  # sky sources are measured where they were placed
     cx, cy = xs + dx, ys + dy
     psf = backend.to_device(_psf_stack(difference.psf, cx, cy, S).astype(np.float32))
     good = (m_st & difference.bit("NO_DATA", "BAD", "SAT", "EDGE", "SAT_TEMPLATE")) == 0
     good = good & (v_st > 0)
-    if is_score:  # the score is in flux units: its value at the source is the PSF flux
-        flux = d_st[:, half, half]
+    if is_score:  # the score is in flux units: its peak value at the source is the PSF flux
+        flux = backend.to_device(_peak_value(backend.to_host(d_st[:, half - 1:half + 2,
+                                                                  half - 1:half + 2])))
+        flux = xp.where(backend.to_device(np.arange(n) < n_det), flux, d_st[:, half, half])
         flux_err = xp.sqrt(v_st[:, half, half])
     else:
         flux, flux_err = _psf_fit(xp, d_st, v_st, psf, good)
@@ -115,7 +129,7 @@ def measure(difference: Exposure, detections: Detections, science: Exposure | No
     ap_err = xp.sqrt(xp.sum(xp.where(inap, v_st, 0.0), axis=(1, 2)))
     # second moments of |D| with a Gaussian weight matched to the PSF core
     fwhm = np.mean(difference.psf.fwhm())
-    sig2 = (fwhm / 2.3548) ** 2
+    sig2 = float((fwhm / 2.3548) ** 2)
     wgt = xp.exp(-0.5 * r2 / sig2) * xp.abs(d_st) * xp.astype(good, xp.float32)
     wsum = xp.sum(wgt, axis=(1, 2))
     wsum = xp.where(wsum > 0, wsum, 1.0)

@@ -29,8 +29,12 @@ def kernel_params(x, y, shape):
 
 
 def kernel_pair(shape=(1024, 1024), n_stars=500, seed=0, sigma_t=1.3, sky=500.0,
-                template_var=10.0):
-    """Template of Gaussian stars; science = known kernel * template + sky + noise."""
+                template_var=10.0, moved=()):
+    """Template of Gaussian stars; science = known kernel * template + sky + noise.
+
+    ``moved``: (x, y, flux, dx, dy) stars drawn at (x, y) in the template and at
+    (x + dx, y + dy) in the science (dipoles in the difference).
+    """
     rng = np.random.default_rng(seed)
     ny, nx = shape
     tmpl = np.zeros(shape)
@@ -38,12 +42,16 @@ def kernel_pair(shape=(1024, 1024), n_stars=500, seed=0, sigma_t=1.3, sky=500.0,
     xs, ys = rng.uniform(20, nx - 20, n_stars), rng.uniform(20, ny - 20, n_stars)
     fluxes = 10 ** rng.uniform(3.3, 5.5, n_stars)
     half = 15
-    for x, y, f in zip(xs, ys, fluxes):
+    shifts = [(0.0, 0.0)] * n_stars
+    for x, y, f, dx, dy in moved:
+        xs, ys, fluxes = np.r_[xs, x], np.r_[ys, y], np.r_[fluxes, f]
+        shifts.append((dx, dy))
+    for x, y, f, (mx, my) in zip(xs, ys, fluxes, shifts):
         ix, iy = int(round(x)), int(round(y))
         sx, sy, ks = kernel_params(x, y, shape)
         t = f * gaussian_image(2 * half + 1, sigma_t, sigma_t, x - ix, y - iy)
         s = f * ks * gaussian_image(2 * half + 1, np.hypot(sigma_t, sx), np.hypot(sigma_t, sy),
-                                    x - ix, y - iy)
+                                    x + mx - ix, y + my - iy)
         sl = (slice(max(iy - half, 0), iy + half + 1), slice(max(ix - half, 0), ix + half + 1))
         cut = (slice(sl[0].start - (iy - half), sl[0].stop - (iy - half)),
                slice(sl[1].start - (ix - half), sl[1].stop - (ix - half)))
