@@ -69,8 +69,10 @@ def basis_sigmas(fwhm_source: float | None, fwhm_target: float | None,
         return tuple(c.alardSigGauss), tuple(c.alardDegGauss), False
     s_src, s_tgt = fwhm_source / FWHM_PER_SIGMA, fwhm_target / FWHM_PER_SIGMA
     deconv = bool(s_src > s_tgt)
-    min_sig = c.alardMinSigDeconv if deconv else c.alardMinSig
-    middle = max(np.sqrt(abs(s_tgt**2 - s_src**2)), min_sig)
+    needed = np.sqrt(abs(s_tgt**2 - s_src**2))
+    # nearly equal PSFs need a nearly delta kernel: allow the deconvolution minimum then too
+    min_sig = c.alardMinSigDeconv if (deconv or needed < c.alardMinSig) else c.alardMinSig
+    middle = max(needed, min_sig)
     n = c.alardNGauss
     sigmas = [max(middle * c.alardGaussBeta ** (i - n // 2), min_sig) for i in range(n)]
     for i in range(1, n):  # clamping may merge the narrow ones: keep them distinct

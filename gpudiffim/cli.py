@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+import numpy as np
+
 from . import __version__
 from .backend import BACKEND_NAMES, get_backend
 from .errors import GpuDiffimError
@@ -86,6 +88,21 @@ def _cmd_subtract(args) -> int:
     return 0
 
 
+def _cmd_run(args) -> int:
+    from .runner import run
+
+    table = run(args.repo, args.output, flavor=args.flavor, backend=args.backend,
+                workers=args.workers, dask=args.dask, force=args.force)
+    done = int((table["status"] == "done").sum())
+    failed = table[table["status"] == "failed"]
+    print(f"{done} of {len(table)} exposures done, {len(failed)} failed; "
+          f"{int(np.nansum(table['n_dia_sources']))} diaSources")
+    for row in failed:
+        print(f"  failed {row['band']} {row['visit']} {row['detector']}: {row['error']}")
+    print(f"outputs: {args.output}/<band>/<visit>/<detector>/   run table: {args.output}/run.ecsv")
+    return 0 if done + len(failed) == len(table) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpudiffim", description=__doc__)
     parser.add_argument("--version", action="version", version=f"gpudiffim {__version__}")
@@ -110,12 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub_p.add_argument("--template-psf", help="FITS PSF model for the template")
     sub_p.add_argument("--backend", choices=BACKEND_NAMES, default=None)
     sub_p.set_defaults(func=_cmd_subtract)
+    run_p = sub.add_parser("run", help="process every exposure of a repository (resumable)")
+    run_p.add_argument("repo", help="directory with manifest.ecsv (e.g. from gpudiffim simulate)")
+    run_p.add_argument("-o", "--output", required=True)
+    run_p.add_argument("--flavor", default="convolveTemplate",
+                       choices=("convolveTemplate", "convolveScience", "auto", "preconvolve"))
+    run_p.add_argument("--backend", choices=BACKEND_NAMES, default=None)
+    run_p.add_argument("--workers", type=int, default=2, help="reader threads")
+    run_p.add_argument("--dask", default=None, help="scheduler address, or local:N")
+    run_p.add_argument("--force", action="store_true", help="redo finished exposures")
+    run_p.set_defaults(func=_cmd_run)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    logging.basicConfig(level=logging.INFO if args.verbose or args.command == "run" else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

@@ -53,10 +53,12 @@ class KernelFitConfig:
     maxKernelSources: int = 1000
     minKernelSources: int = 3
     isolation: float = 0.1  # no neighbour brighter than this fraction inside the stamp
+    cleanCore: int = 11  # no masked pixel in this central box of a kernel source
     # gpudiffim's own: when the science image is the one convolved (convolveScience), its
     # noise sits in the fit's regressors and biases the kernel towards smoothing
     # (regression dilution), so only bright sources are used: S/N in this range
     convolvedScienceSnr: tuple = (50.0, 2000.0)
+    minConvolvedScienceSources: int = 20  # else the usual S/N range is used
     candidateResidualMeanMax: float = 0.25
     candidateResidualStdMax: float = 1.5
     maxKsumSigma: float = 3.0
@@ -192,8 +194,8 @@ def select_kernel_sources(target, target_var, bad, psf_image, config: KernelFitC
     pos = np.column_stack([backend.to_host(xs), backend.to_host(ys)])
     others = np.column_stack([backend.to_host(all_x), backend.to_host(all_y)])
     s_others = backend.to_host(snr[all_y, all_x])
-    if len(pos):  # a clean stamp: no bad pixel in it
-        stamps = _gather(backend, bad, backend.to_device(pos.astype(np.int64)), config.stampSize)
+    if len(pos):  # a clean core (masked pixels elsewhere in the stamp just get no weight)
+        stamps = _gather(backend, bad, backend.to_device(pos.astype(np.int64)), config.cleanCore)
         clean = ~backend.to_host(xp.any(xp.reshape(stamps, (stamps.shape[0], -1)), axis=1))
         pos, s_cand = pos[clean], s_cand[clean]
     keep = s_cand <= config.maxSnr
@@ -327,6 +329,20 @@ def _residual_stats(backend, stamps: _Stamps, coeffs):
     return backend.to_host(mean), backend.to_host(std)
 
 
+def _residual_ok(mean, std, among, config: KernelFitConfig):
+    """Residual clipping: ip_diffim's absolute limits (mean 0.25, std 1.5 sigma), widened to
+    the typical stamp's values when every bright star leaves more than the noise (a model
+    limit, not a bad stamp): then only stamps far worse than their peers are dropped."""
+    if among.sum() >= 3:
+        med_s = float(np.median(std[among]))
+        med_m = float(np.median(np.abs(mean[among])))
+    else:
+        med_s = med_m = 0.0
+    std_max = max(config.candidateResidualStdMax, 1.5 * med_s)
+    mean_max = max(config.candidateResidualMeanMax, 3.0 * med_m)
+    return (np.abs(mean) <= mean_max) & (std <= std_max)
+
+
 def _ksum_error(backend, normal):
     """Standard error of each stamp's kernel sum (the first basis coefficient)."""
     xp = backend.xp
@@ -455,7 +471,7 @@ def fit_kernel(source, target, source_var, target_var, bad, basis: KernelBasis,
     single = backend.solve(stamps.normal, stamps.rhs)
     mean, std = _residual_stats(backend, stamps, single)
     ksum = backend.to_host(single[:, 0])
-    ok = (np.abs(mean) <= config.candidateResidualMeanMax) & (std <= config.candidateResidualStdMax)
+    ok = _residual_ok(mean, std, np.isfinite(std), config)
     ok &= np.isfinite(ksum)
     if kernel_sum is None:
             ok &= _ksum_inliers(ksum, backend.to_host(_ksum_error(backend, stamps.normal)), ok,
@@ -470,13 +486,11 @@ def fit_kernel(source, target, source_var, target_var, bad, basis: KernelBasis,
         if n_ok < config.minKernelSources:
             raise KernelFitError(f"only {n_ok} kernel sources survived rejection; at least "
                                  f"{config.minKernelSources} are needed")
-        orders = _term_layout(nb, config, kernel_order)
-        n_kterms = len(polynomial_terms(kernel_order))
-        if kernel_order > 0 and n_ok < 2 * n_kterms:
+        if kernel_order > 0 and n_ok < 2 * len(polynomial_terms(kernel_order)):
             log.info("%d kernel sources: too few for spatial order %d, fitting a constant kernel",
                      n_ok, kernel_order)
             kernel_order = 0
-            continue
+        orders = _term_layout(nb, config, kernel_order)
         phi = backend.to_device(_spatial_design(positions, bbox, orders))
         okd = backend.to_device(ok.astype(np.float64))
         m_phi = xp.matmul(stamps.normal, phi)
@@ -486,8 +500,7 @@ def fit_kernel(source, target, source_var, target_var, bad, basis: KernelBasis,
         theta = backend.solve(gram, rhs)
         per_stamp = xp.matmul(phi, theta[:, None])[..., 0]
         mean, std = _residual_stats(backend, stamps, per_stamp)
-        bad_fit = ok & ((np.abs(mean) > config.candidateResidualMeanMax)
-                        | (std > config.candidateResidualStdMax))
+        bad_fit = ok & ~_residual_ok(mean, std, ok, config)
         if not bad_fit.any() or iteration == config.maxIter:
             break
         # drop the worst offenders only, so a globally poor model does not empty the set

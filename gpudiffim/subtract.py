@@ -199,14 +199,17 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
     basis = alard_lupton_basis(fwhm_src, fwhm_tgt, config.basis)
     bad = _bad_for_fit(sci, tmpl, config.kernel.badMaskPlanes)
     # kernel sources are chosen on the science image, as in ip_diffim (its own S/N)
-    select_cfg = config.kernel
-    if flavor == "convolveScience":
-        lo, hi = config.kernel.convolvedScienceSnr
-        select_cfg = replace(config.kernel, detectionThreshold=lo, maxSnr=hi)
     sel_image, sel_var, sel_psf = ((source, source_var, source_psf) if flavor == "convolveScience"
                                    else (target, target_var, target_psf))
-    positions = select_kernel_sources(sel_image, sel_var, bad, sel_psf, select_cfg,
+    positions = select_kernel_sources(sel_image, sel_var, bad, sel_psf, config.kernel,
                                       basis.size, backend)
+    if flavor == "convolveScience":  # bright ones only, while enough of them remain
+        lo, hi = config.kernel.convolvedScienceSnr
+        bright = select_kernel_sources(sel_image, sel_var, bad, sel_psf,
+                                       replace(config.kernel, detectionThreshold=lo, maxSnr=hi),
+                                       basis.size, backend)
+        if len(bright) >= config.kernel.minConvolvedScienceSources:
+            positions = bright
     # convolving the noisier image: its noise would bias a fitted kernel sum low (regression
     # dilution), so the photometric scale comes from PSF fluxes and is imposed
     ksum = (psf_flux_ratio(source, target, source_psf, target_psf, positions, backend)

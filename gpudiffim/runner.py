@@ -1,0 +1,306 @@
+"""The batch runner: every (visit, detector) of a repository through the engine.
+
+``run(repo, outdir, ...)`` reads a manifest (``manifest.ecsv``: visit, detector, band,
+science, template; optional science_psf, template_psf; paths relative to the repo),
+and for each exposure: reads it (a reader thread pool works ahead of the device, at most
+``prefetch`` exposures in flight, so memory stays flat), resamples the template onto
+the science grid when their WCSs differ (refusing pairs with < 10% coverage), subtracts,
+detects and measures, and hands the outputs to a writer pool. Outputs land atomically
+in ``outdir/<band>/<visit>/<detector>/`` (difference.fits, diaSources.parquet and a
+``status.json`` row); the run table ``outdir/run.ecsv`` is rebuilt from those rows, so a
+rerun skips finished exposures (``force`` redoes them), an interrupted run leaves only
+complete outputs, and runs on Dask (``dask="local:N"`` or a scheduler address) share
+the same files and semantics. A failing exposure (bad file, failed kernel fit, device
+out of memory — retried once on the CPU) is recorded with its reason and the run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from astropy.table import Table
+
+from .backend import get_backend
+from .errors import GpuDiffimError, InputError
+from .io import atomic_path, read_exposure, read_psf, write_exposure
+from .measure import dia_sources, write_dia_sources
+from .subtract import SubtractConfig, subtract
+from .warp import same_grid, warp_exposure
+
+log = logging.getLogger(__name__)
+
+REQUIRED_TEMPLATE_FRACTION = 0.1  # ip_diffim's requiredTemplateFraction
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    flavor: str = "convolveTemplate"
+    backend: str | None = None
+    prefetch: int = 2  # exposures read ahead of the device
+    readers: int = 2
+    writers: int = 2
+    force: bool = False
+    subtract: SubtractConfig = field(default_factory=SubtractConfig)
+
+
+def read_manifest(repo) -> Table:
+    """The repository's manifest, with the columns the runner needs checked."""
+    repo = Path(repo)
+    path = repo / "manifest.ecsv"
+    if not path.is_file():
+        raise InputError(path, "no manifest.ecsv in the repository")
+    manifest = Table.read(path)
+    missing = {"visit", "detector", "band", "science", "template"} - set(manifest.colnames)
+    if missing:
+        raise InputError(path, f"manifest lacks columns {sorted(missing)}")
+    return manifest
+
+
+def exposure_dir(outdir, row) -> Path:
+    return Path(outdir) / str(row["band"]) / str(row["visit"]) / f"{int(row['detector']):03d}"
+
+
+def _status(outdir, row) -> dict | None:
+    path = exposure_dir(outdir, row) / "status.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _read_pair(repo, row):
+    repo = Path(repo)
+    t0 = time.perf_counter()
+    science = read_exposure(repo / row["science"])
+    template = read_exposure(repo / row["template"])
+    for key, target in (("science_psf", "science"), ("template_psf", "template")):
+        if key in row.colnames and row[key]:
+            psf = read_psf(repo / row[key])
+            if target == "science":
+                science = science.replace(psf=psf)
+            else:
+                template = template.replace(psf=psf)
+    return science, template, time.perf_counter() - t0
+
+
+def _process(science, template, row, config: RunConfig, backend):
+    """Warp, subtract, detect and measure one exposure; returns outputs and timings."""
+    timings = {}
+    t = time.perf_counter()
+    fraction = 1.0
+    if not same_grid(science.wcs, template.wcs, science.shape) or template.shape != science.shape:
+        if science.wcs is None or template.wcs is None:
+            raise GpuDiffimError("template and science grids differ and a WCS is missing")
+        template, fraction = warp_exposure(template, science.wcs, science.shape, backend)
+    timings["warp"] = time.perf_counter() - t
+    if fraction < REQUIRED_TEMPLATE_FRACTION:
+        raise GpuDiffimError(f"template covers {100 * fraction:.1f}% of the science image "
+                             f"(< {100 * REQUIRED_TEMPLATE_FRACTION:.0f}% required)")
+    t = time.perf_counter()
+    cfg = SubtractConfig(mode=config.flavor, doDecorrelation=config.subtract.doDecorrelation,
+                         doSubtractBackground=config.subtract.doSubtractBackground,
+                         basis=config.subtract.basis, kernel=config.subtract.kernel)
+    result = subtract(science, template, cfg, backend)
+    backend.synchronize()
+    timings["subtract"] = time.perf_counter() - t
+    t = time.perf_counter()
+    sources = dia_sources(result, science.to_backend(backend), backend=backend)
+    backend.synchronize()
+    timings["detect_measure"] = time.perf_counter() - t
+    return result, sources, timings, fraction
+
+
+def _is_oom(exc) -> bool:
+    return isinstance(exc, MemoryError) or "OutOfMemory" in type(exc).__name__
+
+
+def process_exposure(repo, outdir, row, config: RunConfig, pair=None) -> dict:
+    """Everything for one manifest row, outputs written atomically; returns its status row.
+
+    Never raises for a bad exposure: the reason goes into the status row.
+    """
+    here = exposure_dir(outdir, row)
+    status = {"visit": int(row["visit"]), "detector": int(row["detector"]),
+              "band": str(row["band"]), "status": "failed", "flavor": "", "error": "",
+              "n_dia_sources": 0, "template_fraction": 0.0}
+    start = time.perf_counter()
+    try:
+        science, template, t_read = pair if pair is not None else _read_pair(repo, row)
+        status["t_read"] = t_read
+        backend = get_backend(config.backend)
+        try:
+            result, sources, timings, fraction = _process(science, template, row, config, backend)
+        except Exception as exc:
+            if not _is_oom(exc) or backend.name == "cpu":
+                raise
+            log.warning("%s: out of device memory, retrying on the CPU", here)
+            backend = get_backend("cpu")
+            result, sources, timings, fraction = _process(science, template, row, config, backend)
+            status["retried_on_cpu"] = True
+        t = time.perf_counter()
+        write_exposure(result.difference.to_host(backend), here / "difference.fits")
+        write_dia_sources(sources, here / "diaSources.parquet")
+        timings["write"] = time.perf_counter() - t
+        q = result.quality
+        status.update({f"t_{k}": v for k, v in timings.items()})
+        status.update({"status": "done", "flavor": result.flavor, "backend": backend.name,
+                       "template_fraction": fraction,
+                       "n_dia_sources": int((~sources["sky_source"]).sum()),
+                       "kernel_sum": q["kernel_sum_centre"], "n_kernel_sources": q["n_kernel_sources"],
+                       "kernel_residual_std": q["kernel_residual_std"],
+                       "difference_pull_sigma": q["difference_pull_sigma"]})
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # recorded, not raised: the run goes on
+        status["error"] = f"{type(exc).__name__}: {exc}"
+        log.error("%s/%s/%s failed: %s", row["band"], row["visit"], row["detector"], status["error"])
+    status["t_total"] = time.perf_counter() - start
+    with atomic_path(here / "status.json") as tmp:
+        tmp.write_text(json.dumps(status, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+    return status
+
+
+class _Progress:
+    """A progress line with exposures/s and ETA on a terminal; log lines otherwise."""
+
+    def __init__(self, total: int, stream=None):
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def update(self, status: dict):
+        self.done += 1
+        elapsed = time.perf_counter() - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        text = (f"{self.done}/{self.total} exposures, {rate:.2f}/s, ETA {eta:.0f} s "
+                f"(last: {status['band']} {status['visit']} {status['detector']} {status['status']})")
+        if self.tty:
+            self.stream.write("\r" + text.ljust(100))
+            self.stream.flush()
+            if self.done == self.total:
+                self.stream.write("\n")
+        else:
+            log.info(text)
+
+
+def run_table(outdir, manifest) -> Table:
+    """The run table from the status rows on disk (one row per manifest row)."""
+    rows = []
+    for row in manifest:
+        st = _status(outdir, row) or {"visit": int(row["visit"]), "detector": int(row["detector"]),
+                                      "band": str(row["band"]), "status": "pending"}
+        rows.append(st)
+    keys = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    table = Table()
+    for k in keys:
+        values = [r.get(k) for r in rows]
+        if all(isinstance(v, (int, float, bool, np.number)) or v is None for v in values) and \
+                any(v is not None for v in values):
+            table[k] = [np.nan if v is None else v for v in values]
+        else:
+            table[k] = ["" if v is None else str(v) for v in values]
+    return table
+
+
+def run(repo, outdir, flavor: str = "convolveTemplate", backend: str | None = None,
+        workers: int = 2, dask: str | None = None, force: bool = False,
+        config: RunConfig | None = None, progress: bool = True) -> Table:
+    """Process every exposure of ``repo`` into ``outdir``; returns the run table."""
+    config = config or RunConfig(flavor=flavor, backend=backend, readers=workers, force=force)
+    repo, outdir = Path(repo), Path(outdir)
+    manifest = read_manifest(repo)
+    todo = [r for r in manifest if config.force or (_status(outdir, r) or {}).get("status") != "done"]
+    log.info("%d of %d exposures to process (%d already done)", len(todo), len(manifest),
+             len(manifest) - len(todo))
+    bar = _Progress(len(todo)) if progress else None
+    try:
+        if dask:
+            _run_dask(repo, outdir, todo, config, dask, bar)
+        else:
+            _run_local(repo, outdir, todo, config, bar)
+    finally:
+        table = run_table(outdir, manifest)
+        with atomic_path(outdir / "run.ecsv") as tmp:
+            table.write(tmp, format="ascii.ecsv", overwrite=True)
+    return table
+
+
+def _run_local(repo, outdir, todo, config: RunConfig, bar):
+    """Readers decode ahead (bounded), the device works in order, writers drain outputs."""
+    with ThreadPoolExecutor(config.readers, thread_name_prefix="read") as readers:
+        pending = deque()
+        rows = iter(todo)
+
+        def refill():
+            while len(pending) < max(1, config.prefetch):
+                row = next(rows, None)
+                if row is None:
+                    return
+                pending.append((row, readers.submit(_read_or_error, repo, row)))
+
+        refill()
+        while pending:
+            row, fut = pending.popleft()
+            refill()
+            pair = fut.result()
+            if isinstance(pair, Exception):
+                status = _record_failure(outdir, row, pair)
+            else:
+                status = process_exposure(repo, outdir, row, config, pair=pair)
+            if bar:
+                bar.update(status)
+
+
+def _read_or_error(repo, row):
+    try:
+        return _read_pair(repo, row)
+    except Exception as exc:  # handed to the main loop, recorded there
+        return exc
+
+
+def _record_failure(outdir, row, exc) -> dict:
+    status = {"visit": int(row["visit"]), "detector": int(row["detector"]), "band": str(row["band"]),
+              "status": "failed", "error": f"{type(exc).__name__}: {exc}", "n_dia_sources": 0}
+    log.error("%s/%s/%s failed: %s", row["band"], row["visit"], row["detector"], status["error"])
+    with atomic_path(exposure_dir(outdir, row) / "status.json") as tmp:
+        tmp.write_text(json.dumps(status))
+    return status
+
+
+def _run_dask(repo, outdir, todo, config: RunConfig, address: str, bar):
+    """Each exposure is a task on a Dask cluster; workers write their own outputs."""
+    try:
+        from dask.distributed import Client, LocalCluster, as_completed
+    except ImportError as exc:
+        raise GpuDiffimError("--dask needs dask.distributed (pip install 'gpudiffim[dist]')") from exc
+    cluster = None
+    if address.startswith("local:"):
+        cluster = LocalCluster(n_workers=int(address.split(":", 1)[1]), threads_per_worker=1,
+                               processes=True, dashboard_address=None)
+        client = Client(cluster)
+    else:
+        client = Client(address)
+    try:
+        rows = [dict(zip(r.colnames, r.as_void().tolist())) for r in todo]
+        futures = [client.submit(_dask_task, str(repo), str(outdir), r, config, pure=False)
+                   for r in rows]
+        for fut in as_completed(futures):
+            status = fut.result()
+            if bar:
+                bar.update(status)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _dask_task(repo, outdir, row: dict, config: RunConfig) -> dict:
+    return process_exposure(repo, outdir, Table(rows=[row])[0], config)
