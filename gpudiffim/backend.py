@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import OrderedDict
 from functools import lru_cache
 
 import numpy as np
@@ -208,6 +209,7 @@ class CpuBackend(Backend):
     """NumPy arrays, pyFFTW (all cores) with cached plans, SciPy ndimage and LAPACK."""
 
     name = "cpu"
+    max_plans = 12
 
     def __init__(self, threads: int | None = None):
         super().__init__(np, device="cpu")
@@ -215,7 +217,7 @@ class CpuBackend(Backend):
             threads = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                        else os.cpu_count() or 1)
         self.threads = threads
-        self._plans: dict = {}
+        self._plans: OrderedDict = OrderedDict()  # LRU: plans own their buffers
         self._lock = threading.Lock()
         try:
             import pyfftw  # noqa: F401
@@ -235,13 +237,17 @@ class CpuBackend(Backend):
     def _plan(self, kind, shape, dtype, s):
         key = (kind, shape, np.dtype(dtype).str, s)
         plan = self._plans.get(key)
-        if plan is None:
+        if plan is not None:
+            self._plans.move_to_end(key)
+        else:
             b = self._pyfftw.builders
             proto = self._pyfftw.empty_aligned(shape, dtype=dtype)
             build = b.rfftn if kind == "r2c" else b.irfftn
             plan = build(proto, s=s, axes=(-2, -1), threads=self.threads,
                          planner_effort="FFTW_ESTIMATE", auto_align_input=True)
             self._plans[key] = plan
+            while len(self._plans) > self.max_plans:
+                self._plans.popitem(last=False)
         return plan
 
     def _run(self, kind, a, s):
