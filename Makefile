@@ -19,7 +19,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/gpudiffim info
 	$(VENV)/bin/gpudiffim simulate $(DEMO)/repo --preset demo --seed 0
-	$(VENV)/bin/gpudiffim run $(DEMO)/repo -o $(DEMO)/run --flavor convolveTemplate
+	$(VENV)/bin/gpudiffim run $(DEMO)/repo -o $(DEMO)/run --flavor auto
 
 bench: $(STAMP)
 	$(PY) -m pytest bench -q -o python_files='bench_*.py' --benchmark-only \

@@ -63,7 +63,7 @@ class KernelFitConfig:
     candidateResidualStdMax: float = 1.5
     maxKsumSigma: float = 3.0
     maxIter: int = 3
-    badMaskPlanes: tuple = ("NO_DATA", "BAD", "SAT", "EDGE", "INJECTED", "SAT_TEMPLATE")
+    badMaskPlanes: tuple = ("NO_DATA", "BAD", "SAT", "EDGE", "INJECTED", "SAT_TEMPLATE", "CR")
     chunk: int = 128  # stamps per batched FFT block (bounds device memory)
     # gpudiffim's own: Tikhonov penalty on the kernel's Laplacian, relative to each stamp's
     # information. The matched image barely constrains kernel structure finer than the
@@ -401,8 +401,7 @@ def _unpack(theta, orders, nb):
     return kc, theta[col:]
 
 
-def psf_flux_ratio(source, target, source_psf, target_psf, positions, backend=None,
-                   size: int = 41) -> float:
+def psf_flux_ratio(source, target, source_psf, target_psf, positions, backend=None) -> float:
     """Photometric scale target/source from aperture-corrected fluxes of the kernel sources.
 
     Each image gets a wide circular aperture (2.5 x the larger FWHM) around each source,
@@ -415,16 +414,24 @@ def psf_flux_ratio(source, target, source_psf, target_psf, positions, backend=No
 
     backend = get_backend(backend)
     xp = backend.xp
-    pos = backend.to_device(np.asarray(positions, np.int64))
+    positions = np.asarray(positions)
     fwhm = max(np.mean(ImagePsf(source_psf).fwhm()), np.mean(ImagePsf(target_psf).fwhm()))
-    c = size // 2
+    r_ap = 2.5 * fwhm
+    c = int(np.ceil(r_ap + 12))
+    size = 2 * c + 1
     yy, xx = np.mgrid[-c:c + 1, -c:c + 1]
-    aperture = (xx * xx + yy * yy) <= (2.5 * fwhm) ** 2
+    r2 = xx * xx + yy * yy
+    aperture = r2 <= r_ap**2
+    annulus = backend.to_device(((r2 > (r_ap + 4) ** 2) & (r2 <= c * c)).reshape(-1))
+    ny, nx = target.shape
+    inside = ((positions[:, 0] >= c) & (positions[:, 0] < nx - c)
+              & (positions[:, 1] >= c) & (positions[:, 1] < ny - c))
+    pos = backend.to_device(np.asarray(positions, np.int64)[inside])
 
     def fluxes(image, psf):
         st = xp.astype(_gather(backend, image, pos, size), xp.float64)
-        edge = xp.concat([st[:, 0, :], st[:, -1, :], st[:, :, 0], st[:, :, -1]], axis=1)
-        sky = xp.sort(edge, axis=1)[:, edge.shape[1] // 2]
+        ring = xp.reshape(st, (st.shape[0], -1))[:, annulus]  # sky beyond the wings
+        sky = xp.sort(ring, axis=1)[:, ring.shape[1] // 2]
         p = np.zeros((size, size))
         h = psf.shape[0] // 2
         m = min(h, c)
