@@ -209,7 +209,7 @@ class CpuBackend(Backend):
     """NumPy arrays, pyFFTW (all cores) with cached plans, SciPy ndimage and LAPACK."""
 
     name = "cpu"
-    max_plans = 12
+    max_plans = 40
 
     def __init__(self, threads: int | None = None):
         super().__init__(np, device="cpu")

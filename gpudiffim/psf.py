@@ -152,3 +152,75 @@ def gaussian_psf(sigma: float, size: int | None = None, e1: float = 0.0) -> Imag
     y, x = np.mgrid[-half:half + 1, -half:half + 1].astype(float)
     sx, sy = sigma * np.sqrt(1 + e1), sigma * np.sqrt(1 - e1)
     return ImagePsf(np.exp(-0.5 * ((x / sx) ** 2 + (y / sy) ** 2)))
+
+
+def measure_psf(exposure, order: int = 2, size: int | None = None, snr_range=(50.0, 2000.0),
+                max_stars: int = 200, backend=None) -> PolynomialPsf:
+    """Measure a spatially varying PSF from the exposure's stars (PSFEx-like).
+
+    Bright (S/N in ``snr_range``), isolated, unmasked peaks are found with a Gaussian matched
+    filter on the backend; the compact ones (the stellar locus of adaptive-moment sizes)
+    are cut out, their local sky removed, recentred by Fourier shifts and normalised; each
+    pixel of the PSF is then fitted as a polynomial of ``order`` in detector position.
+    """
+    from .backend import get_backend
+    from .inject import shift_image
+    from .kernel_fit import KernelFitConfig, _gather, select_kernel_sources
+
+    backend = get_backend(backend)
+    ny, nx = exposure.shape
+    bad = (backend.asarray(exposure.mask)
+           & exposure.bit(*[p for p in ("BAD", "SAT", "NO_DATA", "EDGE", "CR", "INJECTED")
+                            if p in exposure.mask_planes])) != 0
+    guess = gaussian_psf(2.0, size=15).image
+    cfg = KernelFitConfig(detectionThreshold=snr_range[0], maxSnr=snr_range[1], stampSize=25,
+                          nStarPerCell=3, maxKernelSources=4 * max_stars, isolation=0.05,
+                          cleanCore=15)
+    image = backend.asarray(exposure.image)
+    pos = select_kernel_sources(image, backend.asarray(exposure.variance), bad, guess, cfg, 1,
+                                backend)
+    if len(pos) < 5:
+        raise ValueError(f"only {len(pos)} usable stars to measure a PSF from")
+    big = 2 * ((size or 41) // 2) + 1 + 8
+    stamps = backend.to_host(_gather(backend, image, backend.to_device(pos.astype(np.int64)), big))
+    stamps = stamps.astype(np.float64)
+    border = np.concatenate([stamps[:, :3].reshape(len(pos), -1), stamps[:, -3:].reshape(len(pos), -1)], 1)
+    stamps -= np.median(border, axis=1)[:, None, None]
+    sizes, shifts = [], []
+    for st in stamps:
+        sx, sy, _ = adaptive_moments(np.clip(st, 0, None) + 1e-12)
+        sizes.append(np.sqrt(sx * sy))
+        y, x = np.mgrid[:big, :big] - big // 2
+        w = np.exp(-0.5 * (x * x + y * y) / (sx * sy)) * st
+        shifts.append((np.sum(w * x) / np.sum(w), np.sum(w * y) / np.sum(w)))
+    sizes = np.array(sizes)
+    locus = np.median(np.sort(sizes)[:max(5, len(sizes) // 2)])  # stars: the compact end
+    keep = np.abs(sizes / locus - 1) < 0.12
+    final = 2 * ((size or int(np.clip(8 * locus * FWHM_PER_SIGMA / 2.0, 15, 41))) // 2) + 1
+    cut = (big - final) // 2
+    images, xy, fluxes = [], [], []
+    for st, (dx, dy), ok, p in zip(stamps, shifts, keep, pos):
+        if not ok:
+            continue
+        centred = shift_image(st, -dx, -dy)[cut:cut + final, cut:cut + final]
+        total = centred.sum()
+        if total > 0:
+            images.append(centred / total)
+            xy.append(p[:2] + np.array([dx, dy]))
+            fluxes.append(total)
+    images, xy = np.array(images), np.array(xy)
+    weight = np.sqrt(np.array(fluxes))[:, None]  # sky-limited: S/N per pixel grows with flux
+    while order > 0 and len(images) < 3 * len(polynomial_terms(order)):
+        order -= 1
+    u = 2.0 * xy[:, 0] / max(nx - 1, 1) - 1.0
+    v = 2.0 * xy[:, 1] / max(ny - 1, 1) - 1.0
+    design = np.array([[uu**i * vv**j for i, j in polynomial_terms(order)] for uu, vv in zip(u, v)])
+    flat = images.reshape(len(images), -1)
+    weight = weight / weight.max()
+    coeffs = np.linalg.lstsq(design * weight, flat * weight, rcond=None)[0]
+    for _ in range(2):  # drop stars far from the model (neighbours, cosmic rays), refit
+        resid = np.sqrt(np.mean((design @ coeffs - flat) ** 2, axis=1)) * weight[:, 0]
+        good = resid <= 3 * np.median(resid)
+        coeffs = np.linalg.lstsq(design[good] * weight[good], flat[good] * weight[good],
+                                 rcond=None)[0]
+    return PolynomialPsf(coeffs.reshape(-1, final, final), order=order, bbox=(nx, ny))

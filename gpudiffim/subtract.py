@@ -266,6 +266,11 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
         phi = decorrelation_kernel(k_centre, s_var, t_var, mode,
                                    psf=psf_s if flavor == "preconvolve" else None)
         diff = fft_convolve(diff, backend.to_device(phi.astype(np.float32)), backend)
+        # the decorrelation kernel carries edge effects inward: widen EDGE by its reach
+        reach = _reach(phi)
+        if reach > 0:
+            edge = mask & mask_bits("EDGE")
+            mask = mask | window_or(backend, edge, (2 * reach + 1, 2 * reach + 1), (-reach, -reach))
         if flavor == "preconvolve":
             white = white_variance(sci.variance, tmpl.variance, ksum, flavor)
             var = fft_convolve(xp.where(nodata_out, 0.0, white),
@@ -298,6 +303,17 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
     }
     difference = sci.replace(image=diff, mask=mask, variance=var, psf=ImagePsf(out_psf))
     return SubtractionResult(difference, solution, flavor, flavor == "preconvolve", quality)
+
+
+def _reach(kernel: np.ndarray, fraction: float = 0.999) -> int:
+    """Radius (pixels) holding ``fraction`` of a centred kernel's absolute weight."""
+    h = kernel.shape[0] // 2
+    y, x = np.mgrid[-h:h + 1, -h:h + 1]
+    r = np.maximum(np.abs(x), np.abs(y)).ravel()
+    w = np.abs(kernel).ravel()
+    order = np.argsort(r)
+    cum = np.cumsum(w[order]) / w.sum()
+    return int(r[order][np.searchsorted(cum, fraction)])
 
 
 def _corner_range(solution, nx, ny):
