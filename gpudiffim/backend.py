@@ -37,8 +37,12 @@ BACKEND_NAMES = ("cpu", "gpu", "strict", "auto")
 
 
 def next_fast_len(n: int) -> int:
-    """Smallest length >= n that factors into 2, 3, 5 (fast for FFTW and cuFFT)."""
-    return _scipy_fft.next_fast_len(int(n), real=True)
+    """Smallest even length >= n that factors into 2, 3, 5 (fast for FFTW and cuFFT; FFTW's
+    estimated plans for odd-length complex-to-real transforms are up to 10x slower)."""
+    m = _scipy_fft.next_fast_len(int(n), real=True)
+    while m % 2:
+        m = _scipy_fft.next_fast_len(m + 1, real=True)
+    return m
 
 
 class Backend:
