@@ -124,11 +124,18 @@ def process_exposure(repo, outdir, row, config: RunConfig, pair=None) -> dict:
 
     Never raises for a bad exposure: the reason goes into the status row.
     """
-    here = exposure_dir(outdir, row)
+    status, outputs = compute_exposure(repo, row, config, pair)
+    return write_outputs(outdir, row, status, outputs)
+
+
+def compute_exposure(repo, row, config: RunConfig, pair=None):
+    """Read (unless ``pair`` is given), warp, subtract, detect, measure: ``(status, outputs)``
+    with host outputs ``(difference, diaSources)``, or ``None`` when the exposure failed."""
     status = {"visit": int(row["visit"]), "detector": int(row["detector"]),
               "band": str(row["band"]), "status": "failed", "flavor": "", "error": "",
               "n_dia_sources": 0, "template_fraction": 0.0}
     start = time.perf_counter()
+    outputs = None
     try:
         science, template, t_read = pair if pair is not None else _read_pair(repo, row)
         status["t_read"] = t_read
@@ -138,14 +145,12 @@ def process_exposure(repo, outdir, row, config: RunConfig, pair=None) -> dict:
         except Exception as exc:
             if not _is_oom(exc) or backend.name == "cpu":
                 raise
-            log.warning("%s: out of device memory, retrying on the CPU", here)
+            log.warning("%s/%s/%s: out of device memory, retrying on the CPU",
+                        row["band"], row["visit"], row["detector"])
             backend = get_backend("cpu")
             result, sources, timings, fraction = _process(science, template, row, config, backend)
             status["retried_on_cpu"] = True
-        t = time.perf_counter()
-        write_exposure(result.difference.to_host(backend), here / "difference.fits")
-        write_dia_sources(sources, here / "diaSources.parquet")
-        timings["write"] = time.perf_counter() - t
+        outputs = (result.difference.to_host(backend), sources)
         q = result.quality
         status.update({f"t_{k}": v for k, v in timings.items()})
         status.update({"status": "done", "flavor": result.flavor, "backend": backend.name,
@@ -159,7 +164,21 @@ def process_exposure(repo, outdir, row, config: RunConfig, pair=None) -> dict:
     except Exception as exc:  # recorded, not raised: the run goes on
         status["error"] = f"{type(exc).__name__}: {exc}"
         log.error("%s/%s/%s failed: %s", row["band"], row["visit"], row["detector"], status["error"])
-    status["t_total"] = time.perf_counter() - start
+    status["t_compute"] = time.perf_counter() - start
+    return status, outputs
+
+
+def write_outputs(outdir, row, status: dict, outputs) -> dict:
+    """Write an exposure's outputs atomically, then its status row (the resume marker)."""
+    here = exposure_dir(outdir, row)
+    if outputs is not None:
+        t = time.perf_counter()
+        try:
+            write_exposure(outputs[0], here / "difference.fits")
+            write_dia_sources(outputs[1], here / "diaSources.parquet")
+        except Exception as exc:
+            status.update({"status": "failed", "error": f"writing: {type(exc).__name__}: {exc}"})
+        status["t_write"] = time.perf_counter() - t
     with atomic_path(here / "status.json") as tmp:
         tmp.write_text(json.dumps(status, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
     return status
@@ -235,8 +254,9 @@ def run(repo, outdir, flavor: str = "convolveTemplate", backend: str | None = No
 
 def _run_local(repo, outdir, todo, config: RunConfig, bar):
     """Readers decode ahead (bounded), the device works in order, writers drain outputs."""
-    with ThreadPoolExecutor(config.readers, thread_name_prefix="read") as readers:
-        pending = deque()
+    with ThreadPoolExecutor(config.readers, thread_name_prefix="read") as readers, \
+            ThreadPoolExecutor(config.writers, thread_name_prefix="write") as writers:
+        pending, writing = deque(), deque()
         rows = iter(todo)
 
         def refill():
@@ -246,17 +266,26 @@ def _run_local(repo, outdir, todo, config: RunConfig, bar):
                     return
                 pending.append((row, readers.submit(_read_or_error, repo, row)))
 
+        def drain(limit):
+            while len(writing) > limit:
+                status = writing.popleft().result()
+                if bar:
+                    bar.update(status)
+
         refill()
-        while pending:
-            row, fut = pending.popleft()
-            refill()
-            pair = fut.result()
-            if isinstance(pair, Exception):
-                status = _record_failure(outdir, row, pair)
-            else:
-                status = process_exposure(repo, outdir, row, config, pair=pair)
-            if bar:
-                bar.update(status)
+        try:
+            while pending:
+                row, fut = pending.popleft()
+                refill()
+                pair = fut.result()
+                if isinstance(pair, Exception):
+                    status, outputs = _failure(row, pair), None
+                else:
+                    status, outputs = compute_exposure(repo, row, config, pair=pair)
+                writing.append(writers.submit(write_outputs, outdir, row, status, outputs))
+                drain(config.writers)  # bounded: memory stays flat
+        finally:
+            drain(0)  # on Ctrl-C too: what was computed is written completely
 
 
 def _read_or_error(repo, row):
@@ -266,12 +295,10 @@ def _read_or_error(repo, row):
         return exc
 
 
-def _record_failure(outdir, row, exc) -> dict:
+def _failure(row, exc) -> dict:
     status = {"visit": int(row["visit"]), "detector": int(row["detector"]), "band": str(row["band"]),
               "status": "failed", "error": f"{type(exc).__name__}: {exc}", "n_dia_sources": 0}
     log.error("%s/%s/%s failed: %s", row["band"], row["visit"], row["detector"], status["error"])
-    with atomic_path(exposure_dir(outdir, row) / "status.json") as tmp:
-        tmp.write_text(json.dumps(status))
     return status
 
 
