@@ -296,7 +296,11 @@ class GpuBackend(Backend):
         import cupy
         import cupyx.scipy.ndimage as cndi
 
-        super().__init__(cupy, device=cupy.cuda.Device())
+        try:  # the array-API names the stages use (concat, astype, isdtype, ...) on CuPy arrays
+            import array_api_compat.cupy as xp
+        except ImportError:  # pragma: no cover - array-api-compat comes with the gpu extra
+            xp = cupy
+        super().__init__(xp, device=cupy.cuda.Device())
         self._cp, self._cndi = cupy, cndi
         props = cupy.cuda.runtime.getDeviceProperties(self.device.id)
         name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
