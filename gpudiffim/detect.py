@@ -21,7 +21,7 @@ import numpy as np
 
 from .backend import get_backend
 from .convolve import fft_convolve
-from .exposure import Exposure, mask_bits
+from .exposure import UNUSABLE_PLANES, Exposure, mask_bits
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def significance_image(difference: Exposure, is_score: bool, backend=None):
     xp = backend.xp
     image, var = backend.asarray(difference.image), backend.asarray(difference.variance)
     unusable = (backend.asarray(difference.mask)
-                & difference.bit("NO_DATA", "BAD", "SAT", "SAT_TEMPLATE")) != 0
+                & difference.bit(*UNUSABLE_PLANES)) != 0
     image = xp.where(unusable, 0.0, image)  # masked values must not leak into the filter
     if not is_score:
         ny, nx = difference.shape

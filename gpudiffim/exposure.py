@@ -15,6 +15,10 @@ MASK_PLANES: Mapping[str, int] = MappingProxyType({
 })
 
 
+#: planes whose pixels hold no usable value (zeroed before any filter spreads them)
+UNUSABLE_PLANES = ("NO_DATA", "BAD", "SAT", "SAT_TEMPLATE")
+
+
 def mask_bits(*names: str, planes: Mapping[str, int] = MASK_PLANES) -> int:
     """Integer with the bits of the named planes set."""
     value = 0

@@ -38,7 +38,7 @@ def psf_stamp(psf, x: float, y: float) -> tuple[np.ndarray, int, int]:
     return stamp, iy - hy, ix - hx
 
 
-def _overlap(shape, y0, x0, h, w):
+def overlap_slices(shape, y0, x0, h, w):
     """Slices of the image and of a stamp at (y0, x0) where they overlap (None if none)."""
     ya, yb = max(y0, 0), min(y0 + h, shape[0])
     xa, xb = max(x0, 0), min(x0 + w, shape[1])
@@ -91,7 +91,7 @@ def inject(exposure: Exposure, catalog, *, rng: np.random.Generator | None = Non
     stamps = []
     for x, y, flux in zip(cat["x"], cat["y"], cat["flux"]):
         stamp, y0, x0 = psf_stamp(exposure.psf, float(x), float(y))
-        cut = _overlap(image.shape, y0, x0, *stamp.shape)
+        cut = overlap_slices(image.shape, y0, x0, *stamp.shape)
         stamps.append((stamp, cut))
         if cut is None:
             continue

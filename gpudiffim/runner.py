@@ -131,9 +131,7 @@ def process_exposure(repo, outdir, row, config: RunConfig, pair=None) -> dict:
 def compute_exposure(repo, row, config: RunConfig, pair=None):
     """Read (unless ``pair`` is given), warp, subtract, detect, measure: ``(status, outputs)``
     with host outputs ``(difference, diaSources)``, or ``None`` when the exposure failed."""
-    status = {"visit": int(row["visit"]), "detector": int(row["detector"]),
-              "band": str(row["band"]), "status": "failed", "flavor": "", "error": "",
-              "n_dia_sources": 0, "template_fraction": 0.0}
+    status = _status_row(row)
     start = time.perf_counter()
     outputs = None
     try:
@@ -295,9 +293,15 @@ def _read_or_error(repo, row):
         return exc
 
 
+def _status_row(row, error: str = "") -> dict:
+    """A manifest row's status, failed until proven done."""
+    return {"visit": int(row["visit"]), "detector": int(row["detector"]), "band": str(row["band"]),
+            "status": "failed", "flavor": "", "error": error, "n_dia_sources": 0,
+            "template_fraction": 0.0}
+
+
 def _failure(row, exc) -> dict:
-    status = {"visit": int(row["visit"]), "detector": int(row["detector"]), "band": str(row["band"]),
-              "status": "failed", "error": f"{type(exc).__name__}: {exc}", "n_dia_sources": 0}
+    status = _status_row(row, f"{type(exc).__name__}: {exc}")
     log.error("%s/%s/%s failed: %s", row["band"], row["visit"], row["detector"], status["error"])
     return status
 

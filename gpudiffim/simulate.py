@@ -25,7 +25,7 @@ from astropy.wcs import WCS
 from scipy.signal import fftconvolve
 
 from .exposure import Exposure, ExposureInfo, mask_bits
-from .inject import inject, optimal_snr, psf_stamp
+from .inject import inject, optimal_snr, overlap_slices, psf_stamp
 from .io import atomic_path, write_exposure
 from .profiles import ARCSEC_PER_PIXEL, PsfField, moffat_radius, sersic_stamp
 
@@ -180,10 +180,9 @@ def render(shape, psf: PsfField, points, galaxies, zp, offset, sky_sigma) -> np.
 
 
 def _add(image, stamp, y0, x0):
-    h, w = stamp.shape
-    ya, yb, xa, xb = max(y0, 0), min(y0 + h, image.shape[0]), max(x0, 0), min(x0 + w, image.shape[1])
-    if ya < yb and xa < xb:
-        image[ya:yb, xa:xb] += stamp[ya - y0:yb - y0, xa - x0:xb - x0]
+    cut = overlap_slices(image.shape, y0, x0, *stamp.shape)
+    if cut is not None:
+        image[cut[0]] += stamp[cut[1]]
 
 
 def add_cosmic_rays(image, mask, rng, density, expect=None, read_noise=0.0):
@@ -417,10 +416,8 @@ def _simulate_detector(cfg: SimConfig, band: str, detector: int, seed: int, outd
 def _stamp_var(psf, x, y, variance):
     """PSF stamp at (x, y) and the variance pixels under it (cropped at the edges)."""
     stamp, y0, x0 = psf_stamp(psf, x, y)
-    h, w = stamp.shape
-    ya, xa = max(y0, 0), max(x0, 0)
-    yb, xb = min(y0 + h, variance.shape[0]), min(x0 + w, variance.shape[1])
-    return stamp[ya - y0:yb - y0, xa - x0:xb - x0], np.asarray(variance[ya:yb, xa:xb], float)
+    img_sl, st_sl = overlap_slices(variance.shape, y0, x0, *stamp.shape)
+    return stamp[st_sl], np.asarray(variance[img_sl], float)
 
 
 def _run(args):

@@ -30,7 +30,7 @@ from .basis import BasisConfig, alard_lupton_basis
 from .convolve import convolve_exposure, fft_convolve, grow_mask
 from .decorrelate import decorrelation_kernel, white_variance
 from .errors import GpuDiffimError
-from .exposure import Exposure, mask_bits
+from .exposure import UNUSABLE_PLANES, Exposure, mask_bits
 from .kernel_fit import (KernelFitConfig, KernelSolution, fit_kernel, psf_flux_ratio,
                          select_kernel_sources, spatial_term_images)
 from .psf import ImagePsf
@@ -111,16 +111,14 @@ def convolve_spatial(image, solution: KernelSolution, backend, dtype=None):
     return xp.sum(conv * weights, axis=0)
 
 
-def kernel_fields(solution: KernelSolution, shape, backend):
-    """Kernel sum and sum of squares over the detector (images on the backend)."""
+def _convolved_variance(variance, k_centre, terms, weights, backend):
+    """Variance convolved with the squared centre kernel, scaled by the kernel's sum of squares
+    over the detector (from the term kernels' inner products and their polynomial weights)."""
     xp = backend.xp
-    terms = solution.term_kernels()
-    weights = spatial_term_images(shape, solution.bbox, solution.kernel_order, backend)
-    ksum = xp.tensordot(backend.to_device(terms.sum(axis=(1, 2)).astype(np.float32)), weights,
-                        axes=1)
     gram = np.tensordot(terms, terms, axes=([1, 2], [1, 2])).astype(np.float32)
     ssq = xp.sum(weights * xp.tensordot(backend.to_device(gram), weights, axes=1), axis=0)
-    return ksum, ssq
+    conv = fft_convolve(variance, backend.to_device((k_centre**2).astype(np.float32)), backend)
+    return conv * ssq / float(np.sum(k_centre**2))
 
 
 def _bad_for_fit(science: Exposure, template: Exposure, planes) -> object:
@@ -189,10 +187,9 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
     else:  # convolveScience
         source, source_var, target, target_var = sci.image, sci.variance, tmpl.image, tmpl.variance
         source_psf, target_psf = psf_s, psf_t
-    zero = 0.0
     nodata = nodata_s | nodata_t
-    source = xp.where(nodata, zero, source)
-    target = xp.where(nodata, zero, target)
+    source = xp.where(nodata, 0.0, source)
+    target = xp.where(nodata, 0.0, target)
 
     fwhm_src = float(np.mean(ImagePsf(source_psf).fwhm()))
     fwhm_tgt = float(np.mean(ImagePsf(target_psf).fwhm()))
@@ -212,35 +209,30 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
             positions = bright
     # convolving the noisier image: its noise would bias a fitted kernel sum low (regression
     # dilution), so the photometric scale comes from PSF fluxes and is imposed
-    ksum = (psf_flux_ratio(source, target, source_psf, target_psf, positions, backend)
-            if flavor == "convolveScience" else None)
+    pinned_sum = (psf_flux_ratio(source, target, source_psf, target_psf, positions, backend)
+                  if flavor == "convolveScience" else None)
     solution = fit_kernel(source, target, source_var, target_var, bad, basis, positions,
                           config.kernel, backend, bbox=(nx, ny), source_psf=source_psf,
-                          kernel_sum=ksum)
+                          kernel_sum=pinned_sum)
     log.info("kernel: %d of %d stamps, size %d, sum %.4f at centre", solution.stats["n_used"],
              solution.stats["n_candidates"], basis.size,
              float(solution.kernel_sum_at((nx - 1) / 2, (ny - 1) / 2)))
 
     matched = convolve_spatial(source, solution, backend)
-    ksum, ssq = kernel_fields(solution, sci.shape, backend)
+    weights = spatial_term_images(sci.shape, solution.bbox, solution.kernel_order, backend)
+    terms = solution.term_kernels()
+    ksum = xp.tensordot(backend.to_device(terms.sum(axis=(1, 2)).astype(np.float32)), weights,
+                        axes=1)  # kernel sum over the detector
     k_centre = solution.kernel_at((nx - 1) / 2, (ny - 1) / 2)
-    if config.doDecorrelation:  # the decorrelated variance is white: no convolution needed
-        conv_var = source_var * ssq
-    else:
-        conv_var = fft_convolve(xp.where(nodata, zero, source_var),
-                                backend.to_device((k_centre**2).astype(np.float32)), backend)
-        conv_var = conv_var * ssq / float(np.sum(k_centre**2))
     background = solution.background_image(sci.shape, backend) if config.doSubtractBackground else 0.0
 
     if flavor == "convolveScience":
         diff = (matched + background - target) / ksum  # model: target = k*source + b
-        var = (conv_var + target_var) / (ksum * ksum)
         grown = grow_mask(sci.mask, k_centre.shape, backend, sci.mask_planes)
         mask = grown | _template_mask_bits(tmpl, backend)
         out_psf = _convolve_small(_pad_to(psf_s, k_centre.shape[0]), k_centre)  # k * P_science
     else:
         diff = target - matched - background
-        var = target_var + conv_var
         tmask = grow_mask(_template_mask_bits(tmpl, backend), k_centre.shape, backend,
                           tmpl.mask_planes)
         mask = (n_mask if flavor == "preconvolve" else sci.mask) | tmask
@@ -253,7 +245,7 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
         mask = mask | window_or(backend, sat, (h, h), (-(h // 2), -(h // 2)))
     nodata_out = (mask & mask_bits("NO_DATA")) != 0
     # pixels with no usable value are zeroed so the decorrelation does not spread them
-    unusable = (mask & mask_bits("NO_DATA", "BAD", "SAT", "SAT_TEMPLATE")) != 0
+    unusable = (mask & mask_bits(*UNUSABLE_PLANES)) != 0
     diff = xp.where(unusable, 0.0, diff)
 
     good = (mask & mask_bits("NO_DATA", "BAD", "SAT", "EDGE", "SAT_TEMPLATE", "CR")) == 0
@@ -276,10 +268,14 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
             var = fft_convolve(xp.where(nodata_out, 0.0, white),
                                backend.to_device((psf_s / psf_s.sum()) ** 2), backend)
         else:
-            var = white_variance(sci.variance,
-                                 tmpl.variance, ksum, flavor)
+            var = white_variance(sci.variance, tmpl.variance, ksum, flavor)
         out_psf = _convolve_small(out_psf, phi)
         decorrelated = True
+    else:  # correlated noise: each pixel's variance through the spatially varying kernel
+        conv_var = _convolved_variance(xp.where(nodata, 0.0, source_var), k_centre, terms,
+                                       weights, backend)
+        var = ((conv_var + target_var) / (ksum * ksum) if flavor == "convolveScience"
+               else target_var + conv_var)
     var = xp.where(nodata_out, 0.0, var)
     if flavor == "preconvolve":  # score in flux units: its value at a source is the PSF flux
         norm = float(np.sum((psf_s / psf_s.sum()) ** 2))
