@@ -9,6 +9,8 @@ Every stage takes a :class:`Backend` and does its array work through it:
   operations the stages need;
 * ``solve`` — batched linear solves;
 * ``to_device`` / ``to_host`` — the only places data crosses between host and device;
+  ``upload`` is ``to_device`` for bulk pixel planes sent ahead of the compute (on GPU:
+  through pinned host memory on a non-blocking stream, so the copy overlaps compute);
 * ``synchronize`` — wait for queued device work (timings).
 
 ``get_backend("strict")`` runs the same code on ``array_api_strict`` arrays placed
@@ -65,6 +67,11 @@ class Backend:
     def to_host(self, a) -> np.ndarray:
         """Copy a backend array to a host NumPy array (explicit, never implicit)."""
         raise NotImplementedError
+
+    def upload(self, a, dtype=None):
+        """:meth:`to_device` for bulk data copied ahead of the compute (reader threads):
+        returns once the copy has landed. ``dtype`` is a NumPy dtype (cast on the host)."""
+        return self.to_device(np.asarray(a, dtype=dtype))
 
     def asarray(self, a, dtype=None):
         """Backend arrays pass through (cast if asked); host arrays are sent to the device."""
@@ -214,6 +221,7 @@ class CpuBackend(Backend):
 
     name = "cpu"
     max_plans = 40
+    chunk_bytes = 32 << 20  # FFT plans for stacks work on chunks of about this size
 
     def __init__(self, threads: int | None = None):
         super().__init__(np, device="cpu")
@@ -259,9 +267,31 @@ class CpuBackend(Backend):
             f = _scipy_fft.rfftn if kind == "r2c" else _scipy_fft.irfftn
             return f(a, s=s, axes=(-2, -1), workers=self.threads)
         with self._lock:  # a pyFFTW plan owns its buffers: one caller at a time
-            plan = self._plan(kind, a.shape, a.dtype, tuple(s))
-            out = self._pyfftw.empty_aligned(plan.output_shape, dtype=plan.output_dtype)
-            return plan(a, output_array=out)
+            if a.ndim == 2:
+                plan = self._plan(kind, a.shape, a.dtype, tuple(s))
+                out = self._pyfftw.empty_aligned(plan.output_shape, dtype=plan.output_dtype)
+                return plan(a, output_array=out)
+            return self._run_batched(kind, a, tuple(s))
+
+    def _run_batched(self, kind, a, s):
+        """Stacks (stamps x basis terms, whose count changes with every exposure) go through
+        plans for fixed-size chunks, so the plan cache stays a few plans of bounded size
+        instead of growing by one large plan per exposure."""
+        lead, item = a.shape[:-2], a.shape[-2:]
+        flat = a.reshape((-1,) + item)
+        n = flat.shape[0]
+        out_item = (s[0], s[1] // 2 + 1) if kind == "r2c" else s
+        bytes_per = (np.prod(item) + np.prod(out_item)) * flat.dtype.itemsize * 2
+        chunk = 1 << max(0, int(np.log2(max(1, self.chunk_bytes // bytes_per))))
+        chunk = min(chunk, 1 << int(np.ceil(np.log2(n))))
+        plan = self._plan(kind, (chunk,) + item, flat.dtype, s)
+        out = np.empty((n,) + tuple(plan.output_shape[1:]), dtype=plan.output_dtype)
+        for i in range(0, n, chunk):
+            part = flat[i:i + chunk]
+            if part.shape[0] < chunk:  # the last, partial chunk: zero-padded to the plan's
+                part = np.concatenate([part, np.zeros((chunk - part.shape[0],) + item, part.dtype)])
+            out[i:i + chunk] = plan(part)[:min(chunk, n - i)]
+        return out.reshape(lead + out.shape[1:])
 
     def rfft2(self, a, s=None):
         a = np.asarray(a)
@@ -302,6 +332,7 @@ class GpuBackend(Backend):
             xp = cupy
         super().__init__(xp, device=cupy.cuda.Device())
         self._cp, self._cndi = cupy, cndi
+        self._local = threading.local()  # one upload stream per reader thread
         props = cupy.cuda.runtime.getDeviceProperties(self.device.id)
         name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
         self.device_name = f"cuda:{self.device.id} {name}"
@@ -313,13 +344,44 @@ class GpuBackend(Backend):
     def to_host(self, a):
         return self._cp.asnumpy(a)
 
+    def upload(self, a, dtype=None):
+        """Host -> device through a pinned staging buffer on this thread's own non-blocking
+        stream, so a reader thread's copy overlaps the kernels the compute thread queues on
+        its stream. The device block comes from the upload stream's memory pool (never one
+        that compute kernels still queued on another stream may be reading)."""
+        import cupyx
+
+        cp = self._cp
+        a = np.ascontiguousarray(a, dtype=dtype)
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = cp.cuda.Stream(non_blocking=True)
+        pinned = cupyx.empty_pinned(a.shape, a.dtype)  # CuPy's pinned pool reuses these
+        pinned[...] = a
+        with stream:
+            out = cp.empty(a.shape, a.dtype)
+            out.set(pinned, stream=stream)
+        stream.synchronize()  # the reader waits; the compute stream never does
+        return out
+
     def synchronize(self):
         self._cp.cuda.get_current_stream().synchronize()
 
+    plan_cache_bytes = 1 << 30  # cuFFT work areas kept by the (per-thread) plan cache
+
+    def _bound_plan_cache(self):
+        """Stacks of stamps change their count with every exposure, so CuPy's per-thread
+        cuFFT plan cache (16 plans, unbounded work areas by default) is capped by memory."""
+        if not getattr(self._local, "plan_cache_bounded", False):
+            self._cp.fft.config.get_plan_cache().set_memsize(self.plan_cache_bytes)
+            self._local.plan_cache_bounded = True
+
     def rfft2(self, a, s=None):
+        self._bound_plan_cache()
         return self._cp.fft.rfftn(a, s=s, axes=(-2, -1))
 
     def irfft2(self, a, s):
+        self._bound_plan_cache()
         return self._cp.fft.irfftn(a, s=s, axes=(-2, -1))
 
     def label(self, mask):

@@ -88,6 +88,13 @@ class Exposure:
                             mask=backend.asarray(self.mask, xp.int32),
                             variance=backend.asarray(self.variance, xp.float32))
 
+    def upload(self, backend) -> "Exposure":
+        """:meth:`to_backend` for a host exposure sent ahead of the compute (reader threads;
+        on GPU through pinned memory on a non-blocking stream)."""
+        return self.replace(image=backend.upload(self.image, np.float32),
+                            mask=backend.upload(self.mask, np.int32),
+                            variance=backend.upload(self.variance, np.float32))
+
     def to_host(self, backend) -> "Exposure":
         """The same exposure with NumPy pixel planes."""
         return self.replace(image=backend.to_host(self.image), mask=backend.to_host(self.mask),

@@ -3,7 +3,9 @@
 ``run(repo, outdir, ...)`` reads a manifest (``manifest.ecsv``: visit, detector, band,
 science, template; optional science_psf, template_psf; paths relative to the repo),
 and for each exposure: reads it (a reader thread pool works ahead of the device, at most
-``prefetch`` exposures in flight, so memory stays flat), resamples the template onto
+``prefetch`` exposures in flight, so memory stays flat, and uploads them to the device —
+on GPU through pinned memory on a non-blocking stream, overlapping the compute; a
+template shared by several visits is decoded once), resamples the template onto
 the science grid when their WCSs differ (refusing pairs with < 10% coverage), subtracts,
 detects and measures, and hands the outputs to a writer pool. Outputs land atomically
 in ``outdir/<band>/<visit>/<detector>/`` (difference.fits, diaSources.parquet and a
@@ -19,8 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +50,7 @@ class RunConfig:
     prefetch: int = 2  # exposures read ahead of the device
     readers: int = 2
     writers: int = 2
+    template_cache: int = 4  # decoded templates kept for the visits that share them
     force: bool = False
     subtract: SubtractConfig = field(default_factory=SubtractConfig)
 
@@ -73,18 +77,63 @@ def _status(outdir, row) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _read_pair(repo, row):
+class TemplateCache:
+    """The last ``size`` decoded templates, shared by the reader threads (a night's visits
+    of one detector all use the same template). Keyed by path, PSF path, size and mtime, so
+    a file replaced on disk is read again; cached pixel planes are read-only, so no stage
+    can change what the next visit gets."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict = {}
+        self.hits = self.misses = 0
+
+    def get(self, path: Path, psf_path: Path | None):
+        if self.size <= 0:
+            return _read_with_psf(path, psf_path)
+        st = path.stat() if path.exists() else None
+        key = (str(path.resolve()), str(psf_path), st and (st.st_size, st.st_mtime_ns))
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return self._items[key]
+            lock = self._loading.setdefault(key, threading.Lock())
+        with lock:  # one reader decodes a template; the others wait for it
+            with self._lock:
+                if key in self._items:
+                    self.hits += 1
+                    return self._items[key]
+            exposure = _read_with_psf(path, psf_path)
+            for plane in (exposure.image, exposure.mask, exposure.variance):
+                plane.flags.writeable = False
+            with self._lock:
+                self.misses += 1
+                self._items[key] = exposure
+                while len(self._items) > self.size:
+                    self._items.popitem(last=False)
+                self._loading.pop(key, None)
+        return exposure
+
+
+def _read_with_psf(path: Path, psf_path: Path | None):
+    exposure = read_exposure(path)
+    return exposure if psf_path is None else exposure.replace(psf=read_psf(psf_path))
+
+
+def _psf_path(repo: Path, row, key: str) -> Path | None:
+    return repo / row[key] if key in row.colnames and row[key] else None
+
+
+def _read_pair(repo, row, templates: TemplateCache | None = None):
     repo = Path(repo)
     t0 = time.perf_counter()
-    science = read_exposure(repo / row["science"])
-    template = read_exposure(repo / row["template"])
-    for key, target in (("science_psf", "science"), ("template_psf", "template")):
-        if key in row.colnames and row[key]:
-            psf = read_psf(repo / row[key])
-            if target == "science":
-                science = science.replace(psf=psf)
-            else:
-                template = template.replace(psf=psf)
+    science = _read_with_psf(repo / row["science"], _psf_path(repo, row, "science_psf"))
+    template_path, template_psf = repo / row["template"], _psf_path(repo, row, "template_psf")
+    template = (templates.get(template_path, template_psf) if templates is not None
+                else _read_with_psf(template_path, template_psf))
     return science, template, time.perf_counter() - t0
 
 
@@ -128,9 +177,11 @@ def process_exposure(repo, outdir, row, config: RunConfig, pair=None) -> dict:
     return write_outputs(outdir, row, status, outputs)
 
 
-def compute_exposure(repo, row, config: RunConfig, pair=None):
+def compute_exposure(repo, row, config: RunConfig, pair=None, on_device=None):
     """Read (unless ``pair`` is given), warp, subtract, detect, measure: ``(status, outputs)``
-    with host outputs ``(difference, diaSources)``, or ``None`` when the exposure failed."""
+    with host outputs ``(difference, diaSources)``, or ``None`` when the exposure failed.
+    ``on_device``: the pair already uploaded to the backend's device (the host ``pair`` is
+    still needed for the CPU retry)."""
     status = _status_row(row)
     start = time.perf_counter()
     outputs = None
@@ -139,13 +190,16 @@ def compute_exposure(repo, row, config: RunConfig, pair=None):
         status["t_read"] = t_read
         backend = get_backend(config.backend)
         try:
-            result, sources, timings, fraction = _process(science, template, row, config, backend)
+            dev_science, dev_template = on_device or (science, template)
+            result, sources, timings, fraction = _process(dev_science, dev_template, row, config,
+                                                          backend)
         except Exception as exc:
             if not _is_oom(exc) or backend.name == "cpu":
                 raise
             log.warning("%s/%s/%s: out of device memory, retrying on the CPU",
                         row["band"], row["visit"], row["detector"])
             backend = get_backend("cpu")
+            on_device = dev_science = dev_template = None  # free the device copies first
             result, sources, timings, fraction = _process(science, template, row, config, backend)
             status["retried_on_cpu"] = True
         outputs = (result.difference.to_host(backend), sources)
@@ -251,7 +305,9 @@ def run(repo, outdir, flavor: str = "convolveTemplate", backend: str | None = No
 
 
 def _run_local(repo, outdir, todo, config: RunConfig, bar):
-    """Readers decode ahead (bounded), the device works in order, writers drain outputs."""
+    """Readers decode and upload ahead (bounded), the device works in order, writers drain
+    outputs."""
+    templates = TemplateCache(config.template_cache)
     with ThreadPoolExecutor(config.readers, thread_name_prefix="read") as readers, \
             ThreadPoolExecutor(config.writers, thread_name_prefix="write") as writers:
         pending, writing = deque(), deque()
@@ -262,7 +318,7 @@ def _run_local(repo, outdir, todo, config: RunConfig, bar):
                 row = next(rows, None)
                 if row is None:
                     return
-                pending.append((row, readers.submit(_read_or_error, repo, row)))
+                pending.append((row, readers.submit(_read_or_error, repo, row, config, templates)))
 
         def drain(limit):
             while len(writing) > limit:
@@ -275,22 +331,33 @@ def _run_local(repo, outdir, todo, config: RunConfig, bar):
             while pending:
                 row, fut = pending.popleft()
                 refill()
-                pair = fut.result()
-                if isinstance(pair, Exception):
-                    status, outputs = _failure(row, pair), None
+                read = fut.result()
+                if isinstance(read, Exception):
+                    status, outputs = _failure(row, read), None
                 else:
-                    status, outputs = compute_exposure(repo, row, config, pair=pair)
+                    pair, on_device = read
+                    status, outputs = compute_exposure(repo, row, config, pair, on_device)
+                    del pair, on_device, read
                 writing.append(writers.submit(write_outputs, outdir, row, status, outputs))
                 drain(config.writers)  # bounded: memory stays flat
         finally:
             drain(0)  # on Ctrl-C too: what was computed is written completely
 
 
-def _read_or_error(repo, row):
+def _read_or_error(repo, row, config: RunConfig, templates: TemplateCache):
+    """``(host pair, pair on the device)`` read ahead of the compute, or the exception."""
     try:
-        return _read_pair(repo, row)
+        science, template, t_read = _read_pair(repo, row, templates)
     except Exception as exc:  # handed to the main loop, recorded there
         return exc
+    on_device = None
+    try:
+        backend = get_backend(config.backend)
+        if backend.name != "cpu":
+            on_device = (science.upload(backend), template.upload(backend))
+    except Exception as exc:  # out of device memory, say: the compute uploads it itself
+        log.debug("upload ahead failed (%s); uploading at compute time", exc)
+    return (science, template, t_read), on_device
 
 
 def _status_row(row, error: str = "") -> dict:

@@ -35,6 +35,21 @@ def test_fft_plans_are_cached():
     assert np.allclose(out2, 2 * out1)
 
 
+def test_stacks_use_fixed_size_chunk_plans(rng):
+    """Stacks whose length changes (stamps per exposure) reuse one chunk-sized plan, and
+    the partial last chunk is right."""
+    from gpudiffim.backend import CpuBackend
+
+    cpu = CpuBackend(threads=1)
+    cpu.chunk_bytes = 4 * (30 * 28 + 30 * 15 * 2) * 2 * 4  # about 4 stamps a chunk
+    for n in (5, 7, 13):
+        a = rng.normal(size=(n, 2, 30, 28)).astype(np.float32)
+        spec = cpu.rfft2(a)
+        np.testing.assert_allclose(spec, np.fft.rfftn(a, axes=(-2, -1)), rtol=2e-5, atol=2e-4)
+        np.testing.assert_allclose(cpu.irfft2(spec, s=(30, 28)), a, atol=1e-5)
+    assert len(cpu._plans) == 2  # one r2c and one c2r plan for every stack length
+
+
 def test_label_matches_scipy(backend, rng):
     mask = rng.random((50, 60)) > 0.7
     labels, n = backend.label(backend.to_device(mask))
@@ -86,3 +101,17 @@ def test_environment_variable_and_unknown_name(monkeypatch):
     assert get_backend().name == "strict"
     with pytest.raises(BackendError, match="unknown backend"):
         get_backend("tpu")
+
+
+def test_upload_from_a_reader_thread(backend, rng):
+    """Bulk uploads made ahead of the compute (on GPU: pinned memory, non-blocking stream,
+    from another thread) land whole and equal to a plain copy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    planes = [rng.normal(size=(257, 130)).astype(np.float32) for _ in range(3)]
+    with ThreadPoolExecutor(2) as pool:
+        up = list(pool.map(lambda p: backend.upload(p, np.float32), planes))
+    total = backend.xp.sum(up[0] + up[1] + up[2])  # used by this thread's compute
+    for p, u in zip(planes, up):
+        np.testing.assert_array_equal(backend.to_host(u), p)
+    assert abs(float(backend.to_host(total)) - sum(p.sum() for p in planes)) < 1e-2

@@ -1,6 +1,7 @@
 """The batch runner: outputs, resume, failure isolation, interruption, Dask."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from gpudiffim.runner import exposure_dir, run
+from gpudiffim.runner import TemplateCache, exposure_dir, run
 from gpudiffim.simulate import simulate
 
 
@@ -115,3 +116,37 @@ def test_dask_local_cluster_gives_the_same_catalogues(demo_repo, demo_run, tmp_p
         np.testing.assert_allclose(got[key]["psfFlux"], want[key]["psfFlux"], rtol=3e-3, atol=0.5)
     status = json.loads((exposure_dir(tmp_path / "dask", manifest[0]) / "status.json").read_text())
     assert status["status"] == "done"
+
+
+def test_template_cache_decodes_a_shared_template_once(demo_repo, tmp_path):
+    manifest = Table.read(demo_repo / "manifest.ecsv")
+    cache = TemplateCache(size=4)
+    for row in manifest:
+        template = cache.get(demo_repo / row["template"], None)
+        with pytest.raises(ValueError):  # cached planes are read-only: no stage may change them
+            template.image[0, 0] = 1.0
+    n_templates = len(set(manifest["template"]))
+    assert n_templates < len(manifest)
+    assert (cache.misses, cache.hits) == (n_templates, len(manifest) - n_templates)
+    # a template replaced on disk is read again
+    copy = tmp_path / "template.fits"
+    shutil.copy(demo_repo / manifest[0]["template"], copy)
+    first = cache.get(copy, None)
+    os.utime(copy, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert cache.get(copy, None) is not first
+
+
+def test_strict_device_run_matches_the_cpu_run(tmp_path):
+    """The runner's read-ahead uploads to the device (array-api-strict's "device1"):
+    the same catalogues as the CPU run, with no hidden host round trip."""
+    repo = tmp_path / "repo"
+    simulate(repo, "ci", seed=2, workers=1)
+    cpu = run(repo, tmp_path / "cpu", backend="cpu", progress=False)
+    strict = run(repo, tmp_path / "strict", backend="strict", progress=False)
+    assert np.all(cpu["status"] == "done") and np.all(strict["status"] == "done"), strict["error"]
+    assert list(strict["backend"]) == ["strict"] * len(strict)
+    manifest = Table.read(repo / "manifest.ecsv")
+    a, b = _catalogues(tmp_path / "cpu", manifest), _catalogues(tmp_path / "strict", manifest)
+    for key in a:
+        assert len(a[key]) == len(b[key]) > 0
+        np.testing.assert_allclose(b[key]["psfFlux"], a[key]["psfFlux"], rtol=1e-3, atol=1e-2)
