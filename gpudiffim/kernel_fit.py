@@ -69,6 +69,9 @@ class KernelFitConfig:
     # information. The matched image barely constrains kernel structure finer than the
     # convolved image's PSF; this keeps it smooth instead of noisy.
     regularization: float = 0.03
+    # gpudiffim's own: subtract the convolved image's noise from the normal equations
+    # (errors in variables), which otherwise biases the kernel towards smoothing
+    errorsInVariables: bool = True
 
 
 def chebyshev_terms(xp, u, v, order: int):
@@ -241,12 +244,21 @@ class _Stamps:
     weight: object  # (n, P): inverse variance, 0 where masked
     normal: object  # (n, nb + 1, nb + 1)
     rhs: object  # (n, nb + 1)
+    noise: object  # (n, nb + 1, nb + 1) the source noise's share of ``normal``, or None
     pos: np.ndarray  # host (n, 2)
 
 
 def build_stamps(source, target, variance, bad, positions, basis: KernelBasis,
-                 config: KernelFitConfig, backend=None, source_psf=None) -> _Stamps:
-    """Design matrices and normal equations for every stamp, in float64 on the backend."""
+                 config: KernelFitConfig, backend=None, source_psf=None,
+                 source_var=None) -> _Stamps:
+    """Design matrices and normal equations for every stamp, in float64 on the backend.
+
+    With ``source_var`` each stamp also gets the expected contribution of the convolved
+    image's noise to its normal matrix (errors in variables), ``sum_i w_i cov(B_j*n,
+    B_l*n)(i) = sum_m B_j(m) B_l(m) G(m)`` with ``G`` the correlation of the stamp's weights
+    with the source variance; the spatial fit subtracts it, so noise no longer drags the
+    kernel towards smoothing.
+    """
     backend = get_backend(backend)
     xp = backend.xp
     f64 = xp.float64
@@ -256,24 +268,36 @@ def build_stamps(source, target, variance, bad, positions, basis: KernelBasis,
     pos_dev = backend.to_device(np.asarray(positions, np.int64))
     kernels = backend.to_device(basis.kernels.astype(np.float32))
     kspec = backend.rfft2(kernels, s=(F, F))  # (nb, F, F//2+1); float32 FFTs, float64 sums
-    designs = []
+    tgt = xp.reshape(xp.astype(_gather(backend, target, pos_dev, S), f64), (-1, S * S))
+    var = xp.reshape(xp.astype(_gather(backend, variance, pos_dev, S), f64), (-1, S * S))
+    bad_st = xp.reshape(_gather(backend, bad, pos_dev, S), (-1, S * S))
+    weight = xp.where(bad_st | (var <= 0), 0.0, 1.0 / xp.where(var > 0, var, 1.0))
+    nb = len(basis)
+    basis_flat = backend.to_device(basis.kernels.reshape(nb, K * K))
+    designs, noise = [], []
     for start in range(0, len(positions), config.chunk):
-        p = pos_dev[start:min(start + config.chunk, len(positions)), ...]
+        stop = min(start + config.chunk, len(positions))
+        p = pos_dev[start:stop, ...]
         src = xp.astype(_gather(backend, source, p, L), xp.float32)
         conv = backend.irfft2(backend.rfft2(src, s=(F, F))[:, None, ...] * kspec[None, ...],
                               s=(F, F))
         conv = xp.astype(conv[..., K - 1:K - 1 + S, K - 1:K - 1 + S], f64)
         n = conv.shape[0]
-        cols = xp.reshape(conv, (n, len(basis), S * S))
+        cols = xp.reshape(conv, (n, nb, S * S))
         ones = backend.ones((n, 1, S * S), dtype=f64)
         designs.append(backend.matrix_transpose(xp.concat([cols, ones], axis=1)))
+        if source_var is not None:
+            noise.append(_noise_normal(backend, source_var, p, weight[start:stop, ...],
+                                       basis_flat, S, K, F))
     design = xp.concat(designs, axis=0)
-    tgt = xp.reshape(xp.astype(_gather(backend, target, pos_dev, S), f64), (-1, S * S))
-    var = xp.reshape(xp.astype(_gather(backend, variance, pos_dev, S), f64), (-1, S * S))
-    bad_st = xp.reshape(_gather(backend, bad, pos_dev, S), (-1, S * S))
-    weight = xp.where(bad_st | (var <= 0), 0.0, 1.0 / xp.where(var > 0, var, 1.0))
     weighted = design * weight[..., None]
     normal = xp.matmul(backend.matrix_transpose(weighted), design)
+    noise_normal = None
+    if noise:  # (n, nb, nb), bordered with zeros for the background column
+        noise_normal = xp.concat(noise, axis=0)
+        zcol = backend.zeros((noise_normal.shape[0], nb, 1), dtype=f64)
+        zrow = backend.zeros((noise_normal.shape[0], 1, nb + 1), dtype=f64)
+        noise_normal = xp.concat([xp.concat([noise_normal, zcol], axis=2), zrow], axis=1)
     rhs = xp.matmul(backend.matrix_transpose(weighted), tgt[..., None])[..., 0]
     if config.regularization > 0:
         rough = roughness_matrix(basis, source_psf)
@@ -287,7 +311,24 @@ def build_stamps(source, target, variance, bad, positions, basis: KernelBasis,
     eye = xp.astype(xp.reshape(backend.arange(normal.shape[-1] ** 2), normal.shape[1:])
                     % (normal.shape[-1] + 1) == 0, normal.dtype)
     normal = normal + (1e-10 * diag / normal.shape[-1] + 1e-30)[:, None, None] * eye[None, ...]
-    return _Stamps(design, tgt, weight, normal, rhs, np.asarray(positions))
+    return _Stamps(design, tgt, weight, normal, rhs, noise_normal, np.asarray(positions))
+
+
+def _noise_normal(backend, source_var, pos, weight, basis_flat, S: int, K: int, F: int):
+    """Expected contribution of the source image's noise to each stamp's normal matrix
+    (n, nb, nb): ``sum_m B_j(m) B_l(m) G(m)``, ``G(m) = sum_i w_i var(i - m)`` (the stamp
+    convolution reads ``src[K - 1 + i - m]``; ``G`` is a valid-mode correlation by FFT)."""
+    xp = backend.xp
+    L = S + K - 1
+    # float64: this is subtracted from the normal matrix, where float32 rounding would be
+    # amplified for noise-dominated stamps
+    v = xp.astype(_gather(backend, source_var, pos, L), xp.float64)
+    w = xp.astype(xp.reshape(weight, (-1, S, S)), xp.float64)
+    corr = backend.irfft2(backend.rfft2(v, s=(F, F)) * xp.conj(backend.rfft2(w, s=(F, F))),
+                          s=(F, F))
+    g = xp.flip(xp.astype(corr[:, :K, :K], xp.float64), axis=(1, 2))  # G(m), m in kernel grid
+    g = xp.reshape(g, (g.shape[0], 1, K * K))
+    return xp.matmul(basis_flat[None, ...] * g, backend.matrix_transpose(basis_flat)[None, ...])
 
 
 def roughness_matrix(basis: KernelBasis, source_psf=None) -> np.ndarray:
@@ -468,7 +509,8 @@ def fit_kernel(source, target, source_var, target_var, bad, basis: KernelBasis,
     sigma_k = basis.sigmas[min(1, len(basis.sigmas) - 1)]  # the middle Alard-Lupton Gaussian
     spread = float(1.0 / (4.0 * np.pi * sigma_k**2))
     stamps = build_stamps(source, target, target_var + spread * source_var, bad, positions,
-                          basis, config, backend, source_psf)
+                          basis, config, backend, source_psf,
+                          source_var=source_var if config.errorsInVariables else None)
     nb = len(basis)
     if kernel_sum is not None:  # pin coefficient 0 with a stiff quadratic penalty
         stiff = 1e8 * stamps.normal[:, 0, 0]
@@ -501,7 +543,10 @@ def fit_kernel(source, target, source_var, target_var, bad, basis: KernelBasis,
         orders = _term_layout(nb, config, kernel_order)
         phi = backend.to_device(_spatial_design(positions, bbox, orders))
         okd = backend.to_device(ok.astype(np.float64))
-        m_phi = xp.matmul(stamps.normal, phi)
+        # the errors-in-variables correction acts on the sum over stamps (well conditioned);
+        # single stamps above are screened with their plain normal equations
+        normal = stamps.normal if stamps.noise is None else stamps.normal - stamps.noise
+        m_phi = xp.matmul(normal, phi)
         gram = xp.sum(xp.matmul(backend.matrix_transpose(phi), m_phi) * okd[:, None, None], axis=0)
         rhs = xp.sum(xp.matmul(backend.matrix_transpose(phi), stamps.rhs[..., None])[..., 0]
                      * okd[:, None], axis=0)

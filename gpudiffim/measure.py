@@ -38,17 +38,19 @@ class MeasureConfig:
 
 
 def _psf_stack(psf, xs, ys, size):
-    """Host (n, size, size) PSF images shifted to sub-pixel positions (unit sum)."""
+    """Host (n, size, size) PSF images shifted to sub-pixel positions. Each is the central
+    part of a unit-sum PSF, not renormalised: the fitted amplitude is then the total flux,
+    wings beyond the stamp included (renormalising the crop biased fluxes ~1% low)."""
     out = np.zeros((len(xs), size, size))
     for k, (x, y) in enumerate(zip(xs, ys)):
         img = psf.image_at(x, y)
         h = img.shape[0] // 2
         dx, dy = x - np.floor(x + 0.5), y - np.floor(y + 0.5)
         img = shift_image(img, dx, dy)
+        img = img / img.sum()
         half = size // 2
         c = min(h, half)
         out[k, half - c:half + c + 1, half - c:half + c + 1] = img[h - c:h + c + 1, h - c:h + c + 1]
-        out[k] /= out[k].sum()
     return out
 
 

@@ -145,6 +145,18 @@ class PolynomialPsf(ImagePsf):
         return _normalised(np.tensordot(weights, self.image, axes=1))
 
 
+def convolved_psf(psf: ImagePsf, kernel: np.ndarray) -> ImagePsf:
+    """``psf`` convolved with a small centred ``kernel``, keeping its spatial variation:
+    every coefficient image of a :class:`PolynomialPsf` is convolved (the model is linear
+    in them), so ``image_at(x, y)`` is the convolved PSF there."""
+    from scipy.signal import fftconvolve
+
+    if isinstance(psf, PolynomialPsf):
+        coeffs = np.array([fftconvolve(c, kernel, mode="same") for c in psf.image])
+        return PolynomialPsf(coeffs, order=psf.order, bbox=psf.bbox)
+    return ImagePsf(fftconvolve(psf.image_at(), kernel, mode="same"))
+
+
 def gaussian_psf(sigma: float, size: int | None = None, e1: float = 0.0) -> ImagePsf:
     """Pixel-integrated-ish elliptical Gaussian PSF (sigma in pixels)."""
     size = size or 2 * int(np.ceil(5 * sigma)) + 1

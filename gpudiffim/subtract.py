@@ -33,7 +33,7 @@ from .errors import GpuDiffimError
 from .exposure import UNUSABLE_PLANES, Exposure, mask_bits
 from .kernel_fit import (KernelFitConfig, KernelSolution, fit_kernel, psf_flux_ratio,
                          select_kernel_sources, spatial_term_images)
-from .psf import ImagePsf
+from .psf import ImagePsf, convolved_psf
 
 log = logging.getLogger(__name__)
 
@@ -230,13 +230,13 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
         diff = (matched + background - target) / ksum  # model: target = k*source + b
         grown = grow_mask(sci.mask, k_centre.shape, backend, sci.mask_planes)
         mask = grown | _template_mask_bits(tmpl, backend)
-        out_psf = _convolve_small(_pad_to(psf_s, k_centre.shape[0]), k_centre)  # k * P_science
+        out_model = tmpl.psf  # k * P_science = P_template, over the whole detector
     else:
         diff = target - matched - background
         tmask = grow_mask(_template_mask_bits(tmpl, backend), k_centre.shape, backend,
                           tmpl.mask_planes)
         mask = (n_mask if flavor == "preconvolve" else sci.mask) | tmask
-        out_psf = psf_s if flavor == "convolveTemplate" else target_psf
+        out_model = sci.psf if flavor == "convolveTemplate" else ImagePsf(target_psf)
     mask = mask & ~mask_bits("DETECTED", "DETECTED_NEGATIVE")
     # saturated stars' wings reach past the kernel: grow SAT / SAT_TEMPLATE once more by it
     sat = mask & mask_bits("SAT", "SAT_TEMPLATE")
@@ -269,7 +269,7 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
                                backend.to_device((psf_s / psf_s.sum()) ** 2), backend)
         else:
             var = white_variance(sci.variance, tmpl.variance, ksum, flavor)
-        out_psf = _convolve_small(out_psf, phi)
+        out_model = convolved_psf(out_model, phi)
         decorrelated = True
     else:  # correlated noise: each pixel's variance through the spatially varying kernel
         conv_var = _convolved_variance(xp.where(nodata, 0.0, source_var), k_centre, terms,
@@ -297,7 +297,7 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
         "difference_pull_sigma": pull_sigma,
         "science_variance": s_var, "template_variance": t_var,
     }
-    difference = sci.replace(image=diff, mask=mask, variance=var, psf=ImagePsf(out_psf))
+    difference = sci.replace(image=diff, mask=mask, variance=var, psf=out_model)
     return SubtractionResult(difference, solution, flavor, flavor == "preconvolve", quality)
 
 
@@ -316,20 +316,6 @@ def _corner_range(solution, nx, ny):
     xs, ys = np.meshgrid(np.linspace(0, nx - 1, 5), np.linspace(0, ny - 1, 5))
     sums = solution.kernel_sum_at(xs.ravel(), ys.ravel())
     return float(sums.min()), float(sums.max())
-
-
-def _convolve_small(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Host convolution of two small centred images, cropped to ``a``'s shape, unit sum."""
-    from scipy.signal import fftconvolve
-
-    full = fftconvolve(a, b, mode="same")
-    return full / full.sum()
-
-
-def _pad_to(image: np.ndarray, size: int) -> np.ndarray:
-    """Zero-pad a centred odd image to at least ``size`` on a side."""
-    pad = max(0, (size - image.shape[0]) // 2)
-    return np.pad(image, pad)
 
 
 def _self_convolved(psf: np.ndarray) -> np.ndarray:

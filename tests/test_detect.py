@@ -104,10 +104,12 @@ def test_psf_photometry_of_fakes(good_template_run):
         pulls.append((flux - true) / err)
     ratios, pulls = np.concatenate(ratios), np.concatenate(pulls)
     assert len(ratios) >= 20
+    # measured 0.997: the PSF fitted at each source is the difference's PSF *there* (a
+    # spatially constant PSF had biased fluxes by the seeing's variation, -1% median, and
+    # broadened the pulls of bright fakes to 1.3)
     assert abs(np.median(ratios) - 1) < 0.02
-    # measured 1.09-1.11: fluxes are fitted at the matched-filter peak, which noise moves
-    # (peak bias); the issue asks 1.0 +- 0.1
-    assert abs(mad_std(pulls) - 1) < 0.12
+    # measured 1.06 (faint detections scatter up: peak bias; bright ones 1.17-1.24)
+    assert abs(mad_std(pulls) - 1) < 0.1
 
 
 def test_preconvolution_reaches_the_ideal_curve_on_a_worse_template(fake_repo):

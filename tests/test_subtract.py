@@ -46,6 +46,22 @@ def test_recovers_known_spatially_varying_kernel(known_kernel_result):
     assert sum_err[1:-1, 1:-1].max() < 0.002 and sum_err.max() < 0.004
 
 
+def test_errors_in_variables_correction_unbiases_a_noisy_template_fit():
+    """A template as noisy as the science: its noise in the fit's regressors smooths the
+    kernel (regression dilution) unless the normal equations are corrected for it."""
+    science, template = kernel_pair(n_stars=1500, sky=100.0, template_var=300.0)
+    shape = science.shape
+    errors = {}
+    for eiv in (False, True):
+        cfg = SubtractConfig(kernel=KernelFitConfig(constantKernelSum=False, errorsInVariables=eiv))
+        k = subtract(science, template, cfg).kernel
+        errors[eiv] = max(np.abs(k.kernel_at(x, y) - true_kernel(x, y, shape, k.basis.size)).max()
+                          / true_kernel(x, y, shape, k.basis.size).max()
+                          for x in (200, 512, 800) for y in (200, 512, 800))
+    # measured: 2.0% of the peak without the correction, 1.6% with it
+    assert errors[True] < 0.018 and errors[True] < 0.85 * errors[False], errors
+
+
 def test_known_kernel_difference_is_noise(known_kernel_result):
     result, _ = known_kernel_result
     assert abs(result.quality["difference_pull_sigma"] - 1) < 0.02
