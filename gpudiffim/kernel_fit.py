@@ -53,6 +53,7 @@ class KernelFitConfig:
     maxKernelSources: int = 160  # ip_diffim: 1000; past ~150 stamps the fit gains little, costs a lot
     minKernelSources: int = 3
     isolation: float = 0.1  # no neighbour brighter than this fraction inside the stamp
+    samePeakRadius: int = 2  # S/N maxima this close (pixels) are one source
     cleanCore: int = 11  # no masked pixel in this central box of a kernel source
     # gpudiffim's own: when the science image is the one convolved (convolveScience), its
     # noise sits in the fit's regressors and biases the kernel towards smoothing
@@ -184,7 +185,11 @@ def select_kernel_sources(target, target_var, bad, psf_image, config: KernelFitC
     o = (size - psf.shape[0]) // 2
     comp[o:o + psf.shape[0], o:o + psf.shape[1]] += np.flip(psf) / psf.sum()
     flux_map = fft_convolve(target, backend.to_device(comp.astype(np.float32)), backend)
-    noise = xp.sqrt(target_var * float(np.sum((psf / psf.sum()) ** 2)))
+    # the filter's noise from the variance around each pixel, not at it: with the local
+    # variance alone a bright star's S/N is flat over its core (signal and photon noise
+    # both follow the profile) and its "peak" lands anywhere within a few pixels
+    noise = xp.sqrt(xp.clip(fft_convolve(target_var, backend.to_device((comp**2).astype(np.float32)),
+                                         backend), min=0.0))
     snr = flux_map / xp.where(noise > 0, noise, xp.inf)
     is_peak = snr == backend.maximum_filter(snr, 5)
     half = (config.stampSize + kernel_size - 1) // 2 + 1
@@ -194,22 +199,36 @@ def select_kernel_sources(target, target_var, bad, psf_image, config: KernelFitC
     ys, xs = xp.nonzero(is_peak & inside & (snr >= config.detectionThreshold))
     all_y, all_x = xp.nonzero(is_peak & (snr >= 5.0))
     s_cand = backend.to_host(snr[ys, xs])
+    f_cand = backend.to_host(flux_map[ys, xs])
     pos = np.column_stack([backend.to_host(xs), backend.to_host(ys)])
     others = np.column_stack([backend.to_host(all_x), backend.to_host(all_y)])
-    s_others = backend.to_host(snr[all_y, all_x])
+    f_others = backend.to_host(flux_map[all_y, all_x])
     if len(pos):  # a clean core (masked pixels elsewhere in the stamp just get no weight)
         stamps = _gather(backend, bad, backend.to_device(pos.astype(np.int64)), config.cleanCore)
         clean = ~backend.to_host(xp.any(xp.reshape(stamps, (stamps.shape[0], -1)), axis=1))
-        pos, s_cand = pos[clean], s_cand[clean]
+        pos, s_cand, f_cand = pos[clean], s_cand[clean], f_cand[clean]
     keep = s_cand <= config.maxSnr
-    pos, s_cand = pos[keep], s_cand[keep]
-    # isolation: no other peak brighter than `isolation` x this one inside the stamp
+    pos, s_cand, f_cand = pos[keep], s_cand[keep], f_cand[keep]
+    # maxima a pixel or two apart are one source, which must neither count twice nor be
+    # taken for its own neighbour
+    same = config.samePeakRadius
+    first = np.ones(len(pos), bool)
+    for k in np.argsort(-s_cand, kind="stable"):
+        if first[k]:
+            d = np.abs(pos - pos[k]).max(axis=1)
+            first[(d <= same) & (np.arange(len(pos)) != k)] = False
+    pos, s_cand, f_cand = pos[first], s_cand[first], f_cand[first]
+    # isolation: no other peak brighter (in flux) than `isolation` x this one in the stamp
     r = config.stampSize / 2 + 2
-    isolated = np.ones(len(pos), bool)
-    for k, (p, s) in enumerate(zip(pos, s_cand)):
+    brightest_near = np.zeros(len(pos))
+    for k, p in enumerate(pos):
         d = np.abs(others - p).max(axis=1)
-        near = (d > 0) & (d <= r)
-        isolated[k] = not np.any(s_others[near] > config.isolation * s)
+        near = (d > same) & (d <= r)
+        brightest_near[k] = f_others[near].max() if near.any() else -np.inf
+    isolated = brightest_near <= config.isolation * f_cand
+    if isolated.sum() < config.minKernelSources:  # a sparse field: no brighter neighbour
+        log.info("%d isolated kernel sources; accepting faint neighbours", int(isolated.sum()))
+        isolated = brightest_near <= f_cand
     pos, s_cand = pos[isolated], s_cand[isolated]
     order = np.argsort(-s_cand, kind="stable")
     pos = pos[order]
