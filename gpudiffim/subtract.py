@@ -267,8 +267,11 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
             white = white_variance(sci.variance, tmpl.variance, ksum, flavor)
             var = fft_convolve(xp.where(nodata_out, 0.0, white),
                                backend.to_device((psf_s / psf_s.sum()) ** 2), backend)
-        else:
-            var = white_variance(sci.variance, tmpl.variance, ksum, flavor)
+        else:  # each pixel's variance through both convolutions (phi, and k then phi)
+            var = _decorrelated_variance(backend, xp.where(nodata, 0.0, target_var),
+                                         xp.where(nodata, 0.0, source_var), phi, k_centre)
+            if flavor == "convolveScience":
+                var = var / (ksum * ksum)
         out_model = convolved_psf(out_model, phi)
         decorrelated = True
     else:  # correlated noise: each pixel's variance through the spatially varying kernel
@@ -299,6 +302,19 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
     }
     difference = sci.replace(image=diff, mask=mask, variance=var, psf=out_model)
     return SubtractionResult(difference, solution, flavor, flavor == "preconvolve", quality)
+
+
+def _decorrelated_variance(backend, target_var, source_var, phi, kernel):
+    """Per-pixel variance of ``phi * (target - kernel * source)`` for independent pixel
+    noise: ``phi^2 * V_target + (phi * k)^2 * V_source``. In flat sky it equals the white
+    value the decorrelation aims at; around bright sources it follows their photon noise
+    as the convolutions spread it (the convolved image's noise spreads over the kernel's
+    width, beyond that image's own, sharper, profile)."""
+    from scipy.signal import fftconvolve
+
+    both = fftconvolve(phi, kernel)
+    return (fft_convolve(target_var, backend.to_device((phi**2).astype(np.float32)), backend)
+            + fft_convolve(source_var, backend.to_device((both**2).astype(np.float32)), backend))
 
 
 def _reach(kernel: np.ndarray, fraction: float = 0.999) -> int:

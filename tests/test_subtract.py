@@ -241,3 +241,36 @@ def test_cli_subtract_writes_difference_and_fit(tmp_path):
     assert fit["quality"]["kernel_sum_centre"] == pytest.approx(0.9, rel=0.01)
     assert main(["subtract", str(tmp_path / "missing.fits"), str(tmp_path / "tmpl.fits"),
                  "-o", str(out)]) == 2
+
+
+def test_decorrelated_variance_follows_spread_photon_noise():
+    """Monte Carlo truth: a sharp bright star's photon noise, convolved with the matching
+    kernel and then the decorrelation kernel, has the variance the difference plane
+    carries, on the star and in its wings, and the white value in empty sky."""
+    from scipy.signal import fftconvolve
+
+    from gpudiffim.decorrelate import decorrelation_kernel
+    from gpudiffim.subtract import _decorrelated_variance
+
+    rng = np.random.default_rng(0)
+    n = 65
+    star = 4e5 * gaussian_image(n, 1.2)
+    v_src, v_tgt = 100.0 + star, np.full((n, n), 80.0)
+    k = gaussian_image(21, 2.0)
+    phi = decorrelation_kernel(k, 100.0, 80.0, "convolveScience")
+    predicted = _decorrelated_variance(get_backend("cpu"), v_tgt.astype(np.float32),
+                                       v_src.astype(np.float32), phi, k)
+    draws = []
+    for _ in range(800):
+        src = rng.normal(size=(n, n)) * np.sqrt(v_src)
+        tgt = rng.normal(size=(n, n)) * np.sqrt(v_tgt)
+        draws.append(fftconvolve(fftconvolve(src, k, mode="same") - tgt, phi, mode="same"))
+    empirical = np.var(np.array(draws), axis=0)
+    c = n // 2
+    for r in (0, 2, 4, 6, 9):
+        assert abs(predicted[c, c + r] / empirical[c, c + r] - 1) < 0.1, r
+    white = 100.0 + 80.0  # kappa = 1 here
+    assert abs(predicted[5, 5] / white - 1) < 0.03
+    # the images' own variance planes added pixel by pixel would put the sharp star's
+    # photon noise, undiluted by the kernel, on its core: 58x too much here
+    assert predicted[c, c] < 0.1 * (white + star[c, c])
