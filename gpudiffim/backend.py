@@ -285,12 +285,25 @@ class CpuBackend(Backend):
         chunk = 1 << max(0, int(np.log2(max(1, self.chunk_bytes // bytes_per))))
         chunk = min(chunk, 1 << int(np.ceil(np.log2(n))))
         plan = self._plan(kind, (chunk,) + item, flat.dtype, s)
-        out = np.empty((n,) + tuple(plan.output_shape[1:]), dtype=plan.output_dtype)
+        out = self._pyfftw.empty_aligned((n,) + tuple(plan.output_shape[1:]),
+                                         dtype=plan.output_dtype)
+        align = self._pyfftw.simd_alignment
+        spare = None
+        # always name the output: a plan given one keeps writing there until given another
         for i in range(0, n, chunk):
             part = flat[i:i + chunk]
-            if part.shape[0] < chunk:  # the last, partial chunk: zero-padded to the plan's
-                part = np.concatenate([part, np.zeros((chunk - part.shape[0],) + item, part.dtype)])
-            out[i:i + chunk] = plan(part)[:min(chunk, n - i)]
+            if part.shape[0] < chunk:  # the last, partial chunk: zero-padded to the plan's size
+                pad = np.zeros((chunk,) + item, part.dtype)
+                pad[:part.shape[0]] = part
+                part = pad
+            dest = out[i:i + chunk]
+            if dest.shape[0] == chunk and dest.ctypes.data % align == 0:
+                plan(part, output_array=dest)  # straight into the result
+            else:
+                if spare is None:
+                    spare = self._pyfftw.empty_aligned(plan.output_shape, dtype=plan.output_dtype)
+                plan(part, output_array=spare)
+                dest[...] = spare[:dest.shape[0]]
         return out.reshape(lead + out.shape[1:])
 
     def rfft2(self, a, s=None):

@@ -346,8 +346,11 @@ def _noise_normal(backend, source_var, pos, weight, basis_flat, S: int, K: int, 
     corr = backend.irfft2(backend.rfft2(v, s=(F, F)) * xp.conj(backend.rfft2(w, s=(F, F))),
                           s=(F, F))
     g = xp.flip(xp.astype(corr[:, :K, :K], xp.float64), axis=(1, 2))  # G(m), m in kernel grid
-    g = xp.reshape(g, (g.shape[0], 1, K * K))
-    return xp.matmul(basis_flat[None, ...] * g, backend.matrix_transpose(basis_flat)[None, ...])
+    g = xp.reshape(g, (g.shape[0], K * K))
+    nb = basis_flat.shape[0]
+    # one GEMM against all products B_j(m) B_l(m): (n, K^2) @ (K^2, nb^2)
+    products = xp.reshape(basis_flat[:, None, :] * basis_flat[None, :, :], (nb * nb, K * K))
+    return xp.reshape(xp.matmul(g, backend.matrix_transpose(products)), (g.shape[0], nb, nb))
 
 
 def roughness_matrix(basis: KernelBasis, source_psf=None) -> np.ndarray:
