@@ -52,6 +52,9 @@ class SubtractConfig:
     doSubtractBackground: bool = True  # our inputs may carry sky; ip_diffim's default is False
     basis: BasisConfig = field(default_factory=BasisConfig)
     kernel: KernelFitConfig = field(default_factory=KernelFitConfig)
+    # gpudiffim's own: preconvolution with a sharper template fits the matching kernel
+    # template -> science and pre-filters the difference (the same score, see subtract)
+    preconvolveByMatching: bool = True
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -173,31 +176,42 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
     nodata_s = (sci.mask & sci.bit("NO_DATA")) != 0
     nodata_t = (tmpl.mask & tmpl.bit("NO_DATA")) != 0
 
+    by_matching = False
     if flavor == "preconvolve":
         pre = np.flip(psf_s) / psf_s.sum()
         n_img, n_mask, n_var = convolve_exposure(sci.image, sci.mask, sci.variance,
                                                  backend.to_device(pre.astype(np.float32)),
                                                  backend, sci.mask_planes)
         target_psf = _self_convolved(psf_s)
-        source, source_var, target, target_var = tmpl.image, tmpl.variance, n_img, n_var
-        source_psf = psf_t
+        source, source_var, source_psf = tmpl.image, tmpl.variance, psf_t
+        # with a sharper template the matching kernel is compact in the science's own
+        # space, and pre-filtering the difference gives the same score as fitting the
+        # broad kernel (pre * k) to the pre-convolved science, only better determined
+        by_matching = (config.preconvolveByMatching
+                       and np.mean(ImagePsf(psf_t).fwhm()) < np.mean(ImagePsf(psf_s).fwhm()))
+        if by_matching:
+            target, target_var, fit_psf = sci.image, sci.variance, psf_s
+        else:
+            target, target_var, fit_psf = n_img, n_var, target_psf
     elif flavor == "convolveTemplate":
         source, source_var, target, target_var = tmpl.image, tmpl.variance, sci.image, sci.variance
         source_psf, target_psf = psf_t, psf_s
     else:  # convolveScience
         source, source_var, target, target_var = sci.image, sci.variance, tmpl.image, tmpl.variance
         source_psf, target_psf = psf_s, psf_t
+    if flavor != "preconvolve":
+        fit_psf = target_psf
     nodata = nodata_s | nodata_t
     source = xp.where(nodata, 0.0, source)
     target = xp.where(nodata, 0.0, target)
 
     fwhm_src = float(np.mean(ImagePsf(source_psf).fwhm()))
-    fwhm_tgt = float(np.mean(ImagePsf(target_psf).fwhm()))
+    fwhm_tgt = float(np.mean(ImagePsf(fit_psf).fwhm()))
     basis = alard_lupton_basis(fwhm_src, fwhm_tgt, config.basis)
     bad = _bad_for_fit(sci, tmpl, config.kernel.badMaskPlanes)
     # kernel sources are chosen on the science image, as in ip_diffim (its own S/N)
     sel_image, sel_var, sel_psf = ((source, source_var, source_psf) if flavor == "convolveScience"
-                                   else (target, target_var, target_psf))
+                                   else (target, target_var, fit_psf))
     positions = select_kernel_sources(sel_image, sel_var, bad, sel_psf, config.kernel,
                                       basis.size, backend)
     if flavor == "convolveScience":  # bright ones only, while enough of them remain
@@ -225,6 +239,10 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
                         axes=1)  # kernel sum over the detector
     k_centre = solution.kernel_at((nx - 1) / 2, (ny - 1) / 2)
     background = solution.background_image(sci.shape, backend) if config.doSubtractBackground else 0.0
+    if by_matching:  # the score's kernel: the pre-filter after the matching kernel
+        from scipy.signal import fftconvolve
+
+        k_centre = fftconvolve(pre, k_centre)
 
     if flavor == "convolveScience":
         diff = (matched + background - target) / ksum  # model: target = k*source + b
@@ -233,6 +251,8 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
         out_model = tmpl.psf  # k * P_science = P_template, over the whole detector
     else:
         diff = target - matched - background
+        if by_matching:
+            diff = fft_convolve(diff, backend.to_device(pre.astype(np.float32)), backend)
         tmask = grow_mask(_template_mask_bits(tmpl, backend), k_centre.shape, backend,
                           tmpl.mask_planes)
         mask = (n_mask if flavor == "preconvolve" else sci.mask) | tmask
@@ -289,7 +309,7 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
     pull_sigma = _robust_sigma(backend, diff / xp.sqrt(xp.where(var > 0, var, 1.0)),
                                good & (var > 0))
     quality = {
-        "flavor": flavor, "decorrelated": decorrelated,
+        "flavor": flavor, "decorrelated": decorrelated, "preconvolve_by_matching": by_matching,
         "science_fwhm": list(map(float, ImagePsf(psf_s).fwhm())),
         "template_fwhm": list(map(float, ImagePsf(psf_t).fwhm())),
         "kernel_sum_centre": kappa,

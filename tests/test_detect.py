@@ -145,6 +145,13 @@ def test_no_changes_no_detections(tmp_path):
         res = subtract(sci, read_exposure(tmp_path / row["template"]), SubtractConfig(mode="auto"))
         ds = dia_sources(res, sci)
         counts[(int(row["visit"]), int(row["detector"]))] = int((~ds["sky_source"]).sum())
+        if row["detector"] == 49:  # template sharper: the score by matching, then pre-filter
+            pre = subtract(sci, read_exposure(tmp_path / row["template"]),
+                           SubtractConfig(mode="preconvolve"))
+            assert pre.quality["preconvolve_by_matching"]
+            found = dia_sources(pre, sci)
+            # measured 0 and 1 (fitting pre * k to the pre-convolved science: 20 and 26)
+            assert int((~found["sky_source"]).sum()) <= 2
         sky = ds[ds["sky_source"]]
         # blank-sky PSF fluxes scatter 0.94-1.26x their errors (the sky positions are random,
         # some on faint sources' residuals; in source-free regions the PSF-filtered
