@@ -210,7 +210,10 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
     basis = alard_lupton_basis(fwhm_src, fwhm_tgt, config.basis)
     bad = _bad_for_fit(sci, tmpl, config.kernel.badMaskPlanes)
     # kernel sources are chosen on the science image, as in ip_diffim (its own S/N)
+    # (for preconvolution the science before its pre-filter: the filtered image's noise
+    # is correlated, so its per-pixel variance would overstate every source's S/N)
     sel_image, sel_var, sel_psf = ((source, source_var, source_psf) if flavor == "convolveScience"
+                                   else (sci.image, sci.variance, psf_s) if flavor == "preconvolve"
                                    else (target, target_var, fit_psf))
     positions = select_kernel_sources(sel_image, sel_var, bad, sel_psf, config.kernel,
                                       basis.size, backend)
