@@ -58,9 +58,12 @@ def _cutouts(repo, rows, sizes):
 def _peak_rss_mb(repo, out, rows, sizes=SIZES[:1]):
     """Peak RSS of a fresh process running ``rows`` exposures of the given sizes."""
     sub = _cutouts(repo, rows, sizes)
-    code = ("import resource, sys; from gpudiffim.runner import run; "
+    # VmHWM, not ru_maxrss: the latter survives exec, so a child would report the
+    # high-water mark of the pytest process that forked it
+    code = ("from gpudiffim.runner import run; "
             f"t = run({str(sub)!r}, {str(out)!r}, progress=False); "
-            "print((t['status'] == 'done').sum(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]; "
+            "print((t['status'] == 'done').sum(), hwm.split()[1])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     done, rss = map(int, result.stdout.strip().splitlines()[-1].split())
     assert done == rows, result.stderr[-2000:]

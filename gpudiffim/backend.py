@@ -221,6 +221,7 @@ class CpuBackend(Backend):
 
     name = "cpu"
     max_plans = 40
+    max_plan_bytes = 384 << 20  # pyFFTW plans own their buffers: bound them in bytes too
     chunk_bytes = 32 << 20  # FFT plans for stacks work on chunks of about this size
 
     def __init__(self, threads: int | None = None):
@@ -230,6 +231,7 @@ class CpuBackend(Backend):
                        else os.cpu_count() or 1)
         self.threads = threads
         self._plans: OrderedDict = OrderedDict()  # LRU: plans own their buffers
+        self._plan_bytes: dict = {}
         self._lock = threading.Lock()
         try:
             import pyfftw  # noqa: F401
@@ -258,8 +260,11 @@ class CpuBackend(Backend):
             plan = build(proto, s=s, axes=(-2, -1), threads=self.threads,
                          planner_effort="FFTW_ESTIMATE", auto_align_input=True)
             self._plans[key] = plan
-            while len(self._plans) > self.max_plans:
-                self._plans.popitem(last=False)
+            self._plan_bytes[key] = plan.input_array.nbytes + plan.output_array.nbytes
+            while len(self._plans) > 1 and (len(self._plans) > self.max_plans or
+                                            sum(self._plan_bytes.values()) > self.max_plan_bytes):
+                old, _ = self._plans.popitem(last=False)
+                del self._plan_bytes[old]
         return plan
 
     def _run(self, kind, a, s):
