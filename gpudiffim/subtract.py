@@ -33,7 +33,7 @@ from .errors import GpuDiffimError
 from .exposure import UNUSABLE_PLANES, Exposure, mask_bits
 from .kernel_fit import (KernelFitConfig, KernelSolution, fit_kernel, psf_flux_ratio,
                          select_kernel_sources, spatial_term_images)
-from .psf import ImagePsf, convolved_psf
+from .psf import ImagePsf, PolynomialPsf, convolved_psf, polynomial_terms
 
 log = logging.getLogger(__name__)
 
@@ -304,8 +304,8 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
                else target_var + conv_var)
     var = xp.where(nodata_out, 0.0, var)
     if flavor == "preconvolve":  # score in flux units: its value at a source is the PSF flux
-        norm = float(np.sum((psf_s / psf_s.sum()) ** 2))
-        diff, var = diff / norm, var / norm**2
+        norm = _score_norm(backend, sci.psf, psf_s, sci.shape)
+        diff, var = diff / norm, var / (norm * norm)
     diff = xp.astype(diff, xp.float32)
     var = xp.astype(var, xp.float32)
 
@@ -338,6 +338,36 @@ def _decorrelated_variance(backend, target_var, source_var, phi, kernel):
     both = fftconvolve(phi, kernel)
     return (fft_convolve(target_var, backend.to_device((phi**2).astype(np.float32)), backend)
             + fft_convolve(source_var, backend.to_device((both**2).astype(np.float32)), backend))
+
+
+def _score_norm(backend, psf_model, psf_centre, shape, grid: int = 9, order: int = 2):
+    """The score's value per unit flux of a point source: ``sum P_centre P(x, y)`` for the
+    pre-filter made from the centre PSF and the PSF at (x, y). Constant for a constant PSF;
+    for a spatially varying model, a polynomial map fitted on a grid over the detector."""
+    p_c = psf_centre / psf_centre.sum()
+    ny, nx = shape
+    if not isinstance(psf_model, PolynomialPsf):
+        return float(np.sum(p_c * p_c))
+    xs, ys = np.linspace(0, nx - 1, grid), np.linspace(0, ny - 1, grid)
+    terms = polynomial_terms(order)
+    rows, values = [], []
+    for y in ys:
+        for x in xs:
+            p = psf_model.image_at(x, y)
+            h, c = min(p.shape[0], p_c.shape[0]) // 2, p.shape[0] // 2
+            k = p_c.shape[0] // 2
+            values.append(np.sum(p_c[k - h:k + h + 1, k - h:k + h + 1]
+                                 * p[c - h:c + h + 1, c - h:c + h + 1]))
+            u, v = 2 * x / max(nx - 1, 1) - 1, 2 * y / max(ny - 1, 1) - 1
+            rows.append([u**i * v**j for i, j in terms])
+    coeffs = np.linalg.lstsq(np.array(rows), np.array(values), rcond=None)[0]
+    xp = backend.xp
+    u = xp.reshape(2 * backend.arange(nx, dtype=xp.float32) / max(nx - 1, 1) - 1, (1, nx))
+    v = xp.reshape(2 * backend.arange(ny, dtype=xp.float32) / max(ny - 1, 1) - 1, (ny, 1))
+    out = backend.zeros((ny, nx), dtype=xp.float32)
+    for (i, j), a in zip(terms, coeffs):
+        out = out + float(a) * (u**i) * (v**j)
+    return out
 
 
 def _reach(kernel: np.ndarray, fraction: float = 0.999) -> int:
