@@ -193,6 +193,12 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
             target, target_var, fit_psf = sci.image, sci.variance, psf_s
         else:
             target, target_var, fit_psf = n_img, n_var, target_psf
+            if np.mean(ImagePsf(psf_t).fwhm()) > np.mean(ImagePsf(target_psf).fwhm()):
+                log.warning("preconvolve: the template (FWHM %.2f px) is wider than the "
+                            "pre-convolved science (%.2f px); the kernel must deconvolve and "
+                            "bright sources will leave residuals (convolveScience suits this "
+                            "pair)", np.mean(ImagePsf(psf_t).fwhm()),
+                            np.mean(ImagePsf(target_psf).fwhm()))
     elif flavor == "convolveTemplate":
         source, source_var, target, target_var = tmpl.image, tmpl.variance, sci.image, sci.variance
         source_psf, target_psf = psf_t, psf_s
