@@ -1,7 +1,6 @@
 """Runner throughput (exposures/s) on the demo preset, and peak memory vs run length (CPU):
 the same inputs repeated, and exposures whose sizes vary (new FFT plans, new buffers)."""
 
-import resource
 import subprocess
 import sys
 

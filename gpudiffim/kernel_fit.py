@@ -27,7 +27,6 @@ import numpy as np
 from .backend import get_backend, next_fast_len
 from .basis import KernelBasis
 from .errors import GpuDiffimError
-from .exposure import MASK_PLANES, mask_bits
 from .psf import polynomial_terms
 
 log = logging.getLogger(__name__)

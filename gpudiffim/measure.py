@@ -233,7 +233,6 @@ def _dipoles(table, det, difference, backend, n_det):
     is_dip[:n_det] = det.is_dipole
     idx = np.nonzero(is_dip)[0]
     if len(idx):
-        xp = backend.xp
         S = 41
         half = S // 2
         px, py = det.pos_x[idx].astype(float), det.pos_y[idx].astype(float)

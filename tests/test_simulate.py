@@ -1,7 +1,6 @@
 """The simulator: determinism and the physics it promises (variance, PSF flux, SNR)."""
 
 import filecmp
-from pathlib import Path
 
 import numpy as np
 import pytest

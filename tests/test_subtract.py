@@ -10,7 +10,6 @@ from astropy.table import Table
 
 from gpudiffim.backend import get_backend
 from gpudiffim.cli import main
-from gpudiffim.exposure import mask_bits
 from gpudiffim.inject import psf_stamp
 from gpudiffim.io import read_exposure, write_exposure
 from gpudiffim.kernel_fit import KernelFitConfig
