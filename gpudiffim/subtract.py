@@ -234,8 +234,10 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
     # dilution), so the photometric scale comes from PSF fluxes and is imposed
     pinned_sum = (psf_flux_ratio(source, target, source_psf, target_psf, positions, backend)
                   if flavor == "convolveScience" else None)
+    fit_config = (replace(config.kernel, regularization=config.kernel.convolvedScienceRegularization)
+                  if flavor == "convolveScience" else config.kernel)
     solution = fit_kernel(source, target, source_var, target_var, bad, basis, positions,
-                          config.kernel, backend, bbox=(nx, ny), source_psf=source_psf,
+                          fit_config, backend, bbox=(nx, ny), source_psf=source_psf,
                           kernel_sum=pinned_sum)
     log.info("kernel: %d of %d stamps, size %d, sum %.4f at centre", solution.stats["n_used"],
              solution.stats["n_candidates"], basis.size,
