@@ -172,6 +172,8 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
     sci, tmpl = science.to_backend(backend), template.to_backend(backend)
     flavor = choose_flavor(sci, tmpl, config.mode)
     psf_s, psf_t = _psf_at_centre(sci), _psf_at_centre(tmpl)
+    fwhm_s_xy, fwhm_t_xy = ImagePsf(psf_s).fwhm(), ImagePsf(psf_t).fwhm()
+    fwhm_s, fwhm_t = float(np.mean(fwhm_s_xy)), float(np.mean(fwhm_t_xy))
     ny, nx = sci.shape
     nodata_s = (sci.mask & sci.bit("NO_DATA")) != 0
     nodata_t = (tmpl.mask & tmpl.bit("NO_DATA")) != 0
@@ -179,40 +181,38 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
     by_matching = False
     if flavor == "preconvolve":
         pre = np.flip(psf_s) / psf_s.sum()
-        n_img, n_mask, n_var = convolve_exposure(sci.image, sci.mask, sci.variance,
-                                                 backend.to_device(pre.astype(np.float32)),
-                                                 backend, sci.mask_planes)
         target_psf = _self_convolved(psf_s)
-        source, source_var, source_psf = tmpl.image, tmpl.variance, psf_t
+        source, source_var, source_psf, fwhm_src = tmpl.image, tmpl.variance, psf_t, fwhm_t
         # with a sharper template the matching kernel is compact in the science's own
         # space, and pre-filtering the difference gives the same score as fitting the
         # broad kernel (pre * k) to the pre-convolved science, only better determined
-        by_matching = (config.preconvolveByMatching
-                       and np.mean(ImagePsf(psf_t).fwhm()) < np.mean(ImagePsf(psf_s).fwhm()))
-        if by_matching:
-            target, target_var, fit_psf = sci.image, sci.variance, psf_s
+        by_matching = config.preconvolveByMatching and fwhm_t < fwhm_s
+        if by_matching:  # the science itself is fitted: only its mask is pre-convolved
+            n_mask = grow_mask(sci.mask, pre.shape, backend, sci.mask_planes)
+            target, target_var, fit_psf, fwhm_tgt = sci.image, sci.variance, psf_s, fwhm_s
         else:
-            target, target_var, fit_psf = n_img, n_var, target_psf
-            if np.mean(ImagePsf(psf_t).fwhm()) > np.mean(ImagePsf(target_psf).fwhm()):
+            target, n_mask, target_var = convolve_exposure(
+                sci.image, sci.mask, sci.variance, backend.to_device(pre.astype(np.float32)),
+                backend, sci.mask_planes)
+            fit_psf = target_psf
+            fwhm_tgt = float(np.mean(ImagePsf(target_psf).fwhm()))
+            if fwhm_t > fwhm_tgt:
                 log.warning("preconvolve: the template (FWHM %.2f px) is wider than the "
                             "pre-convolved science (%.2f px); the kernel must deconvolve and "
                             "bright sources will leave residuals (convolveScience suits this "
-                            "pair)", np.mean(ImagePsf(psf_t).fwhm()),
-                            np.mean(ImagePsf(target_psf).fwhm()))
+                            "pair)", fwhm_t, fwhm_tgt)
     elif flavor == "convolveTemplate":
         source, source_var, target, target_var = tmpl.image, tmpl.variance, sci.image, sci.variance
-        source_psf, target_psf = psf_t, psf_s
+        source_psf, target_psf, fwhm_src, fwhm_tgt = psf_t, psf_s, fwhm_t, fwhm_s
     else:  # convolveScience
         source, source_var, target, target_var = sci.image, sci.variance, tmpl.image, tmpl.variance
-        source_psf, target_psf = psf_s, psf_t
+        source_psf, target_psf, fwhm_src, fwhm_tgt = psf_s, psf_t, fwhm_s, fwhm_t
     if flavor != "preconvolve":
         fit_psf = target_psf
     nodata = nodata_s | nodata_t
     source = xp.where(nodata, 0.0, source)
     target = xp.where(nodata, 0.0, target)
 
-    fwhm_src = float(np.mean(ImagePsf(source_psf).fwhm()))
-    fwhm_tgt = float(np.mean(ImagePsf(fit_psf).fwhm()))
     basis = alard_lupton_basis(fwhm_src, fwhm_tgt, config.basis)
     bad = _bad_for_fit(sci, tmpl, config.kernel.badMaskPlanes)
     # kernel sources are chosen on the science image, as in ip_diffim (its own S/N)
@@ -321,8 +321,8 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
                                good & (var > 0))
     quality = {
         "flavor": flavor, "decorrelated": decorrelated, "preconvolve_by_matching": by_matching,
-        "science_fwhm": list(map(float, ImagePsf(psf_s).fwhm())),
-        "template_fwhm": list(map(float, ImagePsf(psf_t).fwhm())),
+        "science_fwhm": list(map(float, fwhm_s_xy)),
+        "template_fwhm": list(map(float, fwhm_t_xy)),
         "kernel_sum_centre": kappa,
         "kernel_sum_range": [float(v) for v in _corner_range(solution, nx, ny)],
         "background_centre": float(solution.background_at((nx - 1) / 2, (ny - 1) / 2)),
