@@ -348,34 +348,31 @@ def _decorrelated_variance(backend, target_var, source_var, phi, kernel):
             + fft_convolve(source_var, backend.to_device((both**2).astype(np.float32)), backend))
 
 
-def _score_norm(backend, psf_model, psf_centre, shape, grid: int = 9, order: int = 2):
+def _score_norm(backend, psf_model, psf_centre, shape):
     """The score's value per unit flux of a point source: ``sum P_centre P(x, y)`` for the
-    pre-filter made from the centre PSF and the PSF at (x, y). Constant for a constant PSF;
-    for a spatially varying model, a polynomial map fitted on a grid over the detector."""
+    pre-filter made from the centre PSF and the PSF at (x, y). Constant for a constant PSF.
+    A :class:`PolynomialPsf` is ``sum_j w_j C_j / sum_j w_j sum(C_j)`` with monomial
+    weights ``w_j(x, y)``, so the map is exactly the ratio of two polynomials in position."""
     p_c = psf_centre / psf_centre.sum()
-    ny, nx = shape
     if not isinstance(psf_model, PolynomialPsf):
         return float(np.sum(p_c * p_c))
-    xs, ys = np.linspace(0, nx - 1, grid), np.linspace(0, ny - 1, grid)
-    terms = polynomial_terms(order)
-    rows, values = [], []
-    for y in ys:
-        for x in xs:
-            p = psf_model.image_at(x, y)
-            h, c = min(p.shape[0], p_c.shape[0]) // 2, p.shape[0] // 2
-            k = p_c.shape[0] // 2
-            values.append(np.sum(p_c[k - h:k + h + 1, k - h:k + h + 1]
-                                 * p[c - h:c + h + 1, c - h:c + h + 1]))
-            u, v = 2 * x / max(nx - 1, 1) - 1, 2 * y / max(ny - 1, 1) - 1
-            rows.append([u**i * v**j for i, j in terms])
-    coeffs = np.linalg.lstsq(np.array(rows), np.array(values), rcond=None)[0]
+    coeffs = psf_model.image
+    h = min(coeffs.shape[1], p_c.shape[0]) // 2
+    c, k = coeffs.shape[1] // 2, p_c.shape[0] // 2
+    overlap = np.sum(coeffs[:, c - h:c + h + 1, c - h:c + h + 1]
+                     * p_c[k - h:k + h + 1, k - h:k + h + 1], axis=(1, 2))
+    totals = coeffs.sum(axis=(1, 2))
     xp = backend.xp
-    u = xp.reshape(2 * backend.arange(nx, dtype=xp.float32) / max(nx - 1, 1) - 1, (1, nx))
-    v = xp.reshape(2 * backend.arange(ny, dtype=xp.float32) / max(ny - 1, 1) - 1, (ny, 1))
-    out = backend.zeros((ny, nx), dtype=xp.float32)
-    for (i, j), a in zip(terms, coeffs):
-        out = out + float(a) * (u**i) * (v**j)
-    return out
+    ny, nx = shape
+    (w, hgt) = psf_model.bbox
+    u = xp.reshape(2 * backend.arange(nx, dtype=xp.float32) / max(w - 1, 1) - 1, (1, nx))
+    v = xp.reshape(2 * backend.arange(ny, dtype=xp.float32) / max(hgt - 1, 1) - 1, (ny, 1))
+    num = backend.zeros((ny, nx), dtype=xp.float32)
+    den = backend.zeros((ny, nx), dtype=xp.float32)
+    for (i, j), a, b in zip(polynomial_terms(psf_model.order), overlap, totals):
+        term = (u**i) * (v**j)
+        num, den = num + float(a) * term, den + float(b) * term
+    return num / den
 
 
 def _reach(kernel: np.ndarray, fraction: float = 0.999) -> int:

@@ -289,6 +289,6 @@ def test_score_normalisation_follows_the_psf_across_the_detector():
     c = centre / centre.sum()
     for x, y in [(0, 0), (2047, 0), (0, 1023), (2047, 1023), (1000, 300)]:
         truth = float(np.sum(c * model.image_at(x, y)))
-        assert abs(norm[y, x] / truth - 1) < 0.005, (x, y)
+        assert abs(norm[y, x] / truth - 1) < 1e-5, (x, y)  # exact: a ratio of polynomials
     corner = float(np.sum(c * model.image_at(2047, 0))) / float(np.sum(c * c))
     assert abs(corner - 1) > 0.03  # the variation the map corrects
