@@ -295,7 +295,9 @@ def build_stamps(source, target, variance, bad, positions, basis: KernelBasis,
     bad_st = xp.reshape(_gather(backend, bad, pos_dev, S), (-1, S * S))
     weight = xp.where(bad_st | (var <= 0), 0.0, 1.0 / xp.where(var > 0, var, 1.0))
     nb = len(basis)
-    basis_flat = backend.to_device(basis.kernels.reshape(nb, K * K))
+    if source_var is not None:  # every product B_j(m) B_l(m), once for all chunks
+        flat = basis.kernels.reshape(nb, K * K)
+        products = backend.to_device((flat[:, None, :] * flat[None, :, :]).reshape(nb * nb, K * K))
     designs, noise = [], []
     for start in range(0, len(positions), config.chunk):
         stop = min(start + config.chunk, len(positions))
@@ -310,7 +312,7 @@ def build_stamps(source, target, variance, bad, positions, basis: KernelBasis,
         designs.append(backend.matrix_transpose(xp.concat([cols, ones], axis=1)))
         if source_var is not None:
             noise.append(_noise_normal(backend, source_var, p, weight[start:stop, ...],
-                                       basis_flat, S, K, F))
+                                       products, nb, S, K, F))
     design = xp.concat(designs, axis=0)
     weighted = design * weight[..., None]
     normal = xp.matmul(backend.matrix_transpose(weighted), design)
@@ -324,7 +326,6 @@ def build_stamps(source, target, variance, bad, positions, basis: KernelBasis,
     if config.regularization > 0:
         rough = roughness_matrix(basis, source_psf)
         penalty = backend.to_device(rough)
-        nb = len(basis)
         scale = (xp.sum(xp.reshape(normal, (normal.shape[0], -1))[:, ::nb + 2][:, :nb], axis=1)
                  * config.regularization / float(np.trace(rough)))
         normal = normal + scale[:, None, None] * penalty[None, ...]
@@ -336,7 +337,7 @@ def build_stamps(source, target, variance, bad, positions, basis: KernelBasis,
     return _Stamps(design, tgt, weight, normal, rhs, noise_normal, np.asarray(positions))
 
 
-def _noise_normal(backend, source_var, pos, weight, basis_flat, S: int, K: int, F: int):
+def _noise_normal(backend, source_var, pos, weight, products, nb: int, S: int, K: int, F: int):
     """Expected contribution of the source image's noise to each stamp's normal matrix
     (n, nb, nb): ``sum_m B_j(m) B_l(m) G(m)``, ``G(m) = sum_i w_i var(i - m)`` (the stamp
     convolution reads ``src[K - 1 + i - m]``; ``G`` is a valid-mode correlation by FFT)."""
@@ -350,9 +351,7 @@ def _noise_normal(backend, source_var, pos, weight, basis_flat, S: int, K: int, 
                           s=(F, F))
     g = xp.flip(xp.astype(corr[:, :K, :K], xp.float64), axis=(1, 2))  # G(m), m in kernel grid
     g = xp.reshape(g, (g.shape[0], K * K))
-    nb = basis_flat.shape[0]
-    # one GEMM against all products B_j(m) B_l(m): (n, K^2) @ (K^2, nb^2)
-    products = xp.reshape(basis_flat[:, None, :] * basis_flat[None, :, :], (nb * nb, K * K))
+    # one GEMM against all products B_j(m) B_l(m) (``products``, nb^2 x K^2)
     return xp.reshape(xp.matmul(g, backend.matrix_transpose(products)), (g.shape[0], nb, nb))
 
 

@@ -26,6 +26,7 @@ import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -349,19 +350,19 @@ def _release_freed_memory() -> None:
     """Hand freed heap pages back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
     Exposure-sized arrays freed by one thread and reallocated by another otherwise pile
     up in the allocator's arenas, and a long run's footprint creeps up."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_malloc_trim = None
+@lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def _read_or_error(repo, row, config: RunConfig, templates: TemplateCache):
