@@ -39,11 +39,34 @@ def test_recovers_known_spatially_varying_kernel(known_kernel_result):
             fit = k.kernel_at(x, y)
             err[i, j] = np.abs(fit - truth).max() / truth.max()
             sum_err[i, j] = abs(fit.sum() / truth.sum() - 1)
-    # measured (1024^2, 1500 stars): kernel 0.3-2.0% of peak inside (worst where it is
-    # narrowest: the regularisation's bias), 3.5% at the corners; sum 0.11% inside, 0.23%
-    # at the corners (the issue asks 1% and 0.3%: see the notes)
-    assert err[1:-1, 1:-1].max() < 0.022 and err.max() < 0.04
+    # measured (1024^2, 1500 stars): kernel 0.3-1.2% of peak inside, 2.5% at the corners
+    # (2.0% and 3.5% with the penalty centred on zero and applied only at the stamps); sum
+    # 0.11% inside, 0.24% at the corners. Where the kernel is most elongated (x = 1023,
+    # y = 0) the basis itself cannot represent it better than 2.0% (0.9% inside): the
+    # projection of the truth onto the basis. Noise adds 0.2-0.9% per realisation.
+    assert err[1:-1, 1:-1].max() < 0.013 and err.max() < 0.027
     assert sum_err[1:-1, 1:-1].max() < 0.002 and sum_err.max() < 0.004
+
+
+def test_penalty_spares_the_kernel_the_psf_widths_predict():
+    """The roughness penalty acts on the departure from the basis's middle Gaussian at the
+    fitted sum, so that Gaussian costs nothing at any flux scale; other kernels still pay."""
+    from gpudiffim.basis import alard_lupton_basis
+    from gpudiffim.kernel_fit import centred_on_gaussian, roughness_matrix
+
+    basis = alard_lupton_basis(3.0, 5.0)
+    psf = gaussian_image(31, 3.0 / 2.3548)
+    rough = roughness_matrix(basis, psf)
+    centred = centred_on_gaussian(rough, basis, basis.sigmas[1])
+    flat = basis.kernels.reshape(len(basis), -1).T
+    g = gaussian_image(basis.size, basis.sigmas[1])
+    other = gaussian_image(basis.size, 1.3 * basis.sigmas[1], 0.8 * basis.sigmas[1])
+    cost = {}
+    for name, k in (("psf", g), ("other", other)):
+        a = np.r_[np.linalg.lstsq(flat, 0.9 * (k / k.sum()).ravel(), rcond=None)[0], 0.0]
+        cost[name] = (a @ rough @ a, a @ centred @ a)
+    assert cost["psf"][1] < 1e-6 * cost["psf"][0]
+    assert cost["other"][1] > 0.3 * cost["other"][0]  # measured 0.59
 
 
 def test_errors_in_variables_correction_unbiases_a_noisy_template_fit():
@@ -138,6 +161,15 @@ def test_decorrelated_difference_is_white_noise(sim_repo, mode):
                       row["visit"]) & (d.variance > 0)
         pull = mad_std(d.image[good] / np.sqrt(d.variance[good]))
         assert abs(pull - 1) < 0.03, (mode, row["visit"], pull)
+        if mode in ("convolveTemplate", "convolveScience"):  # and in each quadrant, where the
+            # kernel's power differs from the centre's (measured: within 0.008; 1.089 in one
+            # convolveScience quadrant with the centre kernel's variance everywhere). The
+            # score's quadrants hold too few independent samples for 3%.
+            h = d.shape[0] // 2
+            for q in [(slice(0, h), slice(0, h)), (slice(0, h), slice(h, None)),
+                      (slice(h, None), slice(0, h)), (slice(h, None), slice(h, None))]:
+                z = d.image[q][good[q]] / np.sqrt(d.variance[q][good[q]])
+                assert abs(mad_std(z) - 1) < 0.03, (mode, row["visit"], q, mad_std(z))
 
 
 def test_bright_stars_subtract_to_the_noise(sim_repo):
