@@ -28,7 +28,7 @@ import numpy as np
 from .backend import get_backend, window_or
 from .basis import BasisConfig, alard_lupton_basis
 from .convolve import convolve_exposure, fft_convolve, grow_mask
-from .decorrelate import decorrelation_kernel, white_variance
+from .decorrelate import decorrelation_kernel
 from .errors import GpuDiffimError
 from .exposure import UNUSABLE_PLANES, Exposure, mask_bits
 from .kernel_fit import (KernelFitConfig, KernelSolution, fit_kernel, psf_flux_ratio,
@@ -114,14 +114,24 @@ def convolve_spatial(image, solution: KernelSolution, backend, dtype=None):
     return xp.sum(conv * weights, axis=0)
 
 
-def _convolved_variance(variance, k_centre, terms, weights, backend):
-    """Variance convolved with the squared centre kernel, scaled by the kernel's sum of squares
-    over the detector (from the term kernels' inner products and their polynomial weights)."""
+def _convolved_variance(variance, kernel, terms, weights, backend, phi=None):
+    """``variance`` convolved with the square of ``kernel`` (after ``phi`` when given),
+    scaled by that squared kernel's sum over the detector relative to its value for
+    ``kernel``: ``sum (phi * k(x, y))^2`` is a quadratic form in the spatial weights whose
+    matrix is the term kernels' inner products, so a kernel that carries more power in one
+    corner than at the centre puts more of the convolved image's noise there."""
+    from scipy.signal import fftconvolve
+
     xp = backend.xp
+    if phi is not None:
+        kernel = fftconvolve(phi, kernel)
+        terms = None if terms is None else np.array([fftconvolve(phi, t) for t in terms])
+    conv = fft_convolve(variance, backend.to_device((kernel**2).astype(np.float32)), backend)
+    if terms is None:
+        return conv
     gram = np.tensordot(terms, terms, axes=([1, 2], [1, 2])).astype(np.float32)
     ssq = xp.sum(weights * xp.tensordot(backend.to_device(gram), weights, axes=1), axis=0)
-    conv = fft_convolve(variance, backend.to_device((k_centre**2).astype(np.float32)), backend)
-    return conv * ssq / float(np.sum(k_centre**2))
+    return conv * ssq / float(np.sum(kernel**2))
 
 
 def _bad_for_fit(science: Exposure, template: Exposure, planes) -> object:
@@ -248,7 +258,7 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
     terms = solution.term_kernels()
     ksum = xp.tensordot(backend.to_device(terms.sum(axis=(1, 2)).astype(np.float32)), weights,
                         axes=1)  # kernel sum over the detector
-    k_centre = solution.kernel_at((nx - 1) / 2, (ny - 1) / 2)
+    k_fit = k_centre = solution.kernel_at((nx - 1) / 2, (ny - 1) / 2)
     background = solution.background_image(sci.shape, backend) if config.doSubtractBackground else 0.0
     if by_matching:  # the score's kernel: the pre-filter after the matching kernel
         from scipy.signal import fftconvolve
@@ -294,13 +304,19 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
         if reach > 0:
             edge = mask & mask_bits("EDGE")
             mask = mask | window_or(backend, edge, (2 * reach + 1, 2 * reach + 1), (-reach, -reach))
-        if flavor == "preconvolve":
-            white = white_variance(sci.variance, tmpl.variance, ksum, flavor)
-            var = fft_convolve(xp.where(nodata_out, 0.0, white),
-                               backend.to_device((psf_s / psf_s.sum()) ** 2), backend)
+        if flavor == "preconvolve":  # the science through pre and phi; the template through
+            # the fitted kernel, then phi (and pre too when that was fitted in science space)
+            from scipy.signal import fftconvolve
+
+            phi_sci = fftconvolve(phi, pre)
+            var = (fft_convolve(xp.where(nodata, 0.0, sci.variance),
+                                backend.to_device((phi_sci**2).astype(np.float32)), backend)
+                   + _convolved_variance(xp.where(nodata, 0.0, tmpl.variance), k_fit, terms,
+                                         weights, backend, phi_sci if by_matching else phi))
         else:  # each pixel's variance through both convolutions (phi, and k then phi)
             var = _decorrelated_variance(backend, xp.where(nodata, 0.0, target_var),
-                                         xp.where(nodata, 0.0, source_var), phi, k_centre)
+                                         xp.where(nodata, 0.0, source_var), phi, k_centre,
+                                         terms, weights)
             if flavor == "convolveScience":
                 var = var / (ksum * ksum)
         out_model = convolved_psf(out_model, phi)
@@ -335,17 +351,16 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
     return SubtractionResult(difference, solution, flavor, flavor == "preconvolve", quality)
 
 
-def _decorrelated_variance(backend, target_var, source_var, phi, kernel):
+def _decorrelated_variance(backend, target_var, source_var, phi, kernel, terms=None,
+                           weights=None):
     """Per-pixel variance of ``phi * (target - kernel * source)`` for independent pixel
     noise: ``phi^2 * V_target + (phi * k)^2 * V_source``. In flat sky it equals the white
     value the decorrelation aims at; around bright sources it follows their photon noise
     as the convolutions spread it (the convolved image's noise spreads over the kernel's
-    width, beyond that image's own, sharper, profile)."""
-    from scipy.signal import fftconvolve
-
-    both = fftconvolve(phi, kernel)
+    width, beyond that image's own, sharper, profile). With the spatial ``terms`` and
+    ``weights`` the second part follows the kernel's power across the detector."""
     return (fft_convolve(target_var, backend.to_device((phi**2).astype(np.float32)), backend)
-            + fft_convolve(source_var, backend.to_device((both**2).astype(np.float32)), backend))
+            + _convolved_variance(source_var, kernel, terms, weights, backend, phi))
 
 
 def _score_norm(backend, psf_model, psf_centre, shape):
