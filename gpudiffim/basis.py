@@ -37,8 +37,14 @@ class BasisConfig:
     kernelSizeFwhmScaling: float = 6.0
     kernelSizeMin: int = 21
     kernelSizeMax: int = 35
-    # gpudiffim's own: broad Gaussians (degree 0) beyond the widest, for differing PSF wings
-    wingGaussians: int = 1
+    # gpudiffim's own: broad Gaussians (degree 0) beyond the widest, for differing PSF
+    # wings: at least ``minWingGaussians``, and more (up to ``wingGaussians``) while the
+    # widest sigma is under ``wingReach`` x the target PSF's sigma. A narrow kernel (nearly
+    # equal seeing) otherwise stops short of where the PSFs' wings differ, and bright stars
+    # keep rings; a broad one reaches there already, and more width only adds freedom.
+    wingGaussians: int = 2
+    minWingGaussians: int = 1
+    wingReach: float = 2.0
     wingSizeMin: int = 41
     wingSizeMax: int = 51
 
@@ -80,6 +86,8 @@ def basis_sigmas(fwhm_source: float | None, fwhm_target: float | None,
     sigmas = tuple(float(s) for s in sigmas)
     degrees = (c.alardDegGaussDeconv,) * n if deconv else tuple(c.alardDegGauss[:n])
     for k in range(c.wingGaussians):
+        if k >= c.minWingGaussians and sigmas[-1] >= c.wingReach * s_tgt:
+            break
         sigmas += (sigmas[-1] * c.alardGaussBeta,)
         degrees += (0,)
     return sigmas, degrees, deconv
