@@ -171,19 +171,13 @@ def _spatial_term_images(shape, bbox, order, backend, dtype=None):
 
 
 # ---------------------------------------------------------------------------- sources
-def select_kernel_sources(target, target_var, bad, psf_image, config: KernelFitConfig,
-                          kernel_size: int, backend=None) -> np.ndarray:
-    """Pick kernel sources on ``target``: matched-filter S/N within
-    [detectionThreshold, maxSnr], a clean stamp (no ``bad`` pixel), isolated, inside the
-    image with room for the stamp, at most ``nStarPerCell`` per cell.
-
-    Returns host integer (x, y) pixel positions, brightest first, shape (n, 2).
-    """
+def source_snr_maps(target, target_var, psf_image, backend=None):
+    """Matched-filter flux and S/N images of ``target`` and where the S/N peaks (device),
+    for :func:`select_kernel_sources`; computed once, they serve several selections."""
     from .convolve import fft_convolve
 
     backend = get_backend(backend)
     xp = backend.xp
-    ny, nx = target.shape
     # matched filter with a compensated PSF (PSF minus a 65x65 box mean): local sky removed
     psf = np.asarray(psf_image, np.float64)
     size = max(65, psf.shape[0] + 2)
@@ -198,7 +192,23 @@ def select_kernel_sources(target, target_var, bad, psf_image, config: KernelFitC
     noise = xp.sqrt(xp.clip(fft_convolve(target_var, backend.to_device((comp**2).astype(np.float32)),
                                          backend), min=0.0))
     snr = flux_map / xp.where(noise > 0, noise, xp.inf)
-    is_peak = snr == backend.maximum_filter(snr, 5)
+    return flux_map, snr, snr == backend.maximum_filter(snr, 5)
+
+
+def select_kernel_sources(target, target_var, bad, psf_image, config: KernelFitConfig,
+                          kernel_size: int, backend=None, maps=None) -> np.ndarray:
+    """Pick kernel sources on ``target``: matched-filter S/N within
+    [detectionThreshold, maxSnr], a clean stamp (no ``bad`` pixel), isolated, inside the
+    image with room for the stamp, at most ``nStarPerCell`` per cell. ``maps``: the
+    :func:`source_snr_maps` of ``target``, when already at hand.
+
+    Returns host integer (x, y) pixel positions, brightest first, shape (n, 2).
+    """
+    backend = get_backend(backend)
+    xp = backend.xp
+    ny, nx = target.shape
+    flux_map, snr, is_peak = maps if maps is not None else source_snr_maps(
+        target, target_var, psf_image, backend)
     half = (config.stampSize + kernel_size - 1) // 2 + 1
     ii = xp.reshape(backend.arange(ny), (ny, 1))
     jj = xp.reshape(backend.arange(nx), (1, nx))

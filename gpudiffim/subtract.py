@@ -32,7 +32,7 @@ from .decorrelate import decorrelation_kernel
 from .errors import GpuDiffimError
 from .exposure import UNUSABLE_PLANES, Exposure, mask_bits
 from .kernel_fit import (KernelFitConfig, KernelSolution, fit_kernel, psf_flux_ratio,
-                         select_kernel_sources, spatial_term_images)
+                         select_kernel_sources, source_snr_maps, spatial_term_images)
 from .psf import ImagePsf, PolynomialPsf, convolved_psf, polynomial_terms
 
 log = logging.getLogger(__name__)
@@ -231,13 +231,14 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
     sel_image, sel_var, sel_psf = ((source, source_var, source_psf) if flavor == "convolveScience"
                                    else (sci.image, sci.variance, psf_s) if flavor == "preconvolve"
                                    else (target, target_var, fit_psf))
+    maps = source_snr_maps(sel_image, sel_var, sel_psf, backend)
     positions = select_kernel_sources(sel_image, sel_var, bad, sel_psf, config.kernel,
-                                      basis.size, backend)
+                                      basis.size, backend, maps)
     if flavor == "convolveScience":  # bright ones only, while enough of them remain
         lo, hi = config.kernel.convolvedScienceSnr
         bright = select_kernel_sources(sel_image, sel_var, bad, sel_psf,
                                        replace(config.kernel, detectionThreshold=lo, maxSnr=hi),
-                                       basis.size, backend)
+                                       basis.size, backend, maps)
         if len(bright) >= config.kernel.minConvolvedScienceSources:
             positions = bright
     # convolving the noisier image: its noise would bias a fitted kernel sum low (regression
