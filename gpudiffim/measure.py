@@ -2,7 +2,7 @@
 
 Stamps around every source are gathered with one indexing operation and measured with
 array math on the backend: PSF flux and error (linear fit with the difference's PSF and
-variance; for a score image its value at the peak), aperture flux and error, a
+variance; for a score image its value at the centroid, Lanczos-interpolated), aperture flux and error, a
 sub-pixel centroid and its error, S/N, peak value, second moments, a two-lobe dipole
 fit for merged positive/negative pairs, forced PSF flux on the science image, and pixel
 flags in the footprint and at the centre. Blank "sky sources" are measured the same
@@ -74,15 +74,24 @@ def _centroid(backend, snr_stamps):
     return np.clip(dx, -0.5, 0.5), np.clip(dy, -0.5, 0.5)
 
 
-def _peak_value(s3):
-    """Peak of a quadratic through each 3x3 patch (n, 3, 3), separably in x and y."""
-    c = s3[:, 1, 1]
-    out = c.astype(np.float64)
-    for a, b in ((s3[:, 1, 0], s3[:, 1, 2]), (s3[:, 0, 1], s3[:, 2, 1])):
-        curv = a - 2 * c + b
-        safe = np.where(np.abs(curv) > 1e-12, curv, np.inf)
-        out = out - (a - b) ** 2 / (8 * safe)
-    return out.astype(np.float32)
+def _value_at(backend, stamps, dx, dy, a: int = 5):
+    """Each stamp (n, S, S) interpolated at (centre + dx, centre + dy) by a Lanczos kernel
+    of ``a`` lobes, the weights normalised (host weights, device sums). A score peak (the
+    PSF twice, FWHM >= 3 px) is read to 0.25%; a quadratic through the 3x3 around its
+    peak pixel was up to 2% off, Lanczos-3 0.8%."""
+    from .warp import _lanczos
+
+    xp = backend.xp
+    c = stamps.shape[-1] // 2
+    offs = np.arange(-a, a + 1)
+
+    def weights(d):
+        w = _lanczos(np, np.asarray(d, float)[:, None] - offs[None, :], a)
+        return backend.to_device((w / w.sum(axis=1, keepdims=True)).astype(np.float32))
+
+    wy, wx = weights(dy), weights(dx)
+    window = stamps[:, c - a:c + a + 1, c - a:c + a + 1]
+    return xp.sum(wy[:, :, None] * wx[:, None, :] * window, axis=(1, 2))
 
 
 def measure(difference: Exposure, detections: Detections, science: Exposure | None = None,
@@ -115,10 +124,8 @@ def measure(difference: Exposure, detections: Detections, science: Exposure | No
     psf = backend.to_device(_psf_stack(difference.psf, cx, cy, S).astype(np.float32))
     good = (m_st & difference.bit("NO_DATA", "BAD", "SAT", "EDGE", "SAT_TEMPLATE")) == 0
     good = good & (v_st > 0)
-    if is_score:  # the score is in flux units: its peak value at the source is the PSF flux
-        flux = backend.to_device(_peak_value(backend.to_host(d_st[:, half - 1:half + 2,
-                                                                  half - 1:half + 2])))
-        flux = xp.where(backend.to_device(np.arange(n) < n_det), flux, d_st[:, half, half])
+    if is_score:  # the score is in flux units: its value at the source is the PSF flux
+        flux = _value_at(backend, d_st, dx, dy)  # sky sources: dx = dy = 0, the pixel itself
         flux_err = xp.sqrt(v_st[:, half, half])
     else:
         flux, flux_err = _psf_fit(xp, d_st, v_st, psf, good)

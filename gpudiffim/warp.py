@@ -40,9 +40,8 @@ def pixel_mapping(science_wcs, template_wcs, shape, step: int = 32):
     return interp(ty), interp(tx)
 
 
-def _lanczos(xp, t):
-    """Lanczos-3 weights for offsets ``t`` (array)."""
-    a = LANCZOS_A
+def _lanczos(xp, t, a: int = LANCZOS_A):
+    """Lanczos weights (``a`` lobes, 3 by default) for offsets ``t`` (array)."""
     pt = np.pi * t
     safe = xp.where(xp.abs(t) < 1e-6, 1.0, pt)
     w = a * xp.sin(safe) * xp.sin(safe / a) / (safe * safe)

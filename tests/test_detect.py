@@ -210,3 +210,21 @@ def test_cli_writes_dia_sources(tmp_path):
         assert col in table.colnames
     real = table[~table["sky_source"]]
     assert np.min(np.hypot(real["x"] - 200, real["y"] - 300)) < 4
+
+
+def test_score_value_between_pixels():
+    """A score image's flux is its value at the source, which lies between pixels: smooth
+    peaks (the PSF twice, FWHM 3.1-7.1 px) are read there to 0.25% (measured 0.11-0.23%;
+    a quadratic through the 3x3 around the peak pixel was 0.14-2.0% off)."""
+    from gpudiffim.backend import get_backend
+    from gpudiffim.measure import _value_at
+
+    backend = get_backend("cpu")
+    rng = np.random.default_rng(1)
+    dx, dy = rng.uniform(-0.5, 0.5, (2, 50))
+    y, x = np.mgrid[-10:11, -10:11].astype(float)
+    for sigma in (1.3, 2.0, 3.0):
+        stamps = np.array([np.exp(-0.5 * ((x - a) ** 2 + (y - b) ** 2) / sigma**2)
+                           for a, b in zip(dx, dy)])
+        values = _value_at(backend, stamps.astype(np.float32), dx, dy)
+        assert np.abs(values - 1).max() < 2.5e-3, sigma
