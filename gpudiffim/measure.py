@@ -2,9 +2,10 @@
 
 Stamps around every source are gathered with one indexing operation and measured with
 array math on the backend: PSF flux and error (linear fit with the difference's PSF and
-variance; for a score image its value at the centroid, Lanczos-interpolated), aperture flux and error, a
-sub-pixel centroid and its error, S/N, peak value, second moments, a two-lobe dipole
-fit for merged positive/negative pairs, forced PSF flux on the science image, and pixel
+variance; for a score image its value at the centroid, Lanczos-interpolated), aperture
+flux and error, a sub-pixel centroid and its error, S/N, peak value, second moments, a
+two-lobe dipole fit for merged positive/negative pairs, forced PSF flux on the science
+image, and pixel
 flags in the footprint and at the centre. Blank "sky sources" are measured the same
 way to give the noise floor. The result is an astropy Table with Rubin APDB DiaSource
 column names.
