@@ -5,10 +5,9 @@ array math on the backend: PSF flux and error (linear fit with the difference's 
 variance; for a score image its value at the centroid, Lanczos-interpolated), aperture
 flux and error, a sub-pixel centroid and its error, S/N, peak value, second moments, a
 two-lobe dipole fit for merged positive/negative pairs, forced PSF flux on the science
-image, and pixel
-flags in the footprint and at the centre. Blank "sky sources" are measured the same
-way to give the noise floor. The result is an astropy Table with Rubin APDB DiaSource
-column names.
+image, and pixel flags in the footprint and at the centre. Blank "sky sources" are
+measured the same way to give the noise floor. The result is an astropy Table with Rubin
+APDB DiaSource column names.
 """
 
 from __future__ import annotations
