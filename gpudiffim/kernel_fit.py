@@ -535,7 +535,7 @@ def psf_flux_ratio(source, target, source_psf, target_psf, positions, backend=No
     yy, xx = np.mgrid[-c:c + 1, -c:c + 1]
     r2 = xx * xx + yy * yy
     aperture = r2 <= r_ap**2
-    annulus = backend.to_device(((r2 > (r_ap + 4) ** 2) & (r2 <= c * c)).reshape(-1))
+    annulus = backend.to_device(np.flatnonzero((r2 > (r_ap + 4) ** 2) & (r2 <= c * c)))
     ny, nx = target.shape
     inside = ((positions[:, 0] >= c) & (positions[:, 0] < nx - c)
               & (positions[:, 1] >= c) & (positions[:, 1] < ny - c))
@@ -543,7 +543,7 @@ def psf_flux_ratio(source, target, source_psf, target_psf, positions, backend=No
 
     def fluxes(image, psf):
         st = xp.astype(_gather(backend, image, pos, size), xp.float64)
-        ring = xp.reshape(st, (st.shape[0], -1))[:, annulus]  # sky beyond the wings
+        ring = xp.take(xp.reshape(st, (st.shape[0], -1)), annulus, axis=1)  # sky past the wings
         sky = xp.sort(ring, axis=1)[:, ring.shape[1] // 2]
         p = np.zeros((size, size))
         h = psf.shape[0] // 2

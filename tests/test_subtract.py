@@ -247,12 +247,13 @@ def test_auto_on_a_real_pair_with_a_wider_template():
 
 
 # -------------------------------------------------------------- strict backend and CLI
-def test_subtract_runs_under_strict_backend():
+@pytest.mark.parametrize("mode", ["convolveTemplate", "convolveScience", "preconvolve"])
+def test_subtract_runs_under_strict_backend(mode):
     science, template = kernel_pair(shape=(256, 256), n_stars=80, seed=3)
     strict = get_backend("strict")
-    res = subtract(science, template, SubtractConfig(), backend=strict)
+    res = subtract(science, template, SubtractConfig(mode=mode), backend=strict)
     assert res.difference.image.device == strict.device
-    cpu = subtract(science, template, SubtractConfig(), backend="cpu")
+    cpu = subtract(science, template, SubtractConfig(mode=mode), backend="cpu")
     got = strict.to_host(res.difference.image)
     assert np.max(np.abs(got - cpu.difference.image)) < 1e-3 * np.max(np.abs(cpu.difference.image))
     assert res.quality["kernel_sum_centre"] == pytest.approx(cpu.quality["kernel_sum_centre"], rel=1e-6)
