@@ -514,20 +514,22 @@ def _unpack(theta, orders, nb):
     return kc, theta[col:]
 
 
-def psf_flux_ratio(source, target, source_psf, target_psf, positions, backend=None) -> float:
+def psf_flux_ratio(source, target, source_psf, target_psf, positions,
+                   backend=None) -> float | None:
     """Photometric scale target/source from aperture-corrected fluxes of the kernel sources.
 
     Each image gets a wide circular aperture (2.5 x the larger FWHM) around each source,
     the stamp's border median removed, and the aperture correction of its own PSF model
     (so differing wings do not bias the ratio, and sub-pixel centring hardly matters).
     The ratio of the summed fluxes has no first-order noise bias, unlike a least-squares
-    kernel sum when the convolved image is the noisier one.
+    kernel sum when the convolved image is the noisier one. None when no source is usable
+    (too near the edges, or none at all): the kernel sum is then left to the fit.
     """
     from .psf import ImagePsf
 
     backend = get_backend(backend)
     xp = backend.xp
-    positions = np.asarray(positions)
+    positions = np.asarray(positions, np.int64).reshape(-1, 2)
     fwhm = max(np.mean(ImagePsf(source_psf).fwhm()), np.mean(ImagePsf(target_psf).fwhm()))
     r_ap = 2.5 * fwhm
     c = int(np.ceil(r_ap + 12))
@@ -539,7 +541,9 @@ def psf_flux_ratio(source, target, source_psf, target_psf, positions, backend=No
     ny, nx = target.shape
     inside = ((positions[:, 0] >= c) & (positions[:, 0] < nx - c)
               & (positions[:, 1] >= c) & (positions[:, 1] < ny - c))
-    pos = backend.to_device(np.asarray(positions, np.int64)[inside])
+    if not inside.any():
+        return None
+    pos = backend.to_device(positions[inside])
 
     def fluxes(image, psf):
         st = xp.astype(_gather(backend, image, pos, size), xp.float64)
@@ -555,6 +559,8 @@ def psf_flux_ratio(source, target, source_psf, target_psf, positions, backend=No
 
     fs, ft = fluxes(source, np.asarray(source_psf)), fluxes(target, np.asarray(target_psf))
     ok = np.isfinite(fs) & np.isfinite(ft)
+    if not ok.any() or np.sum(fs[ok]) <= 0:
+        return None
     return float(np.sum(ft[ok]) / np.sum(fs[ok]))
 
 

@@ -33,3 +33,16 @@ def test_measured_psf_matches_the_true_one(tmp_path):
         t, m = t[h - r:h + r + 1, h - r:h + r + 1], m[c - r:c + r + 1, c - r:c + r + 1]
         assert np.abs(m / m.sum() - t / t.sum()).max() < tol * t.max() / t.sum(), (x, y)
         assert np.mean(ImagePsf(m).fwhm()) == pytest.approx(np.mean(truth.fwhm(x, y)), rel=0.08)
+
+
+def test_measure_psf_under_strict_backend(tmp_path):
+    from gpudiffim.backend import get_backend
+
+    cfg = dataclasses.replace(PRESETS["ci"], name="psf", shape=(512, 512), star_density=300.0,
+                              visits={"g": (11692,)})
+    manifest = simulate(tmp_path, cfg, seed=4, workers=1)
+    exp = read_exposure(tmp_path / manifest[0]["science"]).replace(psf=None)
+    strict = get_backend("strict")
+    on_device = measure_psf(exp.to_backend(strict), backend=strict).image_at(256, 256)
+    on_host = measure_psf(exp, backend="cpu").image_at(256, 256)
+    np.testing.assert_allclose(on_device, on_host, atol=1e-6 * on_host.max())

@@ -259,6 +259,32 @@ def test_subtract_runs_under_strict_backend(mode):
     assert res.quality["kernel_sum_centre"] == pytest.approx(cpu.quality["kernel_sum_centre"], rel=1e-6)
 
 
+@pytest.mark.parametrize("mode,decorrelate", [("preconvolve", True), ("auto", True),
+                                               ("convolveScience", False)])
+def test_wider_template_paths_run_under_strict_backend(mode, decorrelate):
+    """A sharp science and a wide template: preconvolution fitted in the pre-convolved
+    space, auto choosing convolveScience, and the undecorrelated variance."""
+    wide, sharp = kernel_pair(shape=(256, 256), n_stars=80, seed=3, template_var=400.0)
+    config = SubtractConfig(mode=mode, doDecorrelation=decorrelate)
+    strict = get_backend("strict")
+    res = subtract(sharp, wide, config, backend=strict)
+    cpu = subtract(sharp, wide, config, backend="cpu")
+    assert mode == "preconvolve" or res.flavor == "convolveScience"
+    got = strict.to_host(res.difference.image)
+    assert np.max(np.abs(got - cpu.difference.image)) < 1e-3 * np.max(np.abs(cpu.difference.image))
+
+
+def test_no_kernel_sources_is_a_clear_error():
+    """An empty field: convolveScience's photometric scale has nothing to measure either,
+    and the fit says so (it raised a bare ValueError from an empty reshape)."""
+    from gpudiffim.kernel_fit import KernelFitError
+
+    science, template = kernel_pair(shape=(256, 256), n_stars=0, seed=3)
+    for mode in ("convolveTemplate", "convolveScience"):
+        with pytest.raises(KernelFitError, match="kernel sources"):
+            subtract(science, template, SubtractConfig(mode=mode))
+
+
 def test_cli_subtract_writes_difference_and_fit(tmp_path):
     science, template = kernel_pair(shape=(512, 512), n_stars=300, seed=4)
     write_exposure(science, tmp_path / "sci.fits")
