@@ -149,26 +149,28 @@ def _template_mask_bits(template: Exposure, backend):
     return xp.where(sat, out | mask_bits("SAT_TEMPLATE"), out)
 
 
-def _robust_sigma(backend, values, good, max_n: int = 200_000) -> float:
-    """Robust std (MAD x 1.4826) of ``values`` where ``good``, on a strided subsample."""
+def _good_sample(backend, values, good, max_n: int = 200_000):
+    """Sorted values where ``good``, every k-th of them so that at most ~``max_n`` remain."""
     xp = backend.xp
-    flat = xp.reshape(values, (-1,))
-    ok = xp.reshape(good, (-1,))
-    step = max(1, int(flat.shape[0] // max_n))
-    sample = flat[::step][ok[::step]]
-    if sample.shape[0] == 0:
-        return float("nan")
-    s = xp.sort(sample)
-    med = s[s.shape[0] // 2]
-    dev = xp.sort(xp.abs(sample - med))
-    return float(1.4826 * dev[dev.shape[0] // 2])
+    sample = xp.reshape(values, (-1,))[xp.reshape(good, (-1,))]
+    return xp.sort(sample[::max(1, int(sample.shape[0] // max_n))])
 
 
 def _median(backend, values, good) -> float:
-    xp = backend.xp
-    sample = xp.reshape(values, (-1,))[xp.reshape(good, (-1,))]
-    s = xp.sort(sample[::max(1, int(sample.shape[0] // 200_000))])
+    s = _good_sample(backend, values, good)
+    if s.shape[0] == 0:
+        raise GpuDiffimError("no pixel is usable in both the science and the template")
     return float(s[s.shape[0] // 2])
+
+
+def _robust_sigma(backend, values, good) -> float:
+    """Robust std (MAD x 1.4826) of ``values`` where ``good``, on a subsample."""
+    xp = backend.xp
+    s = _good_sample(backend, values, good)
+    if s.shape[0] == 0:
+        return float("nan")
+    dev = xp.sort(xp.abs(s - s[s.shape[0] // 2]))
+    return float(1.4826 * dev[dev.shape[0] // 2])
 
 
 def subtract(science: Exposure, template: Exposure, config: SubtractConfig = SubtractConfig(),
