@@ -73,9 +73,10 @@ class KernelFitConfig:
     maxIter: int = 3
     badMaskPlanes: tuple = ("NO_DATA", "BAD", "SAT", "EDGE", "INJECTED", "SAT_TEMPLATE", "CR")
     chunk: int = 128  # stamps per batched FFT block (bounds device memory)
-    # gpudiffim's own: Tikhonov penalty on the kernel's Laplacian, relative to each stamp's
-    # information. The matched image barely constrains kernel structure finer than the
-    # convolved image's PSF; this keeps it smooth instead of noisy.
+    # gpudiffim's own: Tikhonov penalty, relative to each stamp's information, on kernel
+    # structure the convolved image's PSF does not pass (see roughness_matrix; the
+    # Laplacian without a PSF). The matched image barely constrains it; this keeps the
+    # kernel smooth instead of noisy.
     regularization: float = 0.03
     # ... on the kernel's departure from the Gaussian the PSF widths predict (the basis's
     # middle one, at the fitted sum) rather than from zero, so a kernel that is nearly that
