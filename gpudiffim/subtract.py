@@ -24,6 +24,7 @@ import logging
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+from scipy.signal import fftconvolve
 
 from .backend import get_backend, window_or
 from .basis import BasisConfig, alard_lupton_basis
@@ -32,7 +33,8 @@ from .decorrelate import decorrelation_kernel
 from .errors import GpuDiffimError
 from .exposure import UNUSABLE_PLANES, Exposure, mask_bits
 from .kernel_fit import (KernelFitConfig, KernelSolution, fit_kernel, psf_flux_ratio,
-                         select_kernel_sources, source_snr_maps, spatial_term_images)
+                         scaled_coords, select_kernel_sources, source_snr_maps,
+                         spatial_term_images)
 from .psf import ImagePsf, PolynomialPsf, convolved_psf, polynomial_terms
 
 log = logging.getLogger(__name__)
@@ -120,8 +122,6 @@ def _convolved_variance(variance, kernel, terms, weights, backend, phi=None):
     ``kernel``: ``sum (phi * k(x, y))^2`` is a quadratic form in the spatial weights whose
     matrix is the term kernels' inner products, so a kernel that carries more power in one
     corner than at the centre puts more of the convolved image's noise there."""
-    from scipy.signal import fftconvolve
-
     xp = backend.xp
     if phi is not None:
         kernel = fftconvolve(phi, kernel)
@@ -264,8 +264,6 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
     k_fit = k_centre = solution.kernel_at((nx - 1) / 2, (ny - 1) / 2)
     background = solution.background_image(sci.shape, backend) if config.doSubtractBackground else 0.0
     if by_matching:  # the score's kernel: the pre-filter after the matching kernel
-        from scipy.signal import fftconvolve
-
         k_centre = fftconvolve(pre, k_centre)
 
     if flavor == "convolveScience":
@@ -309,8 +307,6 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
             mask = mask | window_or(backend, edge, (2 * reach + 1, 2 * reach + 1), (-reach, -reach))
         if flavor == "preconvolve":  # the science through pre and phi; the template through
             # the fitted kernel, then phi (and pre too when that was fitted in science space)
-            from scipy.signal import fftconvolve
-
             phi_sci = fftconvolve(phi, pre)
             var = (fft_convolve(xp.where(nodata, 0.0, sci.variance),
                                 backend.to_device((phi_sci**2).astype(np.float32)), backend)
@@ -382,9 +378,9 @@ def _score_norm(backend, psf_model, psf_centre, shape):
     totals = coeffs.sum(axis=(1, 2))
     xp = backend.xp
     ny, nx = shape
-    (w, hgt) = psf_model.bbox
-    u = xp.reshape(2 * backend.arange(nx, dtype=xp.float32) / max(w - 1, 1) - 1, (1, nx))
-    v = xp.reshape(2 * backend.arange(ny, dtype=xp.float32) / max(hgt - 1, 1) - 1, (ny, 1))
+    u, v = scaled_coords(backend.arange(nx, dtype=xp.float32),
+                         backend.arange(ny, dtype=xp.float32), psf_model.bbox)
+    u, v = xp.reshape(u, (1, nx)), xp.reshape(v, (ny, 1))
     num = backend.zeros((ny, nx), dtype=xp.float32)
     den = backend.zeros((ny, nx), dtype=xp.float32)
     for (i, j), a, b in zip(polynomial_terms(psf_model.order), overlap, totals):
@@ -413,8 +409,6 @@ def _corner_range(solution, nx, ny):
 def _self_convolved(psf: np.ndarray) -> np.ndarray:
     """PSF of an image pre-convolved with its own reflected PSF, on a grid large enough
     for the wider profile (sqrt(2) wider)."""
-    from scipy.signal import fftconvolve
-
     h = psf.shape[0]
     pad = h // 4 + 1
     p = np.pad(psf, pad)

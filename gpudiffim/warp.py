@@ -110,9 +110,7 @@ def _taps(xp, backend, coords, size):
     f = coords - i0
     offs = np.arange(-a + 1, a + 1)
     idx = np.clip(i0[:, None] + offs[None, :], 0, size - 1)
-    t = f[:, None] - offs[None, :]
-    w = np.where(np.abs(t) < 1e-9, 1.0, a * np.sin(np.pi * t) * np.sin(np.pi * t / a)
-                 / np.where(np.abs(t) < 1e-9, 1.0, (np.pi * t) ** 2))
+    w = _lanczos(np, f[:, None] - offs[None, :], a)
     w /= w.sum(axis=1, keepdims=True)
     return idx, w
 
