@@ -51,12 +51,21 @@ class BasisConfig:
 
 @dataclass(frozen=True, eq=False)
 class KernelBasis:
-    """Basis kernels ``kernels`` (n, size, size), host float64, and how they were made."""
+    """Basis kernels ``kernels`` (n, size, size), host float64, and how they were made.
+
+    Every Alard–Lupton kernel is a fixed combination of separable ones: ``kernels =
+    transform @ raw``, where the raw kernels are ``outer(f_j, f_i)`` for each Gaussian's
+    1-D factors ``factors[g][p] = exp(-t^2 / 2 sigma_g^2) (t / half)^p`` (x power ``i``, y
+    power ``j``, ``i + j <= degrees[g]``, in the order of ``kernels``). The fit convolves
+    with them in two 1-D passes. A basis without them is convolved by FFT.
+    """
 
     kernels: np.ndarray
     sigmas: tuple
     degrees: tuple
     deconvolution: bool
+    factors: tuple | None = None  # per Gaussian: (degree + 1, size) host float64
+    transform: np.ndarray | None = None  # (n, n): raw separable kernels -> kernels
 
     @property
     def size(self) -> int:
@@ -110,17 +119,25 @@ def alard_lupton_basis(fwhm_source: float | None = None, fwhm_target: float | No
     sigmas, degrees, deconv = basis_sigmas(fwhm_source, fwhm_target, config)
     size = size or kernel_size(sigmas, config)
     half = size // 2
-    y, x = np.mgrid[-half:half + 1, -half:half + 1].astype(float)
-    u, v = x / half, y / half  # polynomials on [-1, 1] keep the numbers tame
-    kernels = []
+    t = np.arange(-half, half + 1, dtype=float)
+    factors, kernels = [], []
     for sigma, degree in zip(sigmas, degrees):
-        g = np.exp(-0.5 * (x * x + y * y) / sigma**2)
+        # polynomials on [-1, 1] keep the numbers tame
+        f = np.exp(-0.5 * t * t / sigma**2) * (t / half) ** np.arange(degree + 1)[:, None]
+        factors.append(f)
         for n in range(degree + 1):
-            for i in range(n, -1, -1):
-                kernels.append(g * u**i * v ** (n - i))
+            for i in range(n, -1, -1):  # x power i, y power n - i
+                kernels.append(np.outer(f[n - i], f[i]))
     kernels = np.array(kernels)
-    kernels[0] /= kernels[0].sum()
+    transform = np.eye(len(kernels))  # follows every row operation on the kernels
+    s0 = kernels[0].sum()
+    kernels[0] /= s0
+    transform[0] /= s0
     for k in range(1, len(kernels)):
-        kernels[k] -= kernels[k].sum() * kernels[0]
-        kernels[k] /= np.sqrt(np.sum(kernels[k] ** 2))
-    return KernelBasis(kernels, sigmas, degrees, deconv)
+        c = kernels[k].sum()
+        kernels[k] -= c * kernels[0]
+        transform[k] -= c * transform[0]
+        norm = np.sqrt(np.sum(kernels[k] ** 2))
+        kernels[k] /= norm
+        transform[k] /= norm
+    return KernelBasis(kernels, sigmas, degrees, deconv, tuple(factors), transform)

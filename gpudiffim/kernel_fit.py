@@ -309,8 +309,12 @@ def build_stamps(source, target, variance, bad, positions, basis: KernelBasis,
     L = S + K - 1
     F = next_fast_len(L)  # circular convolution of this size leaves the valid part intact
     pos_dev = backend.to_device(np.asarray(positions, np.int64))
-    kernels = backend.to_device(basis.kernels.astype(np.float32))
-    kspec = backend.rfft2(kernels, s=(F, F))  # (nb, F, F//2+1); float32 FFTs, float64 sums
+    if basis.factors is not None:  # two 1-D passes per Gaussian (see _separable_convolve)
+        passes = _separable_passes(backend, basis, S)
+    else:
+        passes = None
+        kernels = backend.to_device(basis.kernels.astype(np.float32))
+        kspec = backend.rfft2(kernels, s=(F, F))  # (nb, F, F//2+1); float32 FFTs, float64 sums
     tgt = xp.reshape(xp.astype(_gather(backend, target, pos_dev, S), f64), (-1, S * S))
     var = xp.reshape(xp.astype(_gather(backend, variance, pos_dev, S), f64), (-1, S * S))
     bad_st = xp.reshape(_gather(backend, bad, pos_dev, S), (-1, S * S))
@@ -324,11 +328,14 @@ def build_stamps(source, target, variance, bad, positions, basis: KernelBasis,
         stop = min(start + config.chunk, len(positions))
         p = pos_dev[start:stop, ...]
         src = xp.astype(_gather(backend, source, p, L), xp.float32)
-        conv = backend.irfft2(backend.rfft2(src, s=(F, F))[:, None, ...] * kspec[None, ...],
-                              s=(F, F))
-        conv = xp.astype(conv[..., K - 1:K - 1 + S, K - 1:K - 1 + S], f64)
-        n = conv.shape[0]
-        cols = xp.reshape(conv, (n, nb, S * S))
+        if passes is not None:
+            cols = _separable_convolve(backend, src, passes, S)
+        else:
+            conv = backend.irfft2(backend.rfft2(src, s=(F, F))[:, None, ...] * kspec[None, ...],
+                                  s=(F, F))
+            conv = xp.astype(conv[..., K - 1:K - 1 + S, K - 1:K - 1 + S], f64)
+            cols = xp.reshape(conv, (conv.shape[0], nb, S * S))
+        n = cols.shape[0]
         ones = backend.ones((n, 1, S * S), dtype=f64)
         designs.append(backend.matrix_transpose(xp.concat([cols, ones], axis=1)))
         if source_var is not None:
@@ -361,6 +368,50 @@ def build_stamps(source, target, variance, bad, positions, basis: KernelBasis,
     normal = normal + (1e-10 * diag / normal.shape[-1] + 1e-30)[:, None, None] * eye[None, ...]
     return _Stamps(design, tgt, weight, normal, rhs, noise_normal, np.asarray(positions),
                    rough, scale)
+
+
+def _convolution_matrix(factors: np.ndarray, S: int) -> np.ndarray:
+    """(L, n * S) matrix: a row of L = S + K - 1 pixels times it gives the valid part of
+    its convolution with each 1-D factor (n, K), ``out[q] = sum_b f[b] row[q + K - 1 - b]``."""
+    n, K = factors.shape
+    c, q = np.arange(S + K - 1)[:, None], np.arange(S)[None, :]
+    b = q + K - 1 - c
+    inside = (b >= 0) & (b < K)
+    m = np.where(inside[None], factors[:, np.clip(b, 0, K - 1)], 0.0)  # (n, L, S)
+    return np.transpose(m, (1, 0, 2)).reshape(S + K - 1, n * S)
+
+
+def _separable_passes(backend, basis: KernelBasis, S: int):
+    """Device matrices for :func:`_separable_convolve`: per Gaussian its 1-D convolution
+    matrix and which (x power, y power) products it keeps; and the basis transform."""
+    out = []
+    for f, degree in zip(basis.factors, basis.degrees):
+        m = _convolution_matrix(f, S)  # (L, (d + 1) S)
+        keep = [i * (degree + 1) + (n - i) for n in range(degree + 1) for i in range(n, -1, -1)]
+        out.append((backend.to_device(m.astype(np.float32)),
+                    backend.to_device(np.ascontiguousarray(m.T).astype(np.float32)),
+                    backend.to_device(np.asarray(keep, np.int64)), degree + 1))
+    return out, backend.to_device(basis.transform)
+
+
+def _separable_convolve(backend, src, passes, S: int):
+    """(n, nb, S * S) float64: the valid part of each (n, L, L) stamp convolved with every
+    basis kernel. Each Gaussian's kernels are products of 1-D factors, so a pass along x
+    (one matrix product for all its factors) and one along y give every raw kernel's
+    image; the basis transform then mixes them. A few GFLOP of matrix products replace
+    thousands of small FFTs."""
+    xp = backend.xp
+    per_gaussian, transform = passes
+    n, L = src.shape[0], src.shape[1]
+    raw = []
+    for mx, my, keep, d in per_gaussian:
+        rows = xp.reshape(xp.matmul(src, mx), (n, L, d, S))  # x pass: (n, L, d, S)
+        rows = xp.permute_dims(rows, (0, 2, 1, 3))  # (n, d [x power], L, S)
+        both = xp.matmul(my, rows)  # y pass: (n, d [x], d * S [y power, row], S)
+        both = xp.reshape(both, (n, d * d, S * S))  # index i * d + j
+        raw.append(xp.take(both, keep, axis=1))
+    raw = xp.astype(xp.concat(raw, axis=1), xp.float64)
+    return xp.matmul(transform, raw)
 
 
 def _noise_normal(backend, source_var, pos, weight, products, nb: int, S: int, K: int, F: int):
