@@ -54,6 +54,10 @@ class SubtractConfig:
     doSubtractBackground: bool = True  # our inputs may carry sky; ip_diffim's default is False
     basis: BasisConfig = field(default_factory=BasisConfig)
     kernel: KernelFitConfig = field(default_factory=KernelFitConfig)
+    # re-fit the background on the difference over empty sky (ip_diffim's detection does
+    # too): the stamps' background, fitted around bright stars, absorbs wing flux that
+    # empty sky does not have
+    refitBackground: bool = True
     # gpudiffim's own: preconvolution with a sharper template fits the matching kernel
     # template -> science and pre-filters the difference (the same score, see subtract)
     preconvolveByMatching: bool = True
@@ -291,6 +295,11 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
     diff = xp.where(unusable, 0.0, diff)
 
     good = (mask & mask_bits("NO_DATA", "BAD", "SAT", "EDGE", "SAT_TEMPLATE", "CR")) == 0
+    sky_offset = 0.0
+    if config.refitBackground and config.doSubtractBackground:
+        plane, sky_offset = _sky_plane(backend, diff, good, maps[1], solution.bbox,
+                                       config.kernel.spatialBgOrder)
+        diff = xp.where(unusable, 0.0, diff - plane)
     s_var = _median(backend, sci.variance, good)
     t_var = _median(backend, tmpl.variance, good)
     kappa = float(k_centre.sum())
@@ -341,6 +350,7 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
         "kernel_sum_centre": kappa,
         "kernel_sum_range": [float(v) for v in _corner_range(solution, nx, ny)],
         "background_centre": float(solution.background_at((nx - 1) / 2, (ny - 1) / 2)),
+        "sky_refit_centre": sky_offset,
         "n_kernel_sources": solution.stats["n_used"],
         "kernel_residual_std": solution.stats["residual_std"],
         "difference_pull_sigma": pull_sigma,
@@ -387,6 +397,44 @@ def _score_norm(backend, psf_model, psf_centre, shape):
         term = (u**i) * (v**j)
         num, den = num + float(a) * term, den + float(b) * term
     return num / den
+
+
+def _sky_plane(backend, diff, good, snr, bbox, order: int, block: int = 4,
+               quiet: tuple = ((3.0, 4), (30.0, 12), (300.0, 30)), clip: float = 3.0):
+    """Background plane of the difference over empty sky, and its value at the centre.
+
+    Empty sky: good pixels within ``clip`` robust sigmas of zero, in ``block`` x ``block``
+    blocks away from the science's sources: for each (S/N, reach) of ``quiet``, farther
+    than ``reach`` pixels from wherever the science's matched-filter S/N ``snr`` reaches
+    that level in either sign (symmetric cuts leave the noise unbiased). Every such pixel
+    counts (the offsets sought are ~1% of the pixel noise); the plane is the weighted
+    least-squares fit of the Chebyshev terms to the blocks' sums.
+    """
+    xp = backend.xp
+    ny, nx = (diff.shape[0] // block) * block, (diff.shape[1] // block) * block
+    z = xp.abs(snr[:ny:block, :nx:block])
+    sky = None
+    for level, reach in quiet:
+        near = backend.maximum_filter(xp.astype(z >= level, xp.int32), 2 * (reach // block) + 1)
+        sky = (near == 0) if sky is None else sky & (near == 0)
+    d = diff[:ny, :nx]
+    sigma = _robust_sigma(backend, d, good[:ny, :nx])
+    use = good[:ny, :nx] & (xp.abs(d) < clip * sigma)
+    shape = (ny // block, block, nx // block, block)
+    w = xp.sum(xp.astype(xp.reshape(use, shape), xp.float64), axis=(1, 3))
+    wd = xp.sum(xp.reshape(xp.where(use, xp.astype(d, xp.float64), 0.0), shape), axis=(1, 3))
+    w, wd = xp.where(sky, w, 0.0), xp.where(sky, wd, 0.0)
+    terms = spatial_term_images(diff.shape, bbox, order, backend)
+    t = xp.reshape(xp.astype(terms[:, block // 2:ny:block, block // 2:nx:block], xp.float64),
+                   (terms.shape[0], -1))
+    w, wd = xp.reshape(w, (-1,)), xp.reshape(wd, (-1,))
+    if float(xp.sum(w)) < 100 * t.shape[0]:
+        return 0.0, 0.0
+    normal = backend.to_host(xp.matmul(t * w, backend.matrix_transpose(t)))
+    coeffs = np.linalg.solve(normal, backend.to_host(xp.matmul(t, wd)))
+    plane = xp.tensordot(backend.to_device(coeffs.astype(np.float32)), terms, axes=1)
+    cy, cx = diff.shape[0] // 2, diff.shape[1] // 2
+    return plane, float(np.sum(coeffs * backend.to_host(terms[:, cy, cx])))
 
 
 def _reach(kernel: np.ndarray, fraction: float = 0.999) -> int:
