@@ -159,11 +159,11 @@ def test_no_changes_no_detections(tmp_path):
         assert len(sky) >= 50 and 0.85 < mad_std(sky["psfFlux"] / sky["psfFluxErr"]) < 1.3
     good = [n for (v, d), n in counts.items() if d == 49]
     worse = [n for (v, d), n in counts.items() if d == 50]
-    # measured: template sharper (convolveTemplate) 0, 1; template a little wider than the
-    # science (convolveScience) 4, 5 - residual rings 5-15 px from 15-17.5 mag stars, the
-    # open part of the issue's <= 5 (<= 2) target
+    # measured: template sharper (convolveTemplate) 0, 0; template a little wider than the
+    # science (convolveScience) 3, 1 - rings 8-20 px around the brightest unsaturated stars
+    # (14.8-15 mag), the open part of the issue's <= 2 target
     assert max(good) <= 2, counts
-    assert max(worse) <= 6, counts
+    assert max(worse) <= 5, counts
 
 
 def test_sub_pixel_shift_makes_a_measured_dipole():
