@@ -288,8 +288,7 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
     sat = mask & mask_bits("SAT", "SAT_TEMPLATE")
     if bool(xp.any(sat != 0)):
         h = k_centre.shape[0]
-        mask = mask | window_or(backend, sat, (h, h), (-(h // 2), -(h // 2)),
-                                bits=(mask_bits("SAT"), mask_bits("SAT_TEMPLATE")))
+        mask = mask | window_or(backend, sat, (h, h), (-(h // 2), -(h // 2)))
     nodata_out = (mask & mask_bits("NO_DATA")) != 0
     # pixels with no usable value are zeroed so the decorrelation does not spread them
     unusable = (mask & mask_bits(*UNUSABLE_PLANES)) != 0
@@ -320,8 +319,7 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
         reach = _reach(phi)
         if reach > 0:
             edge = mask & mask_bits("EDGE")
-            mask = mask | window_or(backend, edge, (2 * reach + 1, 2 * reach + 1), (-reach, -reach),
-                                    bits=(mask_bits("EDGE"),))
+            mask = mask | window_or(backend, edge, (2 * reach + 1, 2 * reach + 1), (-reach, -reach))
         if flavor == "preconvolve":  # the science through pre and phi; the template through
             # the fitted kernel, then phi (and pre too when that was fitted in science space)
             phi_sci = fftconvolve(phi, pre)
