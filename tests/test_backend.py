@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from gpudiffim.backend import get_backend, window_or
+from gpudiffim.backend import get_backend
 from gpudiffim.errors import BackendError
 
 
@@ -79,25 +79,6 @@ def test_filters_match_scipy(backend, rng, size):
                                                               cval=-np.inf))
     got = backend.to_host(backend.uniform_filter(backend.to_device(a), size))
     np.testing.assert_allclose(got, ndimage.uniform_filter(a, size, mode="constant"), atol=1e-12)
-
-
-@pytest.mark.parametrize("size", [1, 5, 11])
-def test_window_or_by_bits_matches_the_generic_or(backend, rng, size):
-    """The per-bit dilation (a running maximum per bit) gives the generic bitwise OR over
-    the box, each bit spread only where it was, including at the image's edges."""
-    mask = np.zeros((40, 37), np.int32)
-    for bit in (2, 16):
-        mask[rng.random(mask.shape) > 0.97] |= bit
-    mask[0, 5] |= 2  # on the border
-    start = (-(size // 2), -(size // 2))
-    dev = backend.to_device(mask)
-    generic = backend.to_host(window_or(backend, dev, (size, size), start))
-    by_bits = backend.to_host(window_or(backend, dev, (size, size), start, bits=(2, 16, 1024)))
-    np.testing.assert_array_equal(by_bits, generic)
-    ref = np.zeros_like(mask)
-    for bit in (2, 16):
-        ref |= np.where(ndimage.maximum_filter((mask & bit) != 0, size, mode="constant"), bit, 0)
-    np.testing.assert_array_equal(generic, ref)
 
 
 def test_batched_solve(backend, rng):
