@@ -36,3 +36,20 @@ def test_separable_stamp_convolution_matches_direct_convolution(backend, rng, fw
             worst = max(worst, np.abs(design[s, :, j] - want).max() / np.abs(want).max())
     assert np.allclose(design[..., -1], 1.0)  # the background column
     assert worst < 2e-5, worst  # float32 passes
+
+
+def test_local_peaks_match_a_running_maximum(backend, rng):
+    """Kernel-source peaks are read from each candidate's 5x5 box only; they must be the
+    pixels a full-image running maximum (outside the image ignored) calls peaks."""
+    from scipy import ndimage
+
+    from gpudiffim.kernel_fit import _local_peaks
+
+    snr = ndimage.gaussian_filter(rng.normal(size=(64, 70)), 1.5) * 12.0
+    snr[0, 3] = snr[63, 69] = 50.0  # peaks on the border and in a corner
+    want = (snr == ndimage.maximum_filter(snr, 5, mode="constant", cval=-np.inf)) & (snr >= 2.0)
+    ys, xs = _local_peaks(backend, backend.to_device(snr), 2.0)
+    got = np.zeros_like(want)
+    got[backend.to_host(ys), backend.to_host(xs)] = True
+    assert want.sum() > 10
+    np.testing.assert_array_equal(got, want)
