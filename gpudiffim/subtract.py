@@ -120,22 +120,39 @@ def convolve_spatial(image, solution: KernelSolution, backend, dtype=None):
     return xp.sum(conv * weights, axis=0)
 
 
-def _convolved_variance(variance, kernel, terms, weights, backend, phi=None):
+def _convolved_variance(variance, kernel, terms, spatial, backend, phi=None):
     """``variance`` convolved with the square of ``kernel`` (after ``phi`` when given),
     scaled by that squared kernel's sum over the detector relative to its value for
     ``kernel``: ``sum (phi * k(x, y))^2`` is a quadratic form in the spatial weights whose
     matrix is the term kernels' inner products, so a kernel that carries more power in one
-    corner than at the centre puts more of the convolved image's noise there."""
-    xp = backend.xp
+    corner than at the centre puts more of the convolved image's noise there.
+    ``spatial``: the (bbox, order) of the weights that ``terms`` go with."""
     if phi is not None:
         kernel = fftconvolve(phi, kernel)
         terms = None if terms is None else np.array([fftconvolve(phi, t) for t in terms])
     conv = fft_convolve(variance, backend.to_device((kernel**2).astype(np.float32)), backend)
     if terms is None:
         return conv
-    gram = np.tensordot(terms, terms, axes=([1, 2], [1, 2])).astype(np.float32)
-    ssq = xp.sum(weights * xp.tensordot(backend.to_device(gram), weights, axes=1), axis=0)
-    return conv * ssq / float(np.sum(kernel**2))
+    gram = np.tensordot(terms, terms, axes=([1, 2], [1, 2]))
+    return conv * _quadratic_form_map(gram, variance.shape, *spatial, backend) / float(
+        np.sum(kernel**2))
+
+
+def _quadratic_form_map(gram, shape, bbox, order: int, backend):
+    """``sum_ij gram_ij w_i(x, y) w_j(x, y)`` over the detector, ``w`` the Chebyshev term
+    images of ``order`` (see :func:`spatial_term_images`). Each ``w_i`` is ``T_a(u) T_b(v)``,
+    so the sum is one (ny, n^2) x (n^2, nx) matrix product of 1-D factors."""
+    ny, nx = shape
+    u, _ = scaled_coords(np.arange(nx, dtype=float), 0.0, bbox)
+    _, v = scaled_coords(0.0, np.arange(ny, dtype=float), bbox)
+    tu = np.polynomial.chebyshev.chebvander(u, order)  # (nx, order + 1): T_k(u)
+    tv = np.polynomial.chebyshev.chebvander(v, order)
+    powers = polynomial_terms(order)  # term i is T_a(u) T_b(v), (a, b) = powers[i]
+    fu = np.array([gram[i, j] * tu[:, a] * tu[:, c] for i, (a, b) in enumerate(powers)
+                   for j, (c, d) in enumerate(powers)])
+    gv = np.array([tv[:, b] * tv[:, d] for a, b in powers for c, d in powers])
+    return backend.xp.matmul(backend.to_device(np.ascontiguousarray(gv.T).astype(np.float32)),
+                             backend.to_device(fu.astype(np.float32)))
 
 
 def _bad_for_fit(science: Exposure, template: Exposure, planes) -> object:
@@ -263,6 +280,7 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
     matched = convolve_spatial(source, solution, backend)
     weights = spatial_term_images(sci.shape, solution.bbox, solution.kernel_order, backend)
     terms = solution.term_kernels()
+    spatial = (solution.bbox, solution.kernel_order)
     ksum = xp.tensordot(backend.to_device(terms.sum(axis=(1, 2)).astype(np.float32)), weights,
                         axes=1)  # kernel sum over the detector
     k_fit = k_centre = solution.kernel_at((nx - 1) / 2, (ny - 1) / 2)
@@ -326,18 +344,18 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
             var = (fft_convolve(xp.where(nodata, 0.0, sci.variance),
                                 backend.to_device((phi_sci**2).astype(np.float32)), backend)
                    + _convolved_variance(xp.where(nodata, 0.0, tmpl.variance), k_fit, terms,
-                                         weights, backend, phi_sci if by_matching else phi))
+                                         spatial, backend, phi_sci if by_matching else phi))
         else:  # each pixel's variance through both convolutions (phi, and k then phi)
             var = _decorrelated_variance(backend, xp.where(nodata, 0.0, target_var),
                                          xp.where(nodata, 0.0, source_var), phi, k_centre,
-                                         terms, weights)
+                                         terms, spatial)
             if flavor == "convolveScience":
                 var = var / (ksum * ksum)
         out_model = convolved_psf(out_model, phi)
         decorrelated = True
     else:  # correlated noise: each pixel's variance through the spatially varying kernel
         conv_var = _convolved_variance(xp.where(nodata, 0.0, source_var), k_centre, terms,
-                                       weights, backend)
+                                       spatial, backend)
         var = ((conv_var + target_var) / (ksum * ksum) if flavor == "convolveScience"
                else target_var + conv_var)
     var = xp.where(nodata_out, 0.0, var)
@@ -367,15 +385,16 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
 
 
 def _decorrelated_variance(backend, target_var, source_var, phi, kernel, terms=None,
-                           weights=None):
+                           spatial=None):
     """Per-pixel variance of ``phi * (target - kernel * source)`` for independent pixel
     noise: ``phi^2 * V_target + (phi * k)^2 * V_source``. In flat sky it equals the white
     value the decorrelation aims at; around bright sources it follows their photon noise
     as the convolutions spread it (the convolved image's noise spreads over the kernel's
     width, beyond that image's own, sharper, profile). With the spatial ``terms`` and
-    ``weights`` the second part follows the kernel's power across the detector."""
+    ``spatial`` (their bbox and order) the second part follows the kernel's power across
+    the detector."""
     return (fft_convolve(target_var, backend.to_device((phi**2).astype(np.float32)), backend)
-            + _convolved_variance(source_var, kernel, terms, weights, backend, phi))
+            + _convolved_variance(source_var, kernel, terms, spatial, backend, phi))
 
 
 def _score_norm(backend, psf_model, psf_centre, shape):

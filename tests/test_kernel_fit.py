@@ -53,3 +53,21 @@ def test_local_peaks_match_a_running_maximum(backend, rng):
     got[backend.to_host(ys), backend.to_host(xs)] = True
     assert want.sum() > 10
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("order", [0, 1, 2, 3])
+def test_kernel_power_map_from_one_dimensional_factors(backend, rng, order):
+    """The kernel's power over the detector, sum_ij G_ij w_i w_j, built from the term
+    images' 1-D Chebyshev factors equals the sum over the term images themselves."""
+    from gpudiffim.kernel_fit import spatial_term_images
+    from gpudiffim.psf import polynomial_terms
+    from gpudiffim.subtract import _quadratic_form_map
+
+    n = len(polynomial_terms(order))
+    a = rng.normal(size=(n, n))
+    gram = a @ a.T
+    shape, bbox = (37, 53), (60, 40)  # a bbox other than the image: the map follows it
+    w = backend.to_host(spatial_term_images(shape, bbox, order, backend)).astype(float)
+    want = np.einsum("ij,iyx,jyx->yx", gram, w, w)
+    got = backend.to_host(_quadratic_form_map(gram, shape, bbox, order, backend))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
