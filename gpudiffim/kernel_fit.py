@@ -142,9 +142,7 @@ class KernelSolution:
     def background_image(self, shape, backend=None):
         """The differential background over a (ny, nx) image, on the backend."""
         backend = get_backend(backend)
-        terms = spatial_term_images(shape, self.bbox, self.bg_order, backend)
-        coeffs = backend.to_device(self.bg_coeffs.astype(np.float32))
-        return backend.xp.tensordot(coeffs, terms, axes=1)
+        return linear_term_map(self.bg_coeffs, shape, self.bbox, self.bg_order, backend)
 
 
 _TERM_CACHE: dict = {}
@@ -173,6 +171,41 @@ def _spatial_term_images(shape, bbox, order, backend, dtype=None):
     uu = xp.broadcast_to(xp.reshape(u, (1, nx)), (ny, nx))
     vv = xp.broadcast_to(xp.reshape(v, (ny, 1)), (ny, nx))
     return chebyshev_terms(xp, uu, vv, order)
+
+
+def _term_factors(shape, bbox, order: int):
+    """Host 1-D Chebyshev factors of the term images: (nx, order + 1) ``T_k(u)`` along x
+    and (ny, order + 1) ``T_k(v)`` along y; term ``i`` is ``T_a(u) T_b(v)`` with
+    ``(a, b) = polynomial_terms(order)[i]``."""
+    ny, nx = shape
+    u, _ = scaled_coords(np.arange(nx, dtype=float), 0.0, bbox)
+    _, v = scaled_coords(0.0, np.arange(ny, dtype=float), bbox)
+    cheb = np.polynomial.chebyshev.chebvander
+    return cheb(u, order), cheb(v, order)
+
+
+def linear_term_map(coeffs, shape, bbox, order: int, backend):
+    """``sum_i c_i w_i(x, y)`` over a (ny, nx) image (device), ``w`` the term images of
+    :func:`spatial_term_images`: one (ny, order + 1) x (order + 1, nx) matrix product of
+    their 1-D factors instead of a sum over whole images."""
+    tu, tv = _term_factors(shape, bbox, order)
+    c = np.zeros((order + 1, order + 1))
+    for value, (a, b) in zip(np.asarray(coeffs, float), polynomial_terms(order)):
+        c[b, a] += value
+    return backend.xp.matmul(backend.to_device((tv @ c).astype(np.float32)),
+                             backend.to_device(np.ascontiguousarray(tu.T).astype(np.float32)))
+
+
+def quadratic_term_map(gram, shape, bbox, order: int, backend):
+    """``sum_ij gram_ij w_i(x, y) w_j(x, y)`` over a (ny, nx) image (device): one
+    (ny, n^2) x (n^2, nx) matrix product of the terms' 1-D factors."""
+    tu, tv = _term_factors(shape, bbox, order)
+    powers = polynomial_terms(order)
+    fu = np.array([gram[i, j] * tu[:, a] * tu[:, c] for i, (a, b) in enumerate(powers)
+                   for j, (c, d) in enumerate(powers)])
+    gv = np.array([tv[:, b] * tv[:, d] for a, b in powers for c, d in powers])
+    return backend.xp.matmul(backend.to_device(np.ascontiguousarray(gv.T).astype(np.float32)),
+                             backend.to_device(fu.astype(np.float32)))
 
 
 # ---------------------------------------------------------------------------- sources

@@ -32,9 +32,9 @@ from .convolve import convolve_exposure, fft_convolve, grow_mask
 from .decorrelate import decorrelation_kernel
 from .errors import GpuDiffimError
 from .exposure import UNUSABLE_PLANES, Exposure, mask_bits
-from .kernel_fit import (KernelFitConfig, KernelSolution, fit_kernel, psf_flux_ratio,
-                         scaled_coords, select_kernel_sources, source_snr_maps,
-                         spatial_term_images)
+from .kernel_fit import (KernelFitConfig, KernelSolution, fit_kernel, linear_term_map,
+                         psf_flux_ratio, quadratic_term_map, scaled_coords,
+                         select_kernel_sources, source_snr_maps, spatial_term_images)
 from .psf import ImagePsf, PolynomialPsf, convolved_psf, polynomial_terms
 
 log = logging.getLogger(__name__)
@@ -134,25 +134,8 @@ def _convolved_variance(variance, kernel, terms, spatial, backend, phi=None):
     if terms is None:
         return conv
     gram = np.tensordot(terms, terms, axes=([1, 2], [1, 2]))
-    return conv * _quadratic_form_map(gram, variance.shape, *spatial, backend) / float(
+    return conv * quadratic_term_map(gram, variance.shape, *spatial, backend) / float(
         np.sum(kernel**2))
-
-
-def _quadratic_form_map(gram, shape, bbox, order: int, backend):
-    """``sum_ij gram_ij w_i(x, y) w_j(x, y)`` over the detector, ``w`` the Chebyshev term
-    images of ``order`` (see :func:`spatial_term_images`). Each ``w_i`` is ``T_a(u) T_b(v)``,
-    so the sum is one (ny, n^2) x (n^2, nx) matrix product of 1-D factors."""
-    ny, nx = shape
-    u, _ = scaled_coords(np.arange(nx, dtype=float), 0.0, bbox)
-    _, v = scaled_coords(0.0, np.arange(ny, dtype=float), bbox)
-    tu = np.polynomial.chebyshev.chebvander(u, order)  # (nx, order + 1): T_k(u)
-    tv = np.polynomial.chebyshev.chebvander(v, order)
-    powers = polynomial_terms(order)  # term i is T_a(u) T_b(v), (a, b) = powers[i]
-    fu = np.array([gram[i, j] * tu[:, a] * tu[:, c] for i, (a, b) in enumerate(powers)
-                   for j, (c, d) in enumerate(powers)])
-    gv = np.array([tv[:, b] * tv[:, d] for a, b in powers for c, d in powers])
-    return backend.xp.matmul(backend.to_device(np.ascontiguousarray(gv.T).astype(np.float32)),
-                             backend.to_device(fu.astype(np.float32)))
 
 
 def _bad_for_fit(science: Exposure, template: Exposure, planes) -> object:
@@ -278,11 +261,9 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
              float(solution.kernel_sum_at((nx - 1) / 2, (ny - 1) / 2)))
 
     matched = convolve_spatial(source, solution, backend)
-    weights = spatial_term_images(sci.shape, solution.bbox, solution.kernel_order, backend)
     terms = solution.term_kernels()
     spatial = (solution.bbox, solution.kernel_order)
-    ksum = xp.tensordot(backend.to_device(terms.sum(axis=(1, 2)).astype(np.float32)), weights,
-                        axes=1)  # kernel sum over the detector
+    ksum = linear_term_map(terms.sum(axis=(1, 2)), sci.shape, *spatial, backend)  # over the detector
     k_fit = k_centre = solution.kernel_at((nx - 1) / 2, (ny - 1) / 2)
     background = solution.background_image(sci.shape, backend) if config.doSubtractBackground else 0.0
     if by_matching:  # the score's kernel: the pre-filter after the matching kernel
@@ -457,7 +438,7 @@ def _sky_plane(backend, diff, good, snr, bbox, order: int, block: int = 4,
         return 0.0, 0.0
     normal = backend.to_host(xp.matmul(t * w, backend.matrix_transpose(t)))
     coeffs = np.linalg.solve(normal, backend.to_host(xp.matmul(t, wd)))
-    plane = xp.tensordot(backend.to_device(coeffs.astype(np.float32)), terms, axes=1)
+    plane = linear_term_map(coeffs, diff.shape, bbox, order, backend)
     cy, cx = diff.shape[0] // 2, diff.shape[1] // 2
     return plane, float(np.sum(coeffs * backend.to_host(terms[:, cy, cx])))
 

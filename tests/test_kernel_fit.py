@@ -56,12 +56,12 @@ def test_local_peaks_match_a_running_maximum(backend, rng):
 
 
 @pytest.mark.parametrize("order", [0, 1, 2, 3])
-def test_kernel_power_map_from_one_dimensional_factors(backend, rng, order):
-    """The kernel's power over the detector, sum_ij G_ij w_i w_j, built from the term
-    images' 1-D Chebyshev factors equals the sum over the term images themselves."""
-    from gpudiffim.kernel_fit import spatial_term_images
+def test_term_maps_from_one_dimensional_factors(backend, rng, order):
+    """The kernel's power over the detector (sum_ij G_ij w_i w_j) and any polynomial
+    (sum_i c_i w_i: kernel sum, background), built from the term images' 1-D Chebyshev
+    factors, equal the sums over the term images themselves."""
+    from gpudiffim.kernel_fit import linear_term_map, quadratic_term_map, spatial_term_images
     from gpudiffim.psf import polynomial_terms
-    from gpudiffim.subtract import _quadratic_form_map
 
     n = len(polynomial_terms(order))
     a = rng.normal(size=(n, n))
@@ -69,5 +69,9 @@ def test_kernel_power_map_from_one_dimensional_factors(backend, rng, order):
     shape, bbox = (37, 53), (60, 40)  # a bbox other than the image: the map follows it
     w = backend.to_host(spatial_term_images(shape, bbox, order, backend)).astype(float)
     want = np.einsum("ij,iyx,jyx->yx", gram, w, w)
-    got = backend.to_host(_quadratic_form_map(gram, shape, bbox, order, backend))
+    got = backend.to_host(quadratic_term_map(gram, shape, bbox, order, backend))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    c = rng.normal(size=n)
+    want = np.tensordot(c, w, axes=1)
+    got = backend.to_host(linear_term_map(c, shape, bbox, order, backend))
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
