@@ -57,15 +57,15 @@ class KernelBasis:
     transform @ raw``, where the raw kernels are ``outer(f_j, f_i)`` for each Gaussian's
     1-D factors ``factors[g][p] = exp(-t^2 / 2 sigma_g^2) (t / half)^p`` (x power ``i``, y
     power ``j``, ``i + j <= degrees[g]``, in the order of ``kernels``). The fit convolves
-    with them in two 1-D passes. A basis without them is convolved by FFT.
+    with them in two 1-D passes.
     """
 
     kernels: np.ndarray
     sigmas: tuple
     degrees: tuple
     deconvolution: bool
-    factors: tuple | None = None  # per Gaussian: (degree + 1, size) host float64
-    transform: np.ndarray | None = None  # (n, n): raw separable kernels -> kernels
+    factors: tuple  # per Gaussian: (degree + 1, size) host float64
+    transform: np.ndarray  # (n, n): raw separable kernels -> kernels
 
     @property
     def size(self) -> int:

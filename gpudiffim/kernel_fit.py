@@ -8,8 +8,9 @@ with ``B_i`` the Alard–Lupton basis, ``a_i`` Chebyshev polynomials of order
 ``spatialKernelOrder`` over the detector (``a_0``, the kernel sum, optionally constant)
 and ``b`` a Chebyshev polynomial of order ``spatialBgOrder``. All stamps are handled
 at once: stamps are gathered with one indexing operation, the convolved-basis images by
-batched FFTs, the inverse-variance-weighted normal equations by batched matrix
-products, and the per-stamp and spatial systems are solved on the backend.
+two batched 1-D passes per Gaussian (matrix products), the inverse-variance-weighted
+normal equations by batched matrix products, and the per-stamp and spatial systems are
+solved on the backend.
 
 Candidates are rejected as in ``ip_diffim``: by the residual mean and scatter in units
 of the noise, and by kernel-sum clipping, for up to ``maxIter`` rounds. With too few
@@ -72,7 +73,7 @@ class KernelFitConfig:
     maxKsumSigma: float = 3.0
     maxIter: int = 3
     badMaskPlanes: tuple = ("NO_DATA", "BAD", "SAT", "EDGE", "INJECTED", "SAT_TEMPLATE", "CR")
-    chunk: int = 128  # stamps per batched FFT block (bounds device memory)
+    chunk: int = 128  # stamps per batched block (bounds device memory)
     # gpudiffim's own: Tikhonov penalty, relative to each stamp's information, on kernel
     # structure the convolved image's PSF does not pass (see roughness_matrix; the
     # Laplacian without a PSF). The matched image barely constrains it; this keeps the
@@ -360,14 +361,9 @@ def build_stamps(source, target, variance, bad, positions, basis: KernelBasis,
     f64 = xp.float64
     S, K = config.stampSize, basis.size
     L = S + K - 1
-    F = next_fast_len(L)  # circular convolution of this size leaves the valid part intact
+    F = next_fast_len(L)  # circular correlation of this size leaves the valid part intact
     pos_dev = backend.to_device(np.asarray(positions, np.int64))
-    if basis.factors is not None:  # two 1-D passes per Gaussian (see _separable_convolve)
-        passes = _separable_passes(backend, basis, S)
-    else:
-        passes = None
-        kernels = backend.to_device(basis.kernels.astype(np.float32))
-        kspec = backend.rfft2(kernels, s=(F, F))  # (nb, F, F//2+1); float32 FFTs, float64 sums
+    passes = _separable_passes(backend, basis, S)  # two 1-D passes per Gaussian
     tgt = xp.reshape(xp.astype(_gather(backend, target, pos_dev, S), f64), (-1, S * S))
     var = xp.reshape(xp.astype(_gather(backend, variance, pos_dev, S), f64), (-1, S * S))
     bad_st = xp.reshape(_gather(backend, bad, pos_dev, S), (-1, S * S))
@@ -381,13 +377,7 @@ def build_stamps(source, target, variance, bad, positions, basis: KernelBasis,
         stop = min(start + config.chunk, len(positions))
         p = pos_dev[start:stop, ...]
         src = xp.astype(_gather(backend, source, p, L), xp.float32)
-        if passes is not None:
-            cols = _separable_convolve(backend, src, passes, S)
-        else:
-            conv = backend.irfft2(backend.rfft2(src, s=(F, F))[:, None, ...] * kspec[None, ...],
-                                  s=(F, F))
-            conv = xp.astype(conv[..., K - 1:K - 1 + S, K - 1:K - 1 + S], f64)
-            cols = xp.reshape(conv, (conv.shape[0], nb, S * S))
+        cols = _separable_convolve(backend, src, passes, S)
         n = cols.shape[0]
         ones = backend.ones((n, 1, S * S), dtype=f64)
         designs.append(backend.matrix_transpose(xp.concat([cols, ones], axis=1)))
