@@ -174,7 +174,7 @@ def _spatial_term_images(shape, bbox, order, backend, dtype=None):
     return chebyshev_terms(xp, uu, vv, order)
 
 
-def _term_factors(shape, bbox, order: int):
+def term_factors(shape, bbox, order: int):
     """Host 1-D Chebyshev factors of the term images: (nx, order + 1) ``T_k(u)`` along x
     and (ny, order + 1) ``T_k(v)`` along y; term ``i`` is ``T_a(u) T_b(v)`` with
     ``(a, b) = polynomial_terms(order)[i]``."""
@@ -189,7 +189,7 @@ def linear_term_map(coeffs, shape, bbox, order: int, backend):
     """``sum_i c_i w_i(x, y)`` over a (ny, nx) image (device), ``w`` the term images of
     :func:`spatial_term_images`: one (ny, order + 1) x (order + 1, nx) matrix product of
     their 1-D factors instead of a sum over whole images."""
-    tu, tv = _term_factors(shape, bbox, order)
+    tu, tv = term_factors(shape, bbox, order)
     c = np.zeros((order + 1, order + 1))
     for value, (a, b) in zip(np.asarray(coeffs, float), polynomial_terms(order)):
         c[b, a] += value
@@ -200,7 +200,7 @@ def linear_term_map(coeffs, shape, bbox, order: int, backend):
 def quadratic_term_map(gram, shape, bbox, order: int, backend):
     """``sum_ij gram_ij w_i(x, y) w_j(x, y)`` over a (ny, nx) image (device): one
     (ny, n^2) x (n^2, nx) matrix product of the terms' 1-D factors."""
-    tu, tv = _term_factors(shape, bbox, order)
+    tu, tv = term_factors(shape, bbox, order)
     powers = polynomial_terms(order)
     fu = np.array([gram[i, j] * tu[:, a] * tu[:, c] for i, (a, b) in enumerate(powers)
                    for j, (c, d) in enumerate(powers)])

@@ -32,9 +32,10 @@ from .convolve import convolve_exposure, fft_convolve, grow_mask
 from .decorrelate import decorrelation_kernel
 from .errors import GpuDiffimError
 from .exposure import UNUSABLE_PLANES, Exposure, mask_bits
-from .kernel_fit import (KernelFitConfig, KernelSolution, fit_kernel, linear_term_map,
-                         psf_flux_ratio, quadratic_term_map, scaled_coords,
-                         select_kernel_sources, source_snr_maps, spatial_term_images)
+from .kernel_fit import (KernelFitConfig, KernelSolution, chebyshev_terms, fit_kernel,
+                         linear_term_map, psf_flux_ratio, quadratic_term_map, scaled_coords,
+                         select_kernel_sources, source_snr_maps, spatial_term_images,
+                         term_factors)
 from .psf import ImagePsf, PolynomialPsf, convolved_psf, polynomial_terms
 
 log = logging.getLogger(__name__)
@@ -430,17 +431,19 @@ def _sky_plane(backend, diff, good, snr, bbox, order: int, block: int = 4,
     w = xp.sum(xp.astype(xp.reshape(use, shape), xp.float64), axis=(1, 3))
     wd = xp.sum(xp.reshape(xp.where(use, xp.astype(d, xp.float64), 0.0), shape), axis=(1, 3))
     w, wd = xp.where(sky, w, 0.0), xp.where(sky, wd, 0.0)
-    terms = spatial_term_images(diff.shape, bbox, order, backend)
-    t = xp.reshape(xp.astype(terms[:, block // 2:ny:block, block // 2:nx:block], xp.float64),
-                   (terms.shape[0], -1))
+    # the terms at the blocks' centres, from their 1-D factors (host, small)
+    tu, tv = term_factors(diff.shape, bbox, order)
+    tu, tv = tu[block // 2:nx:block], tv[block // 2:ny:block]
+    powers = polynomial_terms(order)
+    t = backend.to_device(np.array([np.outer(tv[:, b], tu[:, a]).ravel() for a, b in powers]))
     w, wd = xp.reshape(w, (-1,)), xp.reshape(wd, (-1,))
     if float(xp.sum(w)) < 100 * t.shape[0]:
         return 0.0, 0.0
     normal = backend.to_host(xp.matmul(t * w, backend.matrix_transpose(t)))
     coeffs = np.linalg.solve(normal, backend.to_host(xp.matmul(t, wd)))
     plane = linear_term_map(coeffs, diff.shape, bbox, order, backend)
-    cy, cx = diff.shape[0] // 2, diff.shape[1] // 2
-    return plane, float(np.sum(coeffs * backend.to_host(terms[:, cy, cx])))
+    u, v = scaled_coords(diff.shape[1] // 2, diff.shape[0] // 2, bbox)
+    return plane, float(np.sum(coeffs * chebyshev_terms(np, np.asarray(u), np.asarray(v), order)))
 
 
 def _reach(kernel: np.ndarray, fraction: float = 0.999) -> int:
