@@ -208,12 +208,18 @@ def _window_reduce(backend, a, size: int, axis: int, op, fill, start: int | None
 
 
 def window_or(backend, mask, size: tuple[int, int], start: tuple[int, int]):
-    """Bitwise OR of an integer mask over the box ``[i+start, i+start+size)`` per axis."""
-    out = mask
+    """Bitwise OR of an integer mask over the box ``[i+start, i+start+size)`` per axis.
+
+    The passes run in the narrowest unsigned type that holds the mask's highest bit (a
+    plane up to bit 7 or 15: 4x or 2x less memory traffic than int32), then cast back.
+    """
+    xp = backend.xp
+    top = int(xp.max(mask)) if mask.size else 0
+    narrow = (xp.uint8 if 0 <= top < 1 << 8 else xp.uint16 if 0 <= top < 1 << 16 else None)
+    out = mask if narrow is None or mask.dtype == narrow else xp.astype(mask, narrow)
     for axis in (0, 1):
-        out = _window_reduce(backend, out, size[axis], axis, backend.xp.bitwise_or, 0,
-                             start[axis])
-    return out
+        out = _window_reduce(backend, out, size[axis], axis, xp.bitwise_or, 0, start[axis])
+    return out if out.dtype == mask.dtype else xp.astype(out, mask.dtype)
 
 
 @lru_cache(maxsize=1)

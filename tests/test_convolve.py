@@ -99,13 +99,14 @@ def test_masks_grow_by_kernel_and_edges_flagged(backend):
 
 @settings(max_examples=40, deadline=None)
 @given(h=st.integers(1, 12), w=st.integers(1, 12), kh=st.integers(1, 6), kw=st.integers(1, 6),
-       seed=st.integers(0, 2**31 - 1))
-def test_grow_mask_equals_brute_force(h, w, kh, kw, seed):
-    """Every output pixel carries the OR of the mask bits inside its kernel footprint."""
+       seed=st.integers(0, 2**31 - 1), top_bit=st.sampled_from([4, 12, 20]))
+def test_grow_mask_equals_brute_force(h, w, kh, kw, seed, top_bit):
+    """Every output pixel carries the OR of the mask bits inside its kernel footprint
+    (masks whose highest bit fits 8, 16 and only 32 bits: the passes narrow the type)."""
     from gpudiffim.backend import get_backend
 
     cpu = get_backend("cpu")
-    mask = np.random.default_rng(seed).integers(0, 16, size=(h, w)).astype(np.int32)
+    mask = np.random.default_rng(seed).integers(0, 1 << top_bit, size=(h, w)).astype(np.int32)
     got = grow_mask(mask, (kh, kw), cpu)
     edge = mask_bits("EDGE")
     sy, sx = (kh - 1) // 2, (kw - 1) // 2
