@@ -157,6 +157,47 @@ def convolved_psf(psf: ImagePsf, kernel: np.ndarray) -> ImagePsf:
     return ImagePsf(fftconvolve(psf.image_at(), kernel, mode="same"))
 
 
+def kernel_convolved_psf(psf: ImagePsf, kernel_at, kernel_order: int, bbox) -> PolynomialPsf:
+    """``psf`` after a spatially varying convolution: ``image_at(x, y)`` is
+    ``psf.image_at(x, y) * kernel_at(x, y)``, the shape a point source takes there.
+
+    ``kernel_at(x, y)`` gives the (odd, square) kernel image, a polynomial of
+    ``kernel_order`` in position over ``bbox`` (width, height); a :class:`PolynomialPsf`
+    of order ``p`` then becomes one of order ``p + kernel_order`` (pixels are products of
+    the two polynomials), fitted exactly on a grid of positions. The image takes the
+    larger of the two sizes: the PSF's extent plus the kernel's core (the far wings of a
+    broad kernel, beyond both, are dropped).
+    """
+    order = kernel_order + (psf.order if isinstance(psf, PolynomialPsf) else 0)
+    width, height = psf.bbox if isinstance(psf, PolynomialPsf) else bbox
+    n = order + 3
+    xs, ys = np.meshgrid(np.linspace(0, width - 1, n), np.linspace(0, height - 1, n))
+    terms = polynomial_terms(order)
+    from scipy.signal import fftconvolve
+
+    rows, images = [], []
+    for x, y in zip(xs.ravel(), ys.ravel()):
+        u, v = 2.0 * x / max(width - 1, 1) - 1.0, 2.0 * y / max(height - 1, 1) - 1.0
+        rows.append([u**i * v**j for i, j in terms])
+        p, k = _unnormalised_at(psf, x, y), kernel_at(x, y)
+        full = fftconvolve(p, k, mode="full")
+        c, h = full.shape[0] // 2, max(p.shape[0], k.shape[0]) // 2
+        images.append(full[c - h:c + h + 1, c - h:c + h + 1].ravel())
+    coeffs, *_ = np.linalg.lstsq(np.array(rows), np.array(images), rcond=None)
+    size = 2 * h + 1
+    return PolynomialPsf(coeffs.reshape(len(terms), size, size), order=order,
+                         bbox=(width, height))
+
+
+def _unnormalised_at(psf: ImagePsf, x, y) -> np.ndarray:
+    """The PSF's polynomial itself at (x, y) (``image_at`` divides by its sum, which makes
+    the pixels a ratio of polynomials in position)."""
+    if not isinstance(psf, PolynomialPsf):
+        return psf.image_at(x, y)
+    u, v = psf._uv(x, y)
+    return np.tensordot(np.array([u**i * v**j for i, j in psf._terms]), psf.image, axes=1)
+
+
 def gaussian_psf(sigma: float, size: int | None = None, e1: float = 0.0) -> ImagePsf:
     """Pixel-integrated-ish elliptical Gaussian PSF (sigma in pixels)."""
     size = size or 2 * int(np.ceil(5 * sigma)) + 1

@@ -36,7 +36,8 @@ from .kernel_fit import (KernelFitConfig, KernelSolution, chebyshev_terms, fit_k
                          linear_term_map, psf_flux_ratio, quadratic_term_map, scaled_coords,
                          select_kernel_sources, source_snr_maps, spatial_term_images,
                          term_factors)
-from .psf import ImagePsf, PolynomialPsf, convolved_psf, polynomial_terms
+from .psf import (ImagePsf, PolynomialPsf, convolved_psf, kernel_convolved_psf,
+                  polynomial_terms)
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +275,12 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
         diff = (matched + background - target) / ksum  # model: target = k*source + b
         grown = grow_mask(sci.mask, k_centre.shape, backend, sci.mask_planes)
         mask = grown | _template_mask_bits(tmpl, backend)
-        out_model = tmpl.psf  # k * P_science = P_template, over the whole detector
+        # a point source in the science reaches the difference through the fitted kernel:
+        # its shape is k(x, y) * P_science(x, y), which the template's PSF model matches only
+        # as well as the kernel fits (bright fakes' fluxes scattered 3.3% against 1.7% from
+        # the noise, pulls 1.75 at SNR > 30; this model: 1.33)
+        out_model = kernel_convolved_psf(sci.psf, solution.kernel_at, solution.kernel_order,
+                                         (nx, ny))
     else:
         diff = target - matched - background
         if by_matching:
@@ -282,7 +288,8 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
         tmask = grow_mask(_template_mask_bits(tmpl, backend), k_centre.shape, backend,
                           tmpl.mask_planes)
         mask = (n_mask if flavor == "preconvolve" else sci.mask) | tmask
-        out_model = sci.psf if flavor == "convolveTemplate" else ImagePsf(target_psf)
+        # the score's: the science PSF through the pre-filter, wherever it is on the detector
+        out_model = sci.psf if flavor == "convolveTemplate" else convolved_psf(sci.psf, pre)
     mask = mask & ~mask_bits("DETECTED", "DETECTED_NEGATIVE")
     # saturated stars' wings reach past the kernel: grow SAT / SAT_TEMPLATE once more by it
     sat = mask & mask_bits("SAT", "SAT_TEMPLATE")

@@ -46,3 +46,37 @@ def test_measure_psf_under_strict_backend(tmp_path):
     on_device = measure_psf(exp.to_backend(strict), backend=strict).image_at(256, 256)
     on_host = measure_psf(exp, backend="cpu").image_at(256, 256)
     np.testing.assert_allclose(on_device, on_host, atol=1e-6 * on_host.max())
+
+
+def test_kernel_convolved_psf_is_the_psf_through_the_kernel_everywhere():
+    """A PSF varying as a quadratic, through a kernel varying as a quadratic: the product
+    model is the convolution of the two at every position, not only on its fitting grid."""
+    from scipy.signal import fftconvolve
+
+    from gpudiffim.profiles import PsfField
+    from gpudiffim.psf import kernel_convolved_psf
+
+    field = PsfField(fwhm=4.0, beta=3.0, width=500, height=300, gx=0.04, gy=-0.03,
+                     curvature=0.02, e1_0=0.03, e1_u=0.02)
+    psf = field.model(25)  # a PolynomialPsf of order 2
+
+    shapes = [_elliptical(15, 1.2, 1.0), _elliptical(15, 1.5, 0.8), _elliptical(15, 0.8, 1.3),
+              _elliptical(15, 2.0, 2.0)]
+
+    def kernel_at(x, y):  # a quadratic in position, as a fitted kernel is
+        u, v = 2 * x / 499 - 1, 2 * y / 299 - 1
+        return shapes[0] + 0.2 * u * shapes[1] + 0.1 * u * v * shapes[2] + 0.15 * v * v * shapes[3]
+
+    model = kernel_convolved_psf(psf, kernel_at, 2, (500, 300))
+    assert model.order == 4 and model.shape == (25, 25)
+    for x, y in np.random.default_rng(2).uniform((0, 0), (499, 299), (6, 2)):
+        full = fftconvolve(psf.image_at(x, y), kernel_at(x, y), mode="full")
+        c = full.shape[0] // 2
+        want = full[c - 12:c + 13, c - 12:c + 13]
+        np.testing.assert_allclose(model.image_at(x, y), want / want.sum(), rtol=1e-8, atol=1e-12)
+
+
+def _elliptical(size, sx, sy):
+    h = size // 2
+    y, x = np.mgrid[-h:h + 1, -h:h + 1]
+    return np.exp(-0.5 * ((x / sx) ** 2 + (y / sy) ** 2))
