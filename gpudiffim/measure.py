@@ -18,6 +18,7 @@ import numpy as np
 from astropy.table import Table
 
 from .backend import get_backend
+from .convolve import fft_convolve
 from .detect import Detections
 from .exposure import Exposure
 from .inject import shift_image
@@ -96,8 +97,15 @@ def _value_at(backend, stamps, dx, dy, a: int = 5):
 
 def measure(difference: Exposure, detections: Detections, science: Exposure | None = None,
             is_score: bool = False, config: MeasureConfig = MeasureConfig(),
-            backend=None) -> Table:
-    """Measure every detection; returns a DiaSource table (plus sky sources, flagged)."""
+            backend=None, noise_paths: tuple = ()) -> Table:
+    """Measure every detection; returns a DiaSource table (plus sky sources, flagged).
+
+    ``noise_paths`` (a subtraction's: each input's variance plane and the filter it
+    reaches the difference through) make the PSF and aperture flux errors sum the
+    difference's correlated noise; without them each pixel's variance is taken as
+    independent, which understates the errors of bright sources whose own photon noise
+    went through the matching kernel.
+    """
     backend = get_backend(backend)
     xp = backend.xp
     ny, nx = difference.shape
@@ -136,6 +144,15 @@ def measure(difference: Exposure, detections: Detections, science: Exposure | No
     inap = (r2 <= config.apertureRadius**2) & good
     ap = xp.sum(xp.where(inap, d_st, 0.0), axis=(1, 2))
     ap_err = xp.sqrt(xp.sum(xp.where(inap, v_st, 0.0), axis=(1, 2)))
+    if noise_paths and n:
+        w_psf = xp.where(good, psf / xp.where(v_st > 0, v_st, 1.0), 0.0)
+        w_psf = w_psf / xp.sum(w_psf * psf, axis=(1, 2))[:, None, None]
+        weights = xp.concat([w_psf, xp.astype(inap, w_psf.dtype)], axis=0)
+        var2 = _filtered_variance(backend, weights, noise_paths, np.concatenate([xs, xs]),
+                                  np.concatenate([ys, ys]))
+        if not is_score:
+            flux_err = xp.sqrt(var2[:n])
+        ap_err = xp.sqrt(var2[n:])
     # second moments of |D| with a Gaussian weight matched to the PSF core
     fwhm = np.mean(difference.psf.fwhm())
     sig2 = float((fwhm / 2.3548) ** 2)
@@ -183,6 +200,29 @@ def measure(difference: Exposure, detections: Detections, science: Exposure | No
     table.add_column(np.full(n, -1 if info.detector is None else info.detector), name="detector", index=2)
     table.add_column(np.full(n, info.band or ""), name="band", index=3)
     return table
+
+
+def _filtered_variance(backend, weights, paths, xs, ys):
+    """Variance of ``sum(weights * D)`` per stamp, for a difference ``D = sum_p g_p * N_p``
+    of images with independent pixel noise of variance ``V_p``:
+    ``sum_p sum_m V_p(m) (w corr g_p)(m)^2`` (each input pixel's noise reaches every stamp
+    pixel its filter spreads it to). ``weights`` (n, S, S) centred on (xs, ys)."""
+    xp = backend.xp
+    n, S = weights.shape[0], weights.shape[-1]
+    total = backend.zeros((n,), dtype=xp.float32)
+    for plane, g in paths:
+        G = g.shape[0]
+        L, h = S + G - 1, (S + G - 1) // 2
+        edge = (G - 1) // 2
+        zc = backend.zeros((n, S, edge), dtype=weights.dtype)
+        wide = xp.concat([zc, weights, zc], axis=2)
+        zr = backend.zeros((n, edge, L), dtype=weights.dtype)
+        wide = xp.concat([zr, wide, zr], axis=1)
+        spread = fft_convolve(wide, backend.to_device(np.flip(g).astype(np.float32)), backend)
+        pos = backend.to_device(np.column_stack([xs, ys]).astype(np.int64) + h)
+        v = _gather(backend, _pad(backend, backend.asarray(plane), h, 0.0), pos, L)
+        total = total + xp.sum(xp.astype(v, xp.float32) * spread * spread, axis=(1, 2))
+    return total
 
 
 def _pad(backend, a, half, value):
@@ -297,7 +337,8 @@ def dia_sources(result, science: Exposure | None = None, detection_config=None,
 
     backend = get_backend(backend)
     det = detect(result.difference, result.is_score, detection_config or DetectionConfig(), backend)
-    return measure(result.difference, det, science, result.is_score, measure_config, backend)
+    return measure(result.difference, det, science, result.is_score, measure_config, backend,
+                   getattr(result, "noise_paths", ()))
 
 
 def write_dia_sources(table: Table, path) -> None:

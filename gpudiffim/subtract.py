@@ -78,6 +78,11 @@ class SubtractionResult:
     flavor: str
     is_score: bool
     quality: dict
+    # how each input's pixel noise reaches the difference: (variance plane, filter) per
+    # image, filters host arrays with the difference's units folded in. Photometry sums
+    # correlated noise with them (the variance plane alone holds no covariance). Empty for
+    # the score, whose flux is one pixel's value
+    noise_paths: tuple = ()
 
     def summary(self) -> dict:
         """JSON-ready description of the fit."""
@@ -370,7 +375,28 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
         "science_variance": s_var, "template_variance": t_var,
     }
     difference = sci.replace(image=diff, mask=mask, variance=var, psf=out_model)
-    return SubtractionResult(difference, solution, flavor, flavor == "preconvolve", quality)
+    paths = ()
+    if flavor != "preconvolve":
+        phi_out = phi if decorrelated else np.ones((1, 1))
+        through_k = fftconvolve(phi_out, k_centre)
+        planes = (xp.where(nodata, 0.0, target_var), xp.where(nodata, 0.0, source_var))
+        filters = ((phi_out / kappa, through_k / kappa) if flavor == "convolveScience"
+                   else (phi_out, through_k))
+        paths = tuple((plane, _core(f)) for plane, f in zip(planes, filters))
+    return SubtractionResult(difference, solution, flavor, flavor == "preconvolve", quality,
+                             paths)
+
+
+def _core(kernel: np.ndarray, fraction: float = 1e-4) -> np.ndarray:
+    """The centred box of ``kernel`` holding all but ``fraction`` of its power."""
+    h = kernel.shape[0] // 2
+    y, x = np.mgrid[-h:h + 1, -h:h + 1]
+    r = np.maximum(np.abs(x), np.abs(y)).ravel()
+    p = (kernel * kernel).ravel()
+    order = np.argsort(r, kind="stable")
+    cum = np.cumsum(p[order]) / p.sum()
+    keep = int(r[order][min(np.searchsorted(cum, 1 - fraction), len(cum) - 1)])
+    return kernel[h - keep:h + keep + 1, h - keep:h + keep + 1]
 
 
 def _decorrelated_variance(backend, target_var, source_var, phi, kernel, terms=None,
