@@ -106,7 +106,7 @@ def detect(difference: Exposure, is_score: bool = False,
     grown = {}
     for sign, name in ((1.0, "pos"), (-1.0, "neg")):
         seeds = (snr * sign >= t) & ~bad
-        grown[name] = backend.maximum_filter(xp.astype(seeds, xp.int32), size) > 0
+        grown[name] = backend.maximum_filter(xp.astype(seeds, xp.uint8), size) > 0
     merged, n = backend.label(grown["pos"] | grown["neg"])
     if n == 0:
         empty = np.zeros(0)

@@ -13,15 +13,25 @@ from astropy.table import Table
 from .exposure import Exposure
 
 
-def shift_image(image: np.ndarray, dx: float, dy: float) -> np.ndarray:
-    """Shift a small, well-sampled image by (dx, dy) pixels with the Fourier shift theorem."""
+def shift_image(image: np.ndarray, dx, dy) -> np.ndarray:
+    """Shift a small, well-sampled image by (dx, dy) pixels with the Fourier shift theorem.
+
+    A stack (..., h, w) with ``dx``, ``dy`` of its leading shape shifts every image by its
+    own amount in one batched transform."""
+    from scipy.fft import next_fast_len
+
     pad = 8
-    big = np.pad(image, pad)
-    ky = np.fft.fftfreq(big.shape[0])[:, None]
-    kx = np.fft.rfftfreq(big.shape[1])[None, :]
+    image = np.asarray(image)
+    h, w = image.shape[-2:]
+    after = [next_fast_len(n + 2 * pad, real=True) - n - pad for n in (h, w)]  # no prime sizes
+    big = np.pad(image, [(0, 0)] * (image.ndim - 2) + [(pad, after[0]), (pad, after[1])])
+    dx = np.asarray(dx, float)[..., None, None]
+    dy = np.asarray(dy, float)[..., None, None]
+    ky = np.fft.fftfreq(big.shape[-2])[:, None]
+    kx = np.fft.rfftfreq(big.shape[-1])[None, :]
     phase = np.exp(-2j * np.pi * (kx * dx + ky * dy))
-    out = np.fft.irfft2(np.fft.rfft2(big) * phase, s=big.shape)
-    return out[pad:-pad, pad:-pad]
+    out = np.fft.irfft2(np.fft.rfft2(big) * phase, s=big.shape[-2:])
+    return out[..., pad:pad + h, pad:pad + w]
 
 
 def psf_stamp(psf, x: float, y: float) -> tuple[np.ndarray, int, int]:

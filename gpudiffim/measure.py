@@ -43,15 +43,15 @@ def _psf_stack(psf, xs, ys, size):
     part of a unit-sum PSF, not renormalised: the fitted amplitude is then the total flux,
     wings beyond the stamp included (renormalising the crop biased fluxes ~1% low)."""
     out = np.zeros((len(xs), size, size))
-    for k, (x, y) in enumerate(zip(xs, ys)):
-        img = psf.image_at(x, y)
-        h = img.shape[0] // 2
-        dx, dy = x - np.floor(x + 0.5), y - np.floor(y + 0.5)
-        img = shift_image(img, dx, dy)
-        img = img / img.sum()
-        half = size // 2
-        c = min(h, half)
-        out[k, half - c:half + c + 1, half - c:half + c + 1] = img[h - c:h + c + 1, h - c:h + c + 1]
+    if not len(xs):
+        return out
+    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+    img = np.stack([psf.image_at(x, y) for x, y in zip(xs, ys)])
+    img = shift_image(img, xs - np.floor(xs + 0.5), ys - np.floor(ys + 0.5))  # one batch
+    img = img / img.sum(axis=(1, 2), keepdims=True)
+    h, half = img.shape[1] // 2, size // 2
+    c = min(h, half)
+    out[:, half - c:half + c + 1, half - c:half + c + 1] = img[:, h - c:h + c + 1, h - c:h + c + 1]
     return out
 
 
@@ -241,7 +241,7 @@ def _sky_positions(backend, detections, difference, config):
     xp = backend.xp
     ny, nx = difference.shape
     busy = (backend.asarray(detections.labels) > 0) | (backend.asarray(difference.mask) != 0)
-    busy = backend.maximum_filter(xp.astype(busy, xp.int32), 2 * config.stampSize // 3 + 1) > 0
+    busy = backend.maximum_filter(xp.astype(busy, xp.uint8), 2 * config.stampSize // 3 + 1) > 0
     rng = np.random.default_rng(config.skySeed)
     cand_x = rng.integers(config.stampSize, nx - config.stampSize, 20 * config.nSkySources)
     cand_y = rng.integers(config.stampSize, ny - config.stampSize, 20 * config.nSkySources)

@@ -459,7 +459,7 @@ def _sky_plane(backend, diff, good, snr, bbox, order: int, block: int = 4,
     z = xp.abs(snr[:ny:block, :nx:block])
     sky = None
     for level, reach in quiet:
-        near = backend.maximum_filter(xp.astype(z >= level, xp.int32), 2 * (reach // block) + 1)
+        near = backend.maximum_filter(xp.astype(z >= level, xp.uint8), 2 * (reach // block) + 1)
         sky = (near == 0) if sky is None else sky & (near == 0)
     d = diff[:ny, :nx]
     sigma = _robust_sigma(backend, d, good[:ny, :nx])
