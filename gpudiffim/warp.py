@@ -17,14 +17,21 @@ from .exposure import Exposure, mask_bits
 LANCZOS_A = 3
 
 
-def pixel_mapping(science_wcs, template_wcs, shape, step: int = 32):
-    """Host (ty, tx) float arrays: template pixel coordinates of every science pixel."""
+def _coarse_mapping(science_wcs, template_wcs, shape, step: int = 32):
+    """Grid rows ``gy``, columns ``gx`` and the template pixel coordinates (ty, tx) there."""
     ny, nx = shape
     gy = np.unique(np.r_[np.arange(0, ny, step), ny - 1]).astype(float)
     gx = np.unique(np.r_[np.arange(0, nx, step), nx - 1]).astype(float)
     yy, xx = np.meshgrid(gy, gx, indexing="ij")
     ra, dec = science_wcs.pixel_to_world_values(xx, yy)
     tx, ty = template_wcs.world_to_pixel_values(ra, dec)
+    return gy, gx, ty, tx
+
+
+def pixel_mapping(science_wcs, template_wcs, shape, step: int = 32):
+    """Host (ty, tx) float arrays: template pixel coordinates of every science pixel."""
+    ny, nx = shape
+    gy, gx, ty, tx = _coarse_mapping(science_wcs, template_wcs, shape, step)
     # bilinear interpolation of the coarse mapping onto every pixel
     iy = np.interp(np.arange(ny), gy, np.arange(len(gy)))
     ix = np.interp(np.arange(nx), gx, np.arange(len(gx)))
@@ -56,15 +63,21 @@ def warp_exposure(template: Exposure, science_wcs, shape, backend=None) -> tuple
     """
     backend = get_backend(backend)
     xp = backend.xp
-    ty, tx = pixel_mapping(science_wcs, template.wcs, shape)
     th, tw = template.shape
     a = LANCZOS_A
+    gy, gx, cty, ctx = _coarse_mapping(science_wcs, template.wcs, shape)
+    if (np.abs(ctx - ctx[:1, :]).max() < 1e-3) and (np.abs(cty - cty[:, :1]).max() < 1e-3):
+        # axis-aligned mapping (shifts, scales): rows and columns map on their own, so two
+        # passes of 1-D taps, and only the two 1-D mappings are interpolated
+        ty1 = np.interp(np.arange(shape[0]), gy, cty[:, 0])
+        tx1 = np.interp(np.arange(shape[1]), gx, ctx[0, :])
+        covered = (((ty1 >= 0) & (ty1 <= th - 1))[:, None]
+                   & ((tx1 >= 0) & (tx1 <= tw - 1))[None, :])
+        warped = _warp_separable(template, ty1, tx1, covered, backend)
+        return warped.replace(wcs=science_wcs), float(covered.mean())
+    ty, tx = pixel_mapping(science_wcs, template.wcs, shape)
     covered = (ty >= 0) & (ty <= th - 1) & (tx >= 0) & (tx <= tw - 1)
     fraction = float(covered.mean())
-    separable = (np.abs(tx - tx[:1, :]).max() < 1e-3) and (np.abs(ty - ty[:, :1]).max() < 1e-3)
-    if separable:  # axis-aligned mapping (shifts, scales): two passes of 1-D taps
-        warped = _warp_separable(template, ty[:, 0], tx[0, :], covered, backend)
-        return warped.replace(wcs=science_wcs), fraction
     iy0, ix0 = np.floor(ty).astype(np.int64), np.floor(tx).astype(np.int64)
     fy = backend.to_device((ty - iy0).astype(np.float32))
     fx = backend.to_device((tx - ix0).astype(np.float32))
