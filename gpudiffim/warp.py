@@ -82,23 +82,28 @@ def warp_exposure(template: Exposure, science_wcs, shape, backend=None) -> tuple
     fy = backend.to_device((ty - iy0).astype(np.float32))
     fx = backend.to_device((tx - ix0).astype(np.float32))
     iy0d, ix0d = backend.to_device(iy0), backend.to_device(ix0)
-    img = xp.reshape(backend.asarray(template.image), (-1,))
-    var = xp.reshape(backend.asarray(template.variance), (-1,))
     msk = xp.reshape(backend.asarray(template.mask), (-1,))
-    out = backend.zeros(shape, dtype=xp.float32)
-    out_var = backend.zeros(shape, dtype=xp.float32)
-    wsum = backend.zeros(shape, dtype=xp.float32)
+    # the planes padded by a with their edge values (what clipping each tap's index gave):
+    # every tap of a pixel is then the pixel's base index plus a constant
+    wide = tw + 2 * a
+    img = xp.reshape(_edge_pad(backend, backend.asarray(template.image), a), (-1,))
+    var = xp.reshape(_edge_pad(backend, backend.asarray(template.variance), a), (-1,))
+    base = backend.to_device((np.clip(iy0, -1, th - 1) + 1) * wide  # the first tap's index
+                             + np.clip(ix0, -1, tw - 1) + 1)
+    base = xp.reshape(base, (-1,))
     wy = [_lanczos(xp, fy - j) for j in range(-a + 1, a + 1)]
     wx = [_lanczos(xp, fx - i) for i in range(-a + 1, a + 1)]
-    for jy, j in enumerate(range(-a + 1, a + 1)):
-        yy = xp.clip(iy0d + j, 0, th - 1)
+    wx2 = [w * w for w in wx]
+    out = out_var = 0.0
+    for jy, j in enumerate(range(-a + 1, a + 1)):  # the weights are separable: rows of taps
+        row = row_var = 0.0
         for ix, i in enumerate(range(-a + 1, a + 1)):
-            xx = xp.clip(ix0d + i, 0, tw - 1)
-            w = wy[jy] * wx[ix]
-            flat = yy * tw + xx
-            out = out + w * xp.reshape(xp.take(img, xp.reshape(flat, (-1,))), shape)
-            out_var = out_var + w * w * xp.reshape(xp.take(var, xp.reshape(flat, (-1,))), shape)
-            wsum = wsum + w
+            off = (j + a - 1) * wide + (i + a - 1)  # taps gather from shifted views
+            row = row + wx[ix] * xp.reshape(xp.take(img[off:], base), shape)
+            row_var = row_var + wx2[ix] * xp.reshape(xp.take(var[off:], base), shape)
+        out = out + wy[jy] * row
+        out_var = out_var + (wy[jy] * wy[jy]) * row_var
+    wsum = sum(wy) * sum(wx)
     out = out / wsum
     out_var = out_var / (wsum * wsum)
     mask = backend.zeros(shape, dtype=xp.int32)
@@ -114,6 +119,18 @@ def warp_exposure(template: Exposure, science_wcs, shape, backend=None) -> tuple
     warped = template.replace(image=xp.astype(out, xp.float32), mask=mask,
                               variance=xp.astype(out_var, xp.float32), wcs=science_wcs)
     return warped, fraction
+
+
+def _edge_pad(backend, plane, p: int):
+    """``plane`` padded by ``p`` pixels on every side with its edge values."""
+    xp = backend.xp
+    h, w = plane.shape
+    left = xp.broadcast_to(plane[:, :1], (h, p))
+    right = xp.broadcast_to(plane[:, w - 1:], (h, p))
+    plane = xp.concat([left, plane, right], axis=1)
+    top = xp.broadcast_to(plane[:1, :], (p, w + 2 * p))
+    bottom = xp.broadcast_to(plane[h - 1:, :], (p, w + 2 * p))
+    return xp.concat([top, plane, bottom], axis=0)
 
 
 def _taps(xp, backend, coords, size):
