@@ -15,6 +15,8 @@ from .backend import get_backend
 from .exposure import Exposure, mask_bits
 
 LANCZOS_A = 3
+#: taps x pixels per chunk of the general warp (2 MB of float32: cache-sized on the CPU)
+PATCH_CHUNK = 1 << 19
 
 
 def _coarse_mapping(science_wcs, template_wcs, shape, step: int = 32):
@@ -90,22 +92,25 @@ def warp_exposure(template: Exposure, science_wcs, shape, backend=None) -> tuple
     var = xp.reshape(_edge_pad(backend, backend.asarray(template.variance), a), (-1,))
     base = backend.to_device((np.clip(iy0, -1, th - 1) + 1) * wide  # the first tap's index
                              + np.clip(ix0, -1, tw - 1) + 1)
-    base = xp.reshape(base, (-1,))
-    wy = [_lanczos(xp, fy - j) for j in range(-a + 1, a + 1)]
-    wx = [_lanczos(xp, fx - i) for i in range(-a + 1, a + 1)]
-    wx2 = [w * w for w in wx]
-    out = out_var = 0.0
-    for jy, j in enumerate(range(-a + 1, a + 1)):  # the weights are separable: rows of taps
-        row = row_var = 0.0
-        for ix, i in enumerate(range(-a + 1, a + 1)):
-            off = (j + a - 1) * wide + (i + a - 1)  # taps gather from shifted views
-            row = row + wx[ix] * xp.reshape(xp.take(img[off:], base), shape)
-            row_var = row_var + wx2[ix] * xp.reshape(xp.take(var[off:], base), shape)
-        out = out + wy[jy] * row
-        out_var = out_var + (wy[jy] * wy[jy]) * row_var
-    wsum = sum(wy) * sum(wx)
-    out = out / wsum
-    out_var = out_var / (wsum * wsum)
+    offsets = backend.to_device(np.add.outer(np.arange(2 * a) * wide, np.arange(2 * a)).ravel())
+    taps = backend.to_device(np.arange(-a + 1, a + 1, dtype=np.float32))[:, None]
+    out, out_var = [], []
+    # rows in chunks: each pixel's 2a x 2a patch gathered at once, weighted in one product
+    rows = max(1, PATCH_CHUNK // (4 * a * a * shape[1]))
+    for r0 in range(0, shape[0], rows):
+        r1 = min(r0 + rows, shape[0])
+        idx = offsets[:, None] + xp.reshape(base[r0:r1, :], (1, -1))  # (taps, pixels)
+        wy = _lanczos(xp, xp.reshape(fy[r0:r1, :], (1, -1)) - taps)  # (2a, pixels)
+        wx = _lanczos(xp, xp.reshape(fx[r0:r1, :], (1, -1)) - taps)
+        w = xp.reshape(wy[:, None, :] * wx[None, :, :], (4 * a * a, -1))
+        flat = xp.reshape(idx, (-1,))
+        g = xp.reshape(xp.take(img, flat), w.shape)
+        gv = xp.reshape(xp.take(var, flat), w.shape)
+        wsum = xp.sum(w, axis=0)
+        out.append(xp.reshape(xp.sum(w * g, axis=0) / wsum, (r1 - r0, shape[1])))
+        out_var.append(xp.reshape(xp.sum(w * w * gv, axis=0) / (wsum * wsum),
+                                  (r1 - r0, shape[1])))
+    out, out_var = xp.concat(out, axis=0), xp.concat(out_var, axis=0)
     mask = backend.zeros(shape, dtype=xp.int32)
     for j in (0, 1):
         for i in (0, 1):
