@@ -168,13 +168,13 @@ def kernel_convolved_psf(psf: ImagePsf, kernel_at, kernel_order: int, bbox) -> P
     larger of the two sizes: the PSF's extent plus the kernel's core (the far wings of a
     broad kernel, beyond both, are dropped).
     """
+    from scipy.signal import fftconvolve
+
     order = kernel_order + (psf.order if isinstance(psf, PolynomialPsf) else 0)
     width, height = psf.bbox if isinstance(psf, PolynomialPsf) else bbox
     n = order + 3
     xs, ys = np.meshgrid(np.linspace(0, width - 1, n), np.linspace(0, height - 1, n))
     terms = polynomial_terms(order)
-    from scipy.signal import fftconvolve
-
     rows, images = [], []
     for x, y in zip(xs.ravel(), ys.ravel()):
         u, v = 2.0 * x / max(width - 1, 1) - 1.0, 2.0 * y / max(height - 1, 1) - 1.0
