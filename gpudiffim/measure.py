@@ -80,14 +80,14 @@ def _value_at(backend, stamps, dx, dy, a: int = 5):
     of ``a`` lobes, the weights normalised (host weights, device sums). A score peak (the
     PSF twice, FWHM >= 3 px) is read to 0.25%; a quadratic through the 3x3 around its
     peak pixel was up to 2% off, Lanczos-3 0.8%."""
-    from .warp import _lanczos
+    from .warp import lanczos
 
     xp = backend.xp
     c = stamps.shape[-1] // 2
     offs = np.arange(-a, a + 1)
 
     def weights(d):
-        w = _lanczos(np, np.asarray(d, float)[:, None] - offs[None, :], a)
+        w = lanczos(np, np.asarray(d, float)[:, None] - offs[None, :], a)
         return backend.to_device((w / w.sum(axis=1, keepdims=True)).astype(np.float32))
 
     wy, wx = weights(dy), weights(dx)

@@ -49,7 +49,7 @@ def pixel_mapping(science_wcs, template_wcs, shape, step: int = 32):
     return interp(ty), interp(tx)
 
 
-def _lanczos(xp, t, a: int = LANCZOS_A):
+def lanczos(xp, t, a: int = LANCZOS_A):
     """Lanczos weights (``a`` lobes, 3 by default) for offsets ``t`` (array)."""
     pt = np.pi * t
     safe = xp.where(xp.abs(t) < 1e-6, 1.0, pt)
@@ -100,8 +100,8 @@ def warp_exposure(template: Exposure, science_wcs, shape, backend=None) -> tuple
     for r0 in range(0, shape[0], rows):
         r1 = min(r0 + rows, shape[0])
         idx = offsets[:, None] + xp.reshape(base[r0:r1, :], (1, -1))  # (taps, pixels)
-        wy = _lanczos(xp, xp.reshape(fy[r0:r1, :], (1, -1)) - taps)  # (2a, pixels)
-        wx = _lanczos(xp, xp.reshape(fx[r0:r1, :], (1, -1)) - taps)
+        wy = lanczos(xp, xp.reshape(fy[r0:r1, :], (1, -1)) - taps)  # (2a, pixels)
+        wx = lanczos(xp, xp.reshape(fx[r0:r1, :], (1, -1)) - taps)
         w = xp.reshape(wy[:, None, :] * wx[None, :, :], (4 * a * a, -1))
         flat = xp.reshape(idx, (-1,))
         g = xp.reshape(xp.take(img, flat), w.shape)
@@ -145,7 +145,7 @@ def _taps(xp, backend, coords, size):
     f = coords - i0
     offs = np.arange(-a + 1, a + 1)
     idx = np.clip(i0[:, None] + offs[None, :], 0, size - 1)
-    w = _lanczos(np, f[:, None] - offs[None, :], a)
+    w = lanczos(np, f[:, None] - offs[None, :], a)
     w /= w.sum(axis=1, keepdims=True)
     return idx, w
 
