@@ -315,6 +315,9 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
     s_var = _median(backend, sci.variance, good)
     t_var = _median(backend, tmpl.variance, good)
     kappa = float(k_centre.sum())
+    # each input's variance, NO_DATA zeroed: through the convolutions, and kept with the
+    # result for photometry (noise_paths)
+    planes = (xp.where(nodata, 0.0, target_var), xp.where(nodata, 0.0, source_var))
     decorrelated = False
     if config.doDecorrelation:
         if by_matching:
@@ -340,16 +343,18 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
                    + _convolved_variance(xp.where(nodata, 0.0, tmpl.variance), k_fit, terms,
                                          spatial, backend, phi_sci if by_matching else phi))
         else:  # each pixel's variance through both convolutions (phi, and k then phi)
-            var = _decorrelated_variance(backend, xp.where(nodata, 0.0, target_var),
-                                         xp.where(nodata, 0.0, source_var), phi, k_centre,
-                                         terms, spatial)
+            var = _decorrelated_variance(backend, *planes, phi, k_centre, terms, spatial)
             if flavor == "convolveScience":
                 var = var / (ksum * ksum)
         out_model = convolved_psf(out_model, phi)
         decorrelated = True
+    elif by_matching:  # the score's difference was pre-filtered after the fit: the science
+        # through the pre-filter, the template through the fitted kernel and the pre-filter
+        # (its variance plane was the unfiltered difference's: pull 0.13)
+        var = (fft_convolve(planes[0], backend.to_device((pre**2).astype(np.float32)), backend)
+               + _convolved_variance(planes[1], k_fit, terms, spatial, backend, pre))
     else:  # correlated noise: each pixel's variance through the spatially varying kernel
-        conv_var = _convolved_variance(xp.where(nodata, 0.0, source_var), k_centre, terms,
-                                       spatial, backend)
+        conv_var = _convolved_variance(planes[1], k_centre, terms, spatial, backend)
         var = ((conv_var + target_var) / (ksum * ksum) if flavor == "convolveScience"
                else target_var + conv_var)
     var = xp.where(nodata_out, 0.0, var)
@@ -379,7 +384,6 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
     if flavor != "preconvolve":
         phi_out = phi if decorrelated else np.ones((1, 1))
         through_k = fftconvolve(phi_out, k_centre)
-        planes = (xp.where(nodata, 0.0, target_var), xp.where(nodata, 0.0, source_var))
         filters = ((phi_out / kappa, through_k / kappa) if flavor == "convolveScience"
                    else (phi_out, through_k))
         paths = tuple((plane, _core(f)) for plane, f in zip(planes, filters))  # 7-11 px
