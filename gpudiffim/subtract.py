@@ -318,7 +318,7 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
     # each input's variance, NO_DATA zeroed: through the convolutions, and kept with the
     # result for photometry (noise_paths)
     planes = (xp.where(nodata, 0.0, target_var), xp.where(nodata, 0.0, source_var))
-    decorrelated = False
+    phi_out = None  # the decorrelation applied after the difference, if any
     if config.doDecorrelation:
         if by_matching:
             # the score's correction, sqrt((s + kappa^2 t) |P|^2 / (s |P|^2 + t |P k|^2)),
@@ -335,31 +335,22 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
         if reach > 0:
             edge = mask & mask_bits("EDGE")
             mask = mask | window_or(backend, edge, (2 * reach + 1, 2 * reach + 1), (-reach, -reach))
-        if flavor == "preconvolve":  # the science through pre and phi; the template through
-            # the fitted kernel, then phi (and pre too when that was fitted in science space)
-            phi_sci = fftconvolve(phi, pre)
-            var = (fft_convolve(xp.where(nodata, 0.0, sci.variance),
-                                backend.to_device((phi_sci**2).astype(np.float32)), backend)
-                   + _convolved_variance(xp.where(nodata, 0.0, tmpl.variance), k_fit, terms,
-                                         spatial, backend, phi_sci if by_matching else phi))
-        else:  # each pixel's variance through both convolutions (phi, and k then phi)
-            var = _decorrelated_variance(backend, *planes, phi, k_centre, terms, spatial)
-            if flavor == "convolveScience":
-                var = var / (ksum * ksum)
         out_model = convolved_psf(out_model, phi)
-        decorrelated = True
-    elif by_matching:  # the score's difference was pre-filtered after the fit: the science
-        # through the pre-filter, the template through the fitted kernel and the pre-filter
-        # (its variance plane was the unfiltered difference's: pull 0.13)
-        var = (fft_convolve(planes[0], backend.to_device((pre**2).astype(np.float32)), backend)
-               + _convolved_variance(planes[1], k_fit, terms, spatial, backend, pre))
-    else:  # correlated noise: each pixel's variance through the spatially varying kernel
-        conv_var = _convolved_variance(planes[1], k_centre, terms, spatial, backend)
-        var = ((conv_var + target_var) / (ksum * ksum) if flavor == "convolveScience"
-               else target_var + conv_var)
+        phi_out = phi
+    if flavor == "preconvolve":  # the science through pre (and phi); the template through
+        # the fitted kernel (and phi; and pre too when that was fitted in science space)
+        phi_sci = pre if phi_out is None else fftconvolve(phi_out, pre)
+        sci_var = planes[0] if by_matching else xp.where(nodata, 0.0, sci.variance)
+        var = (fft_convolve(sci_var, backend.to_device((phi_sci**2).astype(np.float32)), backend)
+               + _convolved_variance(planes[1], k_fit, terms, spatial, backend,
+                                     phi_sci if by_matching else phi_out))
+    else:  # each pixel's variance through both convolutions (phi, and k then phi)
+        var = _decorrelated_variance(backend, *planes, phi_out, k_centre, terms, spatial)
+        if flavor == "convolveScience":
+            var = var / (ksum * ksum)
     var = xp.where(nodata_out, 0.0, var)
     if flavor == "preconvolve":  # score in flux units: its value at a source is the PSF flux
-        norm = _score_norm(backend, sci.psf, psf_s, sci.shape, phi if decorrelated else None)
+        norm = _score_norm(backend, sci.psf, psf_s, sci.shape, phi_out)
         diff, var = diff / norm, var / (norm * norm)
     diff = xp.astype(diff, xp.float32)
     var = xp.astype(var, xp.float32)
@@ -367,7 +358,8 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
     pull_sigma = _robust_sigma(backend, diff / xp.sqrt(xp.where(var > 0, var, 1.0)),
                                good & (var > 0))
     quality = {
-        "flavor": flavor, "decorrelated": decorrelated, "preconvolve_by_matching": by_matching,
+        "flavor": flavor, "decorrelated": phi_out is not None,
+        "preconvolve_by_matching": by_matching,
         "science_fwhm": list(map(float, fwhm_s_xy)),
         "template_fwhm": list(map(float, fwhm_t_xy)),
         "kernel_sum_centre": kappa,
@@ -382,10 +374,10 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
     difference = sci.replace(image=diff, mask=mask, variance=var, psf=out_model)
     paths = ()
     if flavor != "preconvolve":
-        phi_out = phi if decorrelated else np.ones((1, 1))
-        through_k = fftconvolve(phi_out, k_centre)
-        filters = ((phi_out / kappa, through_k / kappa) if flavor == "convolveScience"
-                   else (phi_out, through_k))
+        after = np.ones((1, 1)) if phi_out is None else phi_out
+        through_k = fftconvolve(after, k_centre)
+        filters = ((after / kappa, through_k / kappa) if flavor == "convolveScience"
+                   else (after, through_k))
         paths = tuple((plane, _core(f)) for plane, f in zip(planes, filters))  # 7-11 px
     return SubtractionResult(difference, solution, flavor, flavor == "preconvolve", quality,
                              paths)
@@ -400,14 +392,15 @@ def _core(kernel: np.ndarray, fraction: float = 1e-4) -> np.ndarray:
 def _decorrelated_variance(backend, target_var, source_var, phi, kernel, terms=None,
                            spatial=None):
     """Per-pixel variance of ``phi * (target - kernel * source)`` for independent pixel
-    noise: ``phi^2 * V_target + (phi * k)^2 * V_source``. In flat sky it equals the white
+    noise: ``phi^2 * V_target + (phi * k)^2 * V_source`` (no ``phi``: none applied). In flat sky it equals the white
     value the decorrelation aims at; around bright sources it follows their photon noise
     as the convolutions spread it (the convolved image's noise spreads over the kernel's
     width, beyond that image's own, sharper, profile). With the spatial ``terms`` and
     ``spatial`` (their bbox and order) the second part follows the kernel's power across
     the detector."""
-    return (fft_convolve(target_var, backend.to_device((phi**2).astype(np.float32)), backend)
-            + _convolved_variance(source_var, kernel, terms, spatial, backend, phi))
+    through = (target_var if phi is None else
+               fft_convolve(target_var, backend.to_device((phi**2).astype(np.float32)), backend))
+    return through + _convolved_variance(source_var, kernel, terms, spatial, backend, phi)
 
 
 def _score_norm(backend, psf_model, psf_centre, shape, phi=None):
