@@ -338,7 +338,7 @@ def dia_sources(result, science: Exposure | None = None, detection_config=None,
     backend = get_backend(backend)
     det = detect(result.difference, result.is_score, detection_config or DetectionConfig(), backend)
     return measure(result.difference, det, science, result.is_score, measure_config, backend,
-                   getattr(result, "noise_paths", ()))
+                   result.noise_paths)
 
 
 def write_dia_sources(table: Table, path) -> None:

@@ -140,9 +140,14 @@ class PolynomialPsf(ImagePsf):
         return 2.0 * x / max(w - 1, 1) - 1.0, 2.0 * y / max(h - 1, 1) - 1.0
 
     def image_at(self, x=None, y=None):
+        return _normalised(self.polynomial_at(x, y))
+
+    def polynomial_at(self, x=None, y=None):
+        """The pixels' polynomial itself at (x, y), before ``image_at`` divides by its sum
+        (which makes the pixels a ratio of polynomials in position)."""
         u, v = self._uv(x, y)
         weights = np.array([u**i * v**j for i, j in self._terms])
-        return _normalised(np.tensordot(weights, self.image, axes=1))
+        return np.tensordot(weights, self.image, axes=1)
 
 
 def convolved_psf(psf: ImagePsf, kernel: np.ndarray) -> ImagePsf:
@@ -179,7 +184,8 @@ def kernel_convolved_psf(psf: ImagePsf, kernel_at, kernel_order: int, bbox) -> P
     for x, y in zip(xs.ravel(), ys.ravel()):
         u, v = 2.0 * x / max(width - 1, 1) - 1.0, 2.0 * y / max(height - 1, 1) - 1.0
         rows.append([u**i * v**j for i, j in terms])
-        p, k = _unnormalised_at(psf, x, y), kernel_at(x, y)
+        p = psf.polynomial_at(x, y) if isinstance(psf, PolynomialPsf) else psf.image_at(x, y)
+        k = kernel_at(x, y)
         full = fftconvolve(p, k, mode="full")
         c, h = full.shape[0] // 2, max(p.shape[0], k.shape[0]) // 2
         images.append(full[c - h:c + h + 1, c - h:c + h + 1].ravel())
@@ -187,15 +193,6 @@ def kernel_convolved_psf(psf: ImagePsf, kernel_at, kernel_order: int, bbox) -> P
     size = 2 * h + 1
     return PolynomialPsf(coeffs.reshape(len(terms), size, size), order=order,
                          bbox=(width, height))
-
-
-def _unnormalised_at(psf: ImagePsf, x, y) -> np.ndarray:
-    """The PSF's polynomial itself at (x, y) (``image_at`` divides by its sum, which makes
-    the pixels a ratio of polynomials in position)."""
-    if not isinstance(psf, PolynomialPsf):
-        return psf.image_at(x, y)
-    u, v = psf._uv(x, y)
-    return np.tensordot(np.array([u**i * v**j for i, j in psf._terms]), psf.image, axes=1)
 
 
 def gaussian_psf(sigma: float, size: int | None = None, e1: float = 0.0) -> ImagePsf:
