@@ -4,11 +4,11 @@ import numpy as np
 
 from gpudiffim.measure import _filtered_variance
 
+from pairs import gaussian_image
+
 
 def _gauss(size, sigma, dx=0.0, stretch=1.0):
-    h = size // 2
-    y, x = np.mgrid[-h:h + 1, -h:h + 1]
-    g = np.exp(-0.5 * (((x - dx) / stretch) ** 2 + y * y) / sigma**2)
+    g = gaussian_image(size, sigma * stretch, sigma, dx=dx)
     return g / g.sum()
 
 

@@ -55,13 +55,14 @@ def test_kernel_convolved_psf_is_the_psf_through_the_kernel_everywhere():
 
     from gpudiffim.profiles import PsfField
     from gpudiffim.psf import kernel_convolved_psf
+    from pairs import gaussian_image
 
     field = PsfField(fwhm=4.0, beta=3.0, width=500, height=300, gx=0.04, gy=-0.03,
                      curvature=0.02, e1_0=0.03, e1_u=0.02)
     psf = field.model(25)  # a PolynomialPsf of order 2
 
-    shapes = [_elliptical(15, 1.2, 1.0), _elliptical(15, 1.5, 0.8), _elliptical(15, 0.8, 1.3),
-              _elliptical(15, 2.0, 2.0)]
+    shapes = [gaussian_image(15, 1.2, 1.0), gaussian_image(15, 1.5, 0.8),
+              gaussian_image(15, 0.8, 1.3), gaussian_image(15, 2.0, 2.0)]
 
     def kernel_at(x, y):  # a quadratic in position, as a fitted kernel is
         u, v = 2 * x / 499 - 1, 2 * y / 299 - 1
@@ -74,9 +75,3 @@ def test_kernel_convolved_psf_is_the_psf_through_the_kernel_everywhere():
         c = full.shape[0] // 2
         want = full[c - 12:c + 13, c - 12:c + 13]
         np.testing.assert_allclose(model.image_at(x, y), want / want.sum(), rtol=1e-8, atol=1e-12)
-
-
-def _elliptical(size, sx, sy):
-    h = size // 2
-    y, x = np.mgrid[-h:h + 1, -h:h + 1]
-    return np.exp(-0.5 * ((x / sx) ** 2 + (y / sy) ** 2))
