@@ -349,7 +349,8 @@ def _gather(backend, image, pos_dev, size):
 # ---------------------------------------------------------------------------- fitting
 @dataclass
 class _Stamps:
-    design: object  # (n, P, nb + 1): convolved basis images and the background column
+    design: list  # per chunk of stamps (n_c, nb + 1, P): convolved basis images and the
+    # background column
     target: object  # (n, P)
     weight: object  # (n, P): inverse variance, 0 where masked
     normal: object  # (n, nb + 1, nb + 1)
@@ -387,28 +388,32 @@ def build_stamps(source, target, variance, bad, positions, basis: KernelBasis,
     if source_var is not None:  # every product B_j(m) B_l(m), once for all chunks
         flat = basis.kernels.reshape(nb, K * K)
         products = backend.to_device((flat[:, None, :] * flat[None, :, :]).reshape(nb * nb, K * K))
-    designs, noise = [], []
+    designs, normals, rhss, noise = [], [], [], []
     for start in range(0, len(positions), config.chunk):
         stop = min(start + config.chunk, len(positions))
         p = pos_dev[start:stop, ...]
         src = xp.astype(_gather(backend, source, p, L), xp.float32)
         cols = _separable_convolve(backend, src, passes, S)
-        n = cols.shape[0]
-        ones = backend.ones((n, 1, S * S), dtype=f64)
-        designs.append(backend.matrix_transpose(xp.concat([cols, ones], axis=1)))
+        ones = backend.ones((cols.shape[0], 1, S * S), dtype=f64)
+        # (n, nb + 1, P), contiguous along the pixels, weighted chunk by chunk: weighting a
+        # transposed view of all stamps at once cost 0.28 s for 300 stamps (strided access
+        # into fresh pages); this ~0.03 s
+        rows = xp.concat([cols, ones], axis=1)
+        weighted = rows * weight[start:stop, None, :]
+        normals.append(xp.matmul(weighted, backend.matrix_transpose(rows)))
+        rhss.append(xp.matmul(weighted, tgt[start:stop, :, None])[..., 0])
+        designs.append(rows)
         if source_var is not None:
             noise.append(_noise_normal(backend, source_var, p, weight[start:stop, ...],
                                        products, nb, S, K, F))
-    design = xp.concat(designs, axis=0)
-    weighted = design * weight[..., None]
-    normal = xp.matmul(backend.matrix_transpose(weighted), design)
+    normal = xp.concat(normals, axis=0)
+    rhs = xp.concat(rhss, axis=0)
     noise_normal = None
     if noise:  # (n, nb, nb), bordered with zeros for the background column
         noise_normal = xp.concat(noise, axis=0)
         zcol = backend.zeros((noise_normal.shape[0], nb, 1), dtype=f64)
         zrow = backend.zeros((noise_normal.shape[0], 1, nb + 1), dtype=f64)
         noise_normal = xp.concat([xp.concat([noise_normal, zcol], axis=2), zrow], axis=1)
-    rhs = xp.matmul(backend.matrix_transpose(weighted), tgt[..., None])[..., 0]
     if config.regularization > 0:
         rough = roughness_matrix(basis, source_psf)
         scale = (xp.sum(xp.reshape(normal, (normal.shape[0], -1))[:, ::nb + 2][:, :nb], axis=1)
@@ -425,7 +430,7 @@ def build_stamps(source, target, variance, bad, positions, basis: KernelBasis,
     eye = xp.astype(xp.reshape(backend.arange(normal.shape[-1] ** 2), normal.shape[1:])
                     % (normal.shape[-1] + 1) == 0, normal.dtype)
     normal = normal + (1e-10 * diag / normal.shape[-1] + 1e-30)[:, None, None] * eye[None, ...]
-    return _Stamps(design, tgt, weight, normal, rhs, noise_normal, np.asarray(positions),
+    return _Stamps(designs, tgt, weight, normal, rhs, noise_normal, np.asarray(positions),
                    rough, scale)
 
 
@@ -551,7 +556,12 @@ def roughness_matrix(basis: KernelBasis, source_psf=None) -> np.ndarray:
 def _residual_stats(backend, stamps: _Stamps, coeffs):
     """Per-stamp mean and std of the residual in units of the noise (host arrays)."""
     xp = backend.xp
-    model = xp.matmul(stamps.design, coeffs[..., None])[..., 0]
+    model, start = [], 0
+    for rows in stamps.design:
+        stop = start + rows.shape[0]
+        model.append(xp.matmul(coeffs[start:stop, None, :], rows)[:, 0, :])
+        start = stop
+    model = xp.concat(model, axis=0)
     good = stamps.weight > 0
     chi = xp.where(good, (stamps.target - model) * xp.sqrt(stamps.weight), 0.0)
     n = xp.sum(xp.astype(good, xp.float64), axis=1)
@@ -757,13 +767,16 @@ def fit_kernel(source, target, source_var, target_var, bad, basis: KernelBasis,
             rough = backend.to_device(stamps.roughness)
             scale = backend.to_device(stamps.penalty_scale)
             normal = normal - scale[:, None, None] * rough[None, ...]
-        m_phi = xp.matmul(normal, phi)
-        gram = xp.sum(xp.matmul(backend.matrix_transpose(phi), m_phi) * okd[:, None, None], axis=0)
+        # sum over the kept stamps of phi^T N phi and phi^T b, each as one matrix product
+        # over (stamp, coefficient) rows instead of a stack of per-stamp products
+        n_par = phi.shape[-1]
+        phi_ok = xp.reshape(phi * okd[:, None, None], (-1, n_par))
+        m_phi = xp.reshape(xp.matmul(normal, phi), (-1, n_par))
+        gram = xp.matmul(backend.matrix_transpose(phi_ok), m_phi)
         if stamps.roughness is not None:
             gram = gram + float(np.sum(stamps.penalty_scale[ok])) * backend.to_device(
                 _penalty_over_detector(stamps.roughness, bbox, orders))
-        rhs = xp.sum(xp.matmul(backend.matrix_transpose(phi), stamps.rhs[..., None])[..., 0]
-                     * okd[:, None], axis=0)
+        rhs = xp.matmul(backend.matrix_transpose(phi_ok), xp.reshape(stamps.rhs, (-1, 1)))[:, 0]
         theta = backend.solve(gram, rhs)
         per_stamp = xp.matmul(phi, theta[:, None])[..., 0]
         mean, std = _residual_stats(backend, stamps, per_stamp)

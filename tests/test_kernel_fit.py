@@ -26,7 +26,8 @@ def test_separable_stamp_convolution_matches_direct_convolution(backend, rng, fw
                           backend.to_device(np.ones_like(image, np.float32)),
                           backend.to_device(np.zeros(image.shape, bool)),
                           positions, basis, config, backend)
-    design = backend.to_host(stamps.design)  # (n, S*S, nb + 1)
+    # chunks of (n_c, nb + 1, S*S), as (n, S*S, nb + 1)
+    design = np.concatenate([backend.to_host(d) for d in stamps.design]).transpose(0, 2, 1)
     L = S + K - 1
     worst = 0.0
     for s, (x, y) in enumerate(positions):
