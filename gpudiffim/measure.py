@@ -336,9 +336,12 @@ def dia_sources(result, science: Exposure | None = None, detection_config=None,
     from .detect import DetectionConfig, detect
 
     backend = get_backend(backend)
-    det = detect(result.difference, result.is_score, detection_config or DetectionConfig(), backend)
-    return measure(result.difference, det, science, result.is_score, measure_config, backend,
-                   result.noise_paths)
+    det = detect(result.difference, result.is_score, detection_config or DetectionConfig(), backend,
+                 result.residual_power, result.kernel_sources, result.kernel.basis.size)
+    table = measure(result.difference, det, science, result.is_score, measure_config, backend,
+                    result.noise_paths)
+    table.meta["residual_scale"] = det.residual_scale
+    return table
 
 
 def write_dia_sources(table: Table, path) -> None:

@@ -83,6 +83,11 @@ class SubtractionResult:
     # correlated noise with them (the variance plane alone holds no covariance). Empty for
     # the score, whose flux is one pixel's value
     noise_paths: tuple = ()
+    # the matching's own error near bright sources: the image the kernel convolved, less its
+    # sky, squared and summed over the kernel's box (device), and the kernel sources (host
+    # (n, 2)) where detection calibrates it against the difference (detect.residual_scale)
+    residual_power: object = None
+    kernel_sources: np.ndarray | None = None
 
     def summary(self) -> dict:
         """JSON-ready description of the fit."""
@@ -372,6 +377,11 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
         "science_variance": s_var, "template_variance": t_var,
     }
     difference = sci.replace(image=diff, mask=mask, variance=var, psf=out_model)
+    # (only its shape across the detector matters: detection scales it on the difference)
+    bright = xp.where(good, source - _median(backend, source, good), 0.0)
+    size = basis.size
+    power = xp.astype(backend.uniform_filter(xp.astype(bright * bright, xp.float32), size)
+                      * float(size * size), xp.float32)
     paths = ()
     if flavor != "preconvolve":
         after = np.ones((1, 1)) if phi_out is None else phi_out
@@ -380,7 +390,7 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
                    else (after, through_k))
         paths = tuple((plane, _core(f)) for plane, f in zip(planes, filters))  # 7-11 px
     return SubtractionResult(difference, solution, flavor, flavor == "preconvolve", quality,
-                             paths)
+                             paths, power, np.asarray(positions))
 
 
 def _core(kernel: np.ndarray, fraction: float = 1e-4) -> np.ndarray:
