@@ -211,7 +211,9 @@ def compute_exposure(repo, row, config: RunConfig, pair=None, on_device=None):
                        "n_dia_sources": int((~sources["sky_source"]).sum()),
                        "kernel_sum": q["kernel_sum_centre"], "n_kernel_sources": q["n_kernel_sources"],
                        "kernel_residual_std": q["kernel_residual_std"],
-                       "difference_pull_sigma": q["difference_pull_sigma"]})
+                       "difference_pull_sigma": q["difference_pull_sigma"],
+                       # the kernel's own error that detection added near bright sources
+                       "residual_scale": float(sources.meta.get("residual_scale", 0.0))})
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # recorded, not raised: the run goes on

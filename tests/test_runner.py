@@ -45,6 +45,11 @@ def test_demo_run_writes_everything_and_resumes(demo_repo, demo_run):
         here = exposure_dir(outdir, row)
         assert (here / "difference.fits").is_file() and (here / "diaSources.parquet").is_file()
     assert (outdir / "run.ecsv").is_file()
+    # the QA row carries the residual scale detection used, as the catalogue records it
+    for st in table:
+        here = exposure_dir(outdir, {k: st[k] for k in ("band", "visit", "detector")})
+        meta = Table.read(here / "diaSources.parquet").meta
+        assert st["residual_scale"] == meta["residual_scale"] >= 0
     stamps = {p: p.stat().st_mtime_ns for p in outdir.rglob("difference.fits")}
     start = time.perf_counter()
     again = run(demo_repo, outdir, progress=False)
