@@ -28,14 +28,13 @@ from scipy.signal import fftconvolve
 
 from .backend import get_backend, window_or
 from .basis import BasisConfig, alard_lupton_basis
-from .convolve import convolve_exposure, fft_convolve, grow_mask
+from .convolve import convolve_exposure, fft_convolve, fft_convolve_weighted_sum, grow_mask
 from .decorrelate import decorrelation_kernel
 from .errors import GpuDiffimError
 from .exposure import UNUSABLE_PLANES, Exposure, mask_bits
 from .kernel_fit import (KernelFitConfig, KernelSolution, chebyshev_terms, fit_kernel,
                          linear_term_map, psf_flux_ratio, quadratic_term_map, scaled_coords,
-                         select_kernel_sources, source_snr_maps, spatial_term_images,
-                         term_factors)
+                         select_kernel_sources, source_snr_maps, term_factors)
 from .psf import (ImagePsf, PolynomialPsf, convolved_psf, kernel_convolved_psf,
                   polynomial_terms)
 
@@ -127,9 +126,17 @@ def convolve_spatial(image, solution: KernelSolution, backend, dtype=None):
     each weighted by its polynomial over the detector."""
     xp = backend.xp
     terms = backend.to_device(solution.term_kernels().astype(np.float32))
-    conv = fft_convolve(image, terms, backend)
-    weights = spatial_term_images(image.shape, solution.bbox, solution.kernel_order, backend)
-    return xp.sum(conv * weights, axis=0)
+    # term j is T_a(u) T_b(v): a column times a row, never a whole weight image
+    tu, tv = term_factors(image.shape, solution.bbox, solution.kernel_order)
+    tu = backend.to_device(tu.astype(np.float32))
+    tv = backend.to_device(tv.astype(np.float32))
+    powers = polynomial_terms(solution.kernel_order)
+
+    def weight(j):
+        a, b = powers[j]
+        return xp.reshape(tv[:, b], (-1, 1)) * xp.reshape(tu[:, a], (1, -1))
+
+    return fft_convolve_weighted_sum(image, terms, weight, backend)
 
 
 def _convolved_variance(variance, kernel, terms, spatial, backend, phi=None):

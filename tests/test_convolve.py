@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.signal import fftconvolve
 
-from gpudiffim.convolve import convolve_exposure, fft_convolve, fft_convolve_many, grow_mask
+from gpudiffim.convolve import (convolve_exposure, fft_convolve, fft_convolve_many,
+                                fft_convolve_weighted_sum, grow_mask)
 from gpudiffim.exposure import mask_bits
 
 
@@ -41,6 +42,20 @@ def test_batched_equals_one_at_a_time(backend, rng):
     assert many.shape == (5, 128, 96)
     for k in range(5):
         assert _relerr(many[k], fftconvolve(img, kers[k], mode="same")) < 1e-10
+
+
+def test_weighted_sum_of_convolutions_matches_scipy(backend, rng):
+    """sum_j w_j(x, y) (k_j conv image)(x, y), accumulated one inverse FFT at a time, equals
+    the weighted sum of scipy's convolutions (the spatially varying kernel's form)."""
+    image = rng.normal(size=(70, 90))
+    kernels = rng.normal(size=(4, 9, 7))
+    yy, xx = np.mgrid[0:70, 0:90] / 50.0
+    weights = np.stack([np.ones_like(xx), xx, yy, xx * yy])
+    want = sum(w * fftconvolve(image, k, mode="same") for w, k in zip(weights, kernels))
+    dev_w = backend.to_device(weights)
+    got = fft_convolve_weighted_sum(backend.to_device(image), backend.to_device(kernels),
+                                    lambda j: dev_w[j, ...], backend)
+    assert np.allclose(backend.to_host(got), want, atol=1e-9 * np.abs(want).max())
 
 
 def test_large_float32_frame_stays_on_device():
