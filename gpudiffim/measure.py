@@ -97,14 +97,17 @@ def _value_at(backend, stamps, dx, dy, a: int = 5):
 
 def measure(difference: Exposure, detections: Detections, science: Exposure | None = None,
             is_score: bool = False, config: MeasureConfig = MeasureConfig(),
-            backend=None, noise_paths: tuple = ()) -> Table:
+            backend=None, noise_paths: tuple = (), residual: tuple | None = None) -> Table:
     """Measure every detection; returns a DiaSource table (plus sky sources, flagged).
 
     ``noise_paths`` (a subtraction's: each input's variance plane and the filter it
     reaches the difference through) make the PSF and aperture flux errors sum the
     difference's correlated noise; without them each pixel's variance is taken as
     independent, which understates the errors of bright sources whose own photon noise
-    went through the matching kernel.
+    went through the matching kernel. ``residual`` (the subtraction's residual power and
+    the scale detection measured for it, :func:`~gpudiffim.detect.residual_scale`) adds the
+    kernel's own error near bright sources: a residual smooth on the PSF's scale, of
+    variance ``scale * power`` there, enters a flux with the sum of its weights squared.
     """
     backend = get_backend(backend)
     xp = backend.xp
@@ -153,6 +156,19 @@ def measure(difference: Exposure, detections: Detections, science: Exposure | No
         if not is_score:
             flux_err = xp.sqrt(var2[:n])
         ap_err = xp.sqrt(var2[n:])
+    if residual is not None and residual[1] > 0 and n:
+        at = xp.take(xp.reshape(backend.asarray(residual[0]), (-1,)),
+                     backend.to_device(ys * nx + xs))
+        extra = xp.astype(at, xp.float32) * float(residual[1])
+        if is_score:  # the scale was measured on the score itself
+            flux_err = xp.sqrt(flux_err * flux_err + extra)
+        else:
+            w_sum = xp.sum(xp.where(good, psf / xp.where(v_st > 0, v_st, 1.0), 0.0), axis=(1, 2))
+            w_sum = w_sum / xp.sum(xp.where(good, psf * psf / xp.where(v_st > 0, v_st, 1.0),
+                                            0.0), axis=(1, 2))
+            flux_err = xp.sqrt(flux_err * flux_err + extra * w_sum * w_sum)
+        n_ap = xp.sum(xp.astype(inap, xp.float32), axis=(1, 2))
+        ap_err = xp.sqrt(ap_err * ap_err + extra * n_ap * n_ap)
     # second moments of |D| with a Gaussian weight matched to the PSF core
     fwhm = np.mean(difference.psf.fwhm())
     sig2 = float((fwhm / 2.3548) ** 2)
@@ -339,7 +355,7 @@ def dia_sources(result, science: Exposure | None = None, detection_config=None,
     det = detect(result.difference, result.is_score, detection_config or DetectionConfig(), backend,
                  result.residual_power, result.kernel_sources, result.kernel.basis.size)
     table = measure(result.difference, det, science, result.is_score, measure_config, backend,
-                    result.noise_paths)
+                    result.noise_paths, (result.residual_power, det.residual_scale))
     table.meta["residual_scale"] = det.residual_scale
     return table
 
