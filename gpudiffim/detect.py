@@ -34,8 +34,8 @@ class DetectionConfig:
     badMaskPlanes: tuple = ("NO_DATA", "EDGE", "BAD", "SAT", "SAT_TEMPLATE", "CR")
     minPixels: int = 1
     # gpudiffim's own: add the kernel's own error to the noise near bright sources (see
-    # :func:`residual_scale`). On 24 no-change 2048^2 pairs: 30 detections -> 15, the 15
-    # within 20 px of 14.8-17.6 mag stars gone; white noise through the same pipeline gives 14
+    # :func:`residual_scale`). On 24 no-change 2048^2 pairs: 30 detections -> 18, the 15
+    # within 20 px of 14.8-17.6 mag stars -> 3; white noise through the same pipeline gives 14
     doResidualVariance: bool = True
 
 

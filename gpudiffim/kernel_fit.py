@@ -161,23 +161,9 @@ class KernelSolution:
         return linear_term_map(self.bg_coeffs, shape, self.bbox, self.bg_order, backend)
 
 
-_TERM_CACHE: dict = {}
-
-
 def spatial_term_images(shape, bbox, order, backend, dtype=None):
-    """(n_terms, ny, nx) Chebyshev term images over the detector, on the backend.
-
-    Cached by shape, bbox, order and backend: every exposure of one detector size reuses them.
-    """
-    key = (tuple(shape), tuple(bbox), order, backend.name, str(dtype))
-    if key not in _TERM_CACHE:
-        if len(_TERM_CACHE) > 8:
-            _TERM_CACHE.clear()
-        _TERM_CACHE[key] = _spatial_term_images(shape, bbox, order, backend, dtype)
-    return _TERM_CACHE[key]
-
-
-def _spatial_term_images(shape, bbox, order, backend, dtype=None):
+    """(n_terms, ny, nx) Chebyshev term images over the detector, on the backend (the
+    full-resolution form of what :func:`linear_term_map` builds from 1-D factors)."""
     xp = backend.xp
     dtype = dtype or xp.float32
     ny, nx = shape

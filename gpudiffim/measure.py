@@ -147,9 +147,10 @@ def measure(difference: Exposure, detections: Detections, science: Exposure | No
     inap = (r2 <= config.apertureRadius**2) & good
     ap = xp.sum(xp.where(inap, d_st, 0.0), axis=(1, 2))
     ap_err = xp.sqrt(xp.sum(xp.where(inap, v_st, 0.0), axis=(1, 2)))
+    # the PSF fit's weights, normalised: its flux is sum(w_psf * D)
+    w_psf = xp.where(good, psf / xp.where(v_st > 0, v_st, 1.0), 0.0)
+    w_psf = w_psf / xp.sum(w_psf * psf, axis=(1, 2))[:, None, None]
     if noise_paths and n:
-        w_psf = xp.where(good, psf / xp.where(v_st > 0, v_st, 1.0), 0.0)
-        w_psf = w_psf / xp.sum(w_psf * psf, axis=(1, 2))[:, None, None]
         weights = xp.concat([w_psf, xp.astype(inap, w_psf.dtype)], axis=0)
         var2 = _filtered_variance(backend, weights, noise_paths, np.concatenate([xs, xs]),
                                   np.concatenate([ys, ys]))
@@ -163,9 +164,7 @@ def measure(difference: Exposure, detections: Detections, science: Exposure | No
         if is_score:  # the scale was measured on the score itself
             flux_err = xp.sqrt(flux_err * flux_err + extra)
         else:
-            w_sum = xp.sum(xp.where(good, psf / xp.where(v_st > 0, v_st, 1.0), 0.0), axis=(1, 2))
-            w_sum = w_sum / xp.sum(xp.where(good, psf * psf / xp.where(v_st > 0, v_st, 1.0),
-                                            0.0), axis=(1, 2))
+            w_sum = xp.sum(w_psf, axis=(1, 2))
             flux_err = xp.sqrt(flux_err * flux_err + extra * w_sum * w_sum)
         n_ap = xp.sum(xp.astype(inap, xp.float32), axis=(1, 2))
         ap_err = xp.sqrt(ap_err * ap_err + extra * n_ap * n_ap)

@@ -124,19 +124,12 @@ def choose_flavor(science: Exposure, template: Exposure, mode: str) -> str:
 def convolve_spatial(image, solution: KernelSolution, backend, dtype=None):
     """Convolve with the spatially varying kernel: one FFT convolution per spatial term,
     each weighted by its polynomial over the detector."""
-    xp = backend.xp
-    terms = backend.to_device(solution.term_kernels().astype(np.float32))
-    # term j is T_a(u) T_b(v): a column times a row, never a whole weight image
-    tu, tv = term_factors(image.shape, solution.bbox, solution.kernel_order)
-    tu = backend.to_device(tu.astype(np.float32))
-    tv = backend.to_device(tv.astype(np.float32))
-    powers = polynomial_terms(solution.kernel_order)
-
-    def weight(j):
-        a, b = powers[j]
-        return xp.reshape(tv[:, b], (-1, 1)) * xp.reshape(tu[:, a], (1, -1))
-
-    return fft_convolve_weighted_sum(image, terms, weight, backend)
+    terms = solution.term_kernels()
+    unit = np.eye(len(terms))
+    return fft_convolve_weighted_sum(
+        image, backend.to_device(terms.astype(np.float32)),
+        lambda j: linear_term_map(unit[j], image.shape, solution.bbox, solution.kernel_order,
+                                  backend), backend)
 
 
 def _convolved_variance(variance, kernel, terms, spatial, backend, phi=None):
