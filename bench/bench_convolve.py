@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from gpudiffim.backend import get_backend
-from gpudiffim.convolve import convolve_exposure, fft_convolve_many
+from gpudiffim.convolve import convolve_exposure, fft_convolve
 
 
 @pytest.fixture(scope="module")
@@ -23,4 +23,4 @@ def test_convolve_exposure_2048x4096(benchmark, frame):
 def test_convolve_six_kernels_2048x4096(benchmark, frame):
     cpu = get_backend("cpu")
     kernels = np.ones((6, 21, 21), np.float32) / 441
-    benchmark(fft_convolve_many, frame[0], kernels, cpu)
+    benchmark(fft_convolve, frame[0], kernels, cpu)

@@ -8,9 +8,11 @@ Every stage takes a :class:`Backend` and does its array work through it:
 * ``label``, ``maximum_filter``, ``uniform_filter`` — the ``scipy.ndimage``
   operations the stages need;
 * ``solve`` — batched linear solves;
-* ``to_device`` / ``to_host`` — the only places data crosses between host and device;
-  ``upload`` is ``to_device`` for bulk pixel planes sent ahead of the compute (on GPU:
-  through pinned host memory on a non-blocking stream, so the copy overlaps compute);
+* ``to_device`` / ``to_host`` — the only places data crosses between host and device
+  (``dtype`` is always a NumPy dtype, applied on the host); ``upload`` is ``to_device`` for
+  bulk pixel planes sent ahead of the compute (on GPU: through pinned host memory on a
+  non-blocking stream, so the copy overlaps compute); ``scalar`` reads one value back (a
+  device sync on CuPy: every such read goes through it, so they can be counted);
 * ``synchronize`` — wait for queued device work (timings).
 
 ``get_backend("strict")`` runs the same code on ``array_api_strict`` arrays placed
@@ -31,7 +33,12 @@ import numpy as np
 from scipy import fft as _scipy_fft
 from scipy import ndimage as _ndi
 
+from .arrayops import window_reduce
 from .errors import BackendError
+from .hostmem import tune_host_allocator
+
+__all__ = ["BACKEND_NAMES", "Backend", "CpuBackend", "GpuBackend", "StrictBackend",
+           "get_backend", "gpu_unavailable_reason", "next_fast_len"]
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +68,22 @@ class Backend:
 
     # -- host <-> device ---------------------------------------------------------
     def to_device(self, a, dtype=None):
-        """Copy a host (NumPy) array or scalar onto this backend's device."""
+        """Copy a host (NumPy) array or scalar onto this backend's device, cast first to the
+        NumPy ``dtype`` when given."""
         raise NotImplementedError
 
     def to_host(self, a) -> np.ndarray:
         """Copy a backend array to a host NumPy array (explicit, never implicit)."""
         raise NotImplementedError
+
+    def scalar(self, a):
+        """One value of a 0-d (or one-element) backend array as a Python scalar: the single
+        named place where a device value is read back for host control flow."""
+        return self.to_host(a).item()
+
+    def xp_dtype(self, dtype):
+        """This namespace's dtype for a NumPy ``dtype``."""
+        return getattr(self.xp, np.dtype(dtype).name)
 
     def upload(self, a, dtype=None):
         """:meth:`to_device` for bulk data copied ahead of the compute (reader threads):
@@ -74,10 +91,13 @@ class Backend:
         return self.to_device(np.asarray(a, dtype=dtype))
 
     def asarray(self, a, dtype=None):
-        """Backend arrays pass through (cast if asked); host arrays are sent to the device."""
+        """Backend arrays pass through (cast to the NumPy ``dtype`` if asked and they differ);
+        host arrays are sent to the device."""
         if isinstance(a, np.ndarray) or np.isscalar(a) or isinstance(a, (list, tuple)):
             return self.to_device(np.asarray(a), dtype=dtype)
-        return a if dtype is None else self.xp.astype(a, dtype)
+        if dtype is None or a.dtype == self.xp_dtype(dtype):
+            return a
+        return self.xp.astype(a, self.xp_dtype(dtype))
 
     def synchronize(self) -> None:
         """Block until queued device work is done (no-op on CPU)."""
@@ -117,7 +137,7 @@ class Backend:
         low = -xp.inf if xp.isdtype(a.dtype, "real floating") else xp.iinfo(a.dtype).min
         out = a
         for axis in (0, 1):
-            out = _window_reduce(self, out, size, axis, xp.maximum, low)
+            out = window_reduce(self, out, size, axis, xp.maximum, low)
         return out
 
     def uniform_filter(self, a, size: int):
@@ -153,102 +173,6 @@ class Backend:
         }
 
 
-def _shift(backend, a, k: int, axis: int, fill):
-    """``out[i] = a[i + k]`` along ``axis``, ``fill`` where ``i + k`` is outside."""
-    xp = backend.xp
-    n = a.shape[axis]
-    if k == 0:
-        return a
-    m = min(abs(k), n)
-    shape = list(a.shape)
-    shape[axis] = m
-    block = backend.full(tuple(shape), fill, dtype=a.dtype)
-    index = [slice(None)] * a.ndim
-    if k > 0:
-        index[axis] = slice(m, None)
-        return xp.concat([a[tuple(index)], block], axis=axis)
-    index[axis] = slice(0, n - m)
-    return xp.concat([block, a[tuple(index)]], axis=axis)
-
-
-def _window_reduce(backend, a, size: int, axis: int, op, fill, start: int | None = None):
-    """``out[i] = op`` over ``a[i + start : i + start + size]`` along ``axis``.
-
-    Pads with ``fill`` (the identity of ``op``), then doubles power-of-two blocks:
-    O(log size) whole-array operations in pure array API.
-    ``start`` defaults to ``-(size // 2)`` (a centred window).
-    """
-    xp = backend.xp
-    if start is None:
-        start = -(size // 2)
-    n = a.shape[axis]
-    left, right = max(-start, 0), max(start + size - 1, 0)
-
-    def pad(count):
-        shape = list(a.shape)
-        shape[axis] = count
-        return backend.full(tuple(shape), fill, dtype=a.dtype)
-
-    padded = xp.concat([pad(left), a, pad(right)], axis=axis) if (left or right) else a
-    acc = None
-    block, width, offset, remaining = padded, 1, 0, size  # block[i] = op(a[i : i + width])
-    while remaining:
-        if remaining & 1:
-            part = _shift(backend, block, offset, axis, fill)
-            acc = part if acc is None else op(acc, part)
-            offset += width
-        remaining >>= 1
-        if remaining:
-            block = op(block, _shift(backend, block, width, axis, fill))
-            width *= 2
-    first = left + start
-    index = [slice(None)] * a.ndim
-    index[axis] = slice(first, first + n)
-    return acc[tuple(index)]
-
-
-def window_or(backend, mask, size: tuple[int, int], start: tuple[int, int]):
-    """Bitwise OR of an integer mask over the box ``[i+start, i+start+size)`` per axis.
-
-    The passes run in the narrowest unsigned type that holds the mask's highest bit (a
-    plane up to bit 7 or 15: 4x or 2x less memory traffic than int32), then cast back.
-    """
-    xp = backend.xp
-    top = int(xp.max(mask)) if mask.size else 0
-    narrow = (xp.uint8 if 0 <= top < 1 << 8 else xp.uint16 if 0 <= top < 1 << 16 else None)
-    out = mask if narrow is None or mask.dtype == narrow else xp.astype(mask, narrow)
-    for axis in (0, 1):
-        out = _window_reduce(backend, out, size[axis], axis, xp.bitwise_or, 0, start[axis])
-    return out if out.dtype == mask.dtype else xp.astype(out, mask.dtype)
-
-
-@lru_cache(maxsize=1)
-def tune_host_allocator(limit: int = 1 << 30) -> bool:
-    """Let glibc's ``malloc`` reuse exposure-sized blocks instead of mapping fresh pages.
-
-    glibc serves every request above its mmap threshold (at most 32 MiB when left to
-    adapt) with a new ``mmap``, returned on ``free``: each temporary the size of a
-    2048 x 4176 float32 plane (34 MiB) or larger then pays its page faults anew. On a
-    2048 x 4176 subtraction that was 86 000 faults and 1.4 s of system time per call
-    (3.3-3.9 s wall; 2.1-2.7 s with this). Raising the mmap and trim thresholds to
-    ``limit`` keeps such blocks in the heap; the runner hands freed pages back after each
-    exposure (``malloc_trim``). Called by :class:`CpuBackend`; a no-op returning False
-    off glibc, or when ``GPUDIFFIM_TUNE_MALLOC=0``.
-    """
-    if os.environ.get("GPUDIFFIM_TUNE_MALLOC", "1") == "0":
-        return False
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    ok = bool(mallopt(m_mmap_threshold, limit)) and bool(mallopt(m_trim_threshold, 2 * limit))
-    log.debug("host allocator thresholds raised to %d bytes: %s", limit, ok)
-    return ok
-
-
 class CpuBackend(Backend):
     """NumPy arrays, pyFFTW (all cores) with cached plans, SciPy ndimage and LAPACK."""
 
@@ -281,6 +205,9 @@ class CpuBackend(Backend):
 
     def to_host(self, a):
         return np.asarray(a)
+
+    def scalar(self, a):
+        return np.asarray(a).item()
 
     def _plan(self, kind, shape, dtype, s):
         key = (kind, shape, np.dtype(dtype).str, s)
@@ -397,7 +324,7 @@ class GpuBackend(Backend):
         self.fft_library = f"cuFFT (CuPy {cupy.__version__})"
 
     def to_device(self, a, dtype=None):
-        return self._cp.asarray(a, dtype=dtype)
+        return self._cp.asarray(np.asarray(a, dtype=dtype))
 
     def to_host(self, a):
         return self._cp.asnumpy(a)
@@ -482,8 +409,7 @@ class StrictBackend(Backend):
         self._array_type = type(xps.asarray(0.0))
 
     def to_device(self, a, dtype=None):
-        out = self.xp.asarray(np.asarray(a), device=self.device)
-        return out if dtype is None else self.xp.astype(out, dtype)
+        return self.xp.asarray(np.asarray(a, dtype=dtype), device=self.device)
 
     def to_host(self, a):
         if not hasattr(a, "to_device"):
@@ -491,10 +417,10 @@ class StrictBackend(Backend):
         return np.asarray(a.to_device(self._cpu))
 
     def asarray(self, a, dtype=None):
+        if isinstance(a, self._array_type) and a.device != self.device:
+            a = a.to_device(self.device)
         if isinstance(a, self._array_type):
-            if a.device != self.device:
-                a = a.to_device(self.device)
-            return a if dtype is None else self.xp.astype(a, dtype)
+            return super().asarray(a, dtype)
         return self.to_device(np.asarray(a), dtype=dtype)
 
     def rfft2(self, a, s=None):
@@ -508,7 +434,7 @@ class StrictBackend(Backend):
         return self.to_device(labels.astype(np.int32)), int(n)
 
 
-def _gpu_unavailable_reason() -> str | None:
+def gpu_unavailable_reason() -> str | None:
     """None when CuPy sees a CUDA device, else a one-line reason."""
     try:
         import cupy
@@ -534,7 +460,7 @@ def _make(name: str) -> Backend:
             raise BackendError("the strict backend needs array-api-strict "
                                "(pip install 'gpudiffim[test]')") from exc
     if name == "gpu":
-        reason = _gpu_unavailable_reason()
+        reason = gpu_unavailable_reason()
         if reason:
             raise BackendError(f"GPU backend unavailable: {reason}")
         return GpuBackend()
@@ -551,7 +477,7 @@ def get_backend(name: str | Backend | None = None) -> Backend:
         return name
     name = (name or os.environ.get("GPUDIFFIM_BACKEND") or "auto").lower()
     if name == "auto":
-        reason = _gpu_unavailable_reason()
+        reason = gpu_unavailable_reason()
         if reason is None:
             return _make("gpu")
         backend = _make("cpu")

@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 
 from . import __version__
-from .backend import BACKEND_NAMES, get_backend
+from .backend import BACKEND_NAMES, get_backend, gpu_unavailable_reason
 from .errors import GpuDiffimError
+from .io import atomic_path, read_exposure, read_psf, write_exposure
+from .measure import write_dia_sources
+from .pipeline import PipelineConfig, process_pair
+from .runner import run
+from .simulate import simulate
+from .subtract import MODES, SubtractConfig
+
+__all__ = ["main", "build_parser"]
 
 
 def _cmd_info(args) -> int:
-    from .backend import _gpu_unavailable_reason
-
     print(f"gpudiffim {__version__}")
-    gpu_reason = _gpu_unavailable_reason()
+    gpu_reason = gpu_unavailable_reason()
     found = {"cpu": "available", "gpu": gpu_reason and f"unavailable: {gpu_reason}" or "available"}
     try:
         get_backend("strict")
@@ -38,10 +47,6 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_simulate(args) -> int:
-    import time
-
-    from .simulate import simulate
-
     start = time.perf_counter()
     manifest = simulate(args.outdir, preset=args.preset, seed=args.seed, workers=args.workers)
     n_det = len(set(zip(manifest["band"], manifest["detector"])))
@@ -52,13 +57,6 @@ def _cmd_simulate(args) -> int:
 
 
 def _cmd_subtract(args) -> int:
-    import json
-    import time
-    from pathlib import Path
-
-    from .io import atomic_path, read_exposure, read_psf, write_exposure
-    from .subtract import SubtractConfig, subtract
-
     backend = get_backend(args.backend)
     science, template = read_exposure(args.science), read_exposure(args.template)
     if args.science_psf:
@@ -66,11 +64,8 @@ def _cmd_subtract(args) -> int:
     if args.template_psf:
         template = template.replace(psf=read_psf(args.template_psf))
     start = time.perf_counter()
-    result = subtract(science, template, SubtractConfig(mode=args.flavor), backend)
-    from .measure import dia_sources, write_dia_sources
-
-    sources = dia_sources(result, science.to_backend(backend), backend=backend)
-    backend.synchronize()
+    config = PipelineConfig(subtract=SubtractConfig(mode=args.flavor))
+    result, sources, _ = process_pair(science, template, config, backend)
     elapsed = time.perf_counter() - start
     out = Path(args.output)
     write_exposure(result.difference.to_host(backend), out / "difference.fits")
@@ -89,8 +84,6 @@ def _cmd_subtract(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from .runner import run
-
     table = run(args.repo, args.output, flavor=args.flavor, backend=args.backend,
                 workers=args.workers, dask=args.dask, force=args.force)
     done = int((table["status"] == "done").sum())
@@ -122,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub_p.add_argument("template", help="already on the science pixel grid")
     sub_p.add_argument("-o", "--output", required=True, help="output directory")
     sub_p.add_argument("--flavor", default="convolveTemplate",
-                       choices=("convolveTemplate", "convolveScience", "auto", "preconvolve"))
+                       choices=MODES)
     sub_p.add_argument("--science-psf", help="FITS PSF model for the science image")
     sub_p.add_argument("--template-psf", help="FITS PSF model for the template")
     sub_p.add_argument("--backend", choices=BACKEND_NAMES, default=None)
@@ -131,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("repo", help="directory with manifest.ecsv (e.g. from gpudiffim simulate)")
     run_p.add_argument("-o", "--output", required=True)
     run_p.add_argument("--flavor", default="convolveTemplate",
-                       choices=("convolveTemplate", "convolveScience", "auto", "preconvolve"))
+                       choices=MODES)
     run_p.add_argument("--backend", choices=BACKEND_NAMES, default=None)
     run_p.add_argument("--workers", type=int, default=2, help="reader threads")
     run_p.add_argument("--dask", default=None, help="scheduler address, or local:N")

@@ -9,8 +9,14 @@ the output pixel (so NO_DATA, BAD, SAT... grow by the kernel).
 
 from __future__ import annotations
 
-from .backend import get_backend, next_fast_len, window_or
+import numpy as np
+
+from .arrayops import window_or
+from .backend import get_backend, next_fast_len
 from .exposure import MASK_PLANES, mask_bits
+
+__all__ = ["padded_shape", "fft_convolve", "fft_convolve_weighted_sum", "edge_mask",
+           "grow_mask", "convolve_exposure", "kernel_reach", "kernel_core"]
 
 
 def padded_shape(image_shape, kernel_shape) -> tuple[int, int]:
@@ -24,16 +30,22 @@ def _crop(full, image_shape, kernel_shape):
     return full[..., y0:y0 + h, x0:x0 + w]
 
 
+def _like(backend, a, ref):
+    """``a`` on the backend, in ``ref``'s dtype."""
+    a = backend.asarray(a)
+    return a if a.dtype == ref.dtype else backend.xp.astype(a, ref.dtype)
+
+
 def fft_convolve(image, kernel, backend=None):
     """Convolve ``image`` (..., H, W) with ``kernel`` (..., kh, kw), same-size output.
 
-    Leading axes broadcast, so one image against a stack of kernels costs a single
-    forward FFT of the image (see :func:`fft_convolve_many`).
+    Leading axes broadcast, so one image against a stack of kernels (K, kh, kw) costs a
+    single forward FFT of the image and returns (K, H, W).
     """
     backend = get_backend(backend)
     xp = backend.xp
     image = backend.asarray(image)
-    kernel = backend.asarray(kernel, image.dtype)
+    kernel = _like(backend, kernel, image)
     shape = padded_shape(image.shape, kernel.shape)
     spectrum = backend.rfft2(image, s=shape) * backend.rfft2(kernel, s=shape)
     out = _crop(backend.irfft2(spectrum, s=shape), image.shape, kernel.shape)
@@ -51,7 +63,7 @@ def fft_convolve_weighted_sum(image, kernels, weight, backend=None):
     backend = get_backend(backend)
     xp = backend.xp
     image = backend.asarray(image)
-    kernels = backend.asarray(kernels, image.dtype)
+    kernels = _like(backend, kernels, image)
     shape = padded_shape(image.shape, kernels.shape)
     spec_image = backend.rfft2(image, s=shape)
     spec_kernels = backend.rfft2(kernels, s=shape)
@@ -62,11 +74,6 @@ def fft_convolve_weighted_sum(image, kernels, weight, backend=None):
         part = conv * weight(j)
         out = part if out is None else out + part
     return xp.astype(out, image.dtype)
-
-
-def fft_convolve_many(image, kernels, backend=None):
-    """Convolve one image (H, W) with many kernels (K, kh, kw): returns (K, H, W)."""
-    return fft_convolve(image, kernels, backend)
 
 
 def edge_mask(shape, kernel_shape, backend=None):
@@ -89,7 +96,7 @@ def grow_mask(mask, kernel_shape, backend=None, planes=MASK_PLANES):
     xp = backend.xp
     kh, kw = kernel_shape[-2:]
     start = (-(kh - 1 - (kh - 1) // 2), -(kw - 1 - (kw - 1) // 2))
-    grown = window_or(backend, mask, (kh, kw), start) if bool(xp.any(mask != 0)) else mask
+    grown = window_or(backend, mask, (kh, kw), start) if backend.scalar(xp.any(mask != 0)) else mask
     edge = mask_bits("EDGE", planes=planes)
     return xp.where(edge_mask(mask.shape, (kh, kw), backend), grown | edge, grown)
 
@@ -104,9 +111,26 @@ def convolve_exposure(image, mask, variance, kernel, backend=None, planes=MASK_P
     xp = backend.xp
     image, variance = backend.asarray(image), backend.asarray(variance)
     mask = backend.asarray(mask)
-    kernel = backend.asarray(kernel, image.dtype)
+    kernel = _like(backend, kernel, image)
     good = (mask & mask_bits("NO_DATA", planes=planes)) == 0
     planes_in = xp.stack([xp.where(good, image, 0.0), xp.where(good, variance, 0.0)])
     kernels = xp.stack([kernel, kernel * kernel])
     out = fft_convolve(planes_in, kernels, backend)
     return out[0, ...], grow_mask(mask, kernel.shape, backend, planes), out[1, ...]
+
+
+def kernel_reach(kernel: np.ndarray, fraction: float = 0.999) -> int:
+    """Radius (pixels) holding ``fraction`` of a centred kernel's absolute weight."""
+    h = kernel.shape[0] // 2
+    y, x = np.mgrid[-h:h + 1, -h:h + 1]
+    r = np.maximum(np.abs(x), np.abs(y)).ravel()
+    w = np.abs(kernel).ravel()
+    order = np.argsort(r)
+    cum = np.cumsum(w[order]) / w.sum()
+    return int(r[order][np.searchsorted(cum, fraction)])
+
+
+def kernel_core(kernel: np.ndarray, fraction: float = 1e-4) -> np.ndarray:
+    """The centred box of ``kernel`` holding all but ``fraction`` of its power."""
+    h, keep = kernel.shape[0] // 2, kernel_reach(kernel * kernel, 1.0 - fraction)
+    return kernel[h - keep:h + keep + 1, h - keep:h + keep + 1]

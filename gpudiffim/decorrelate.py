@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
+__all__ = ["decorrelation_kernel"]
+
 
 def _spectrum(image: np.ndarray, size: int) -> np.ndarray:
     """Fourier transform of a centred odd image, zero-padded to ``size``, centre at 0."""
@@ -55,10 +57,3 @@ def decorrelation_kernel(kernel: np.ndarray, science_var: float, template_var: f
         raise ValueError(f"no decorrelation for mode {mode!r}")
     out = np.fft.fftshift(np.real(np.fft.ifft2(phi)))
     return out / out.sum()
-
-
-def white_variance(science_var, template_var, kappa, mode: str):
-    """Per-pixel variance of the decorrelated difference (arrays or scalars)."""
-    if mode == "convolveScience":
-        return science_var + template_var / (kappa * kappa)
-    return science_var + kappa * kappa * template_var

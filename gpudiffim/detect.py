@@ -6,8 +6,10 @@ S/N; a score image is already matched-filtered and is thresholded as it is. Pixe
 above ``thresholdValue`` and below ``-thresholdValue`` form positive and negative
 footprints (8-connected), grown by ``growFootprint`` pixels; positive and negative
 footprints that touch merge into one source, a dipole candidate. Masked pixels
-(NO_DATA, EDGE, BAD, SAT, SAT_TEMPLATE, and CR: interpolated cosmic rays) cannot seed a
-detection.
+(:data:`~gpudiffim.exposure.DETECTION_EXCLUDED`: NO_DATA, EDGE, BAD, SAT, SAT_TEMPLATE, and
+CR, interpolated cosmic rays) cannot seed a detection. With the subtraction's
+:class:`~gpudiffim.noise.NoiseModel` the noise also carries the kernel's own error near
+bright sources, its scale measured here on the filtered difference.
 
 Thresholding, filtering, labelling and growing run on the backend; the footprints'
 pixel lists (small) come to the host for peak bookkeeping.
@@ -21,22 +23,24 @@ import numpy as np
 
 from .backend import get_backend
 from .convolve import fft_convolve
-from .exposure import UNUSABLE_PLANES, Exposure, mask_bits
-from .kernel_fit import _gather
+from .exposure import DETECTION_EXCLUDED, UNUSABLE_PLANES, Exposure, mask_bits
+from .noise import NoiseModel, residual_scale
+from .options import configclass, option
+
+__all__ = ["DetectionConfig", "Detections", "significance_image", "detect"]
 
 
-@dataclass(frozen=True)
+@configclass
 class DetectionConfig:
     """Detection settings (``ip_diffim``/``meas_algorithms`` names)."""
 
-    thresholdValue: float = 5.0
-    growFootprint: int = 2
-    badMaskPlanes: tuple = ("NO_DATA", "EDGE", "BAD", "SAT", "SAT_TEMPLATE", "CR")
-    minPixels: int = 1
-    # gpudiffim's own: add the kernel's own error to the noise near bright sources (see
-    # :func:`residual_scale`). On 24 no-change 2048^2 pairs: 30 detections -> 18, the 15
-    # within 20 px of 14.8-17.6 mag stars -> 3; white noise through the same pipeline gives 14
-    doResidualVariance: bool = True
+    thresholdValue: float = option(5.0, "detection threshold, in units of the noise")
+    growFootprint: int = option(2, "footprints grow by this many pixels")
+    badMaskPlanes: tuple = option(DETECTION_EXCLUDED, "mask planes that cannot seed a "
+                                                      "detection")
+    minPixels: int = option(1, "smallest footprint kept (pixels)")
+    doResidualVariance: bool = option(True, "add the kernel's own error near bright sources "
+                                            "to the noise")
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,19 +68,17 @@ class Detections:
 
 
 def significance_image(difference: Exposure, is_score: bool, backend=None,
-                       residual_power=None, calibrate_at=None, box: int = 0):
+                       noise: NoiseModel | None = None):
     """Signed S/N image: matched-filtered difference over its noise (score: as it is).
 
-    With ``residual_power`` (the box-summed square of the image the kernel convolved, see
-    :class:`~gpudiffim.subtract.SubtractionResult`) and ``calibrate_at`` (host (n, 2)
-    positions of bright isolated stars, the kernel sources), the noise also carries the
-    matching's own error, ``residual_scale * residual_power`` (:func:`residual_scale`).
+    With a ``noise`` model that has residual power and calibration positions, the noise also
+    carries the matching's own error, ``scale * residual_power``, the scale measured around
+    the kernel sources (:func:`~gpudiffim.noise.residual_scale`).
     """
-    return _significance(difference, is_score, get_backend(backend), residual_power,
-                         calibrate_at, box)[0]
+    return _significance(difference, is_score, get_backend(backend), noise)[0]
 
 
-def _significance(difference, is_score, backend, residual_power, calibrate_at, box):
+def _significance(difference, is_score, backend, noise):
     """:func:`significance_image` and the residual scale it used (0: none)."""
     xp = backend.xp
     image, var = backend.asarray(difference.image), backend.asarray(difference.variance)
@@ -90,48 +92,14 @@ def _significance(difference, is_score, backend, residual_power, calibrate_at, b
         image = fft_convolve(image, backend.to_device(np.flip(psf).astype(np.float32)), backend)
         var = fft_convolve(var, backend.to_device((psf**2).astype(np.float32)), backend)
     scale = 0.0
-    if residual_power is not None and calibrate_at is not None:
-        scale = residual_scale(backend, image, var, residual_power, ~unusable & (var > 0),
-                               calibrate_at, box)
+    if noise is not None and noise.residual_power is not None and noise.calibrate_at is not None:
+        power = backend.asarray(noise.residual_power)
+        scale = residual_scale(backend, image, var, power, ~unusable & (var > 0),
+                               noise.calibrate_at, noise.box)
         if scale > 0:
-            var = var + scale * residual_power
+            var = var + scale * power
     ok = var > 0
     return xp.where(ok, image / xp.sqrt(xp.where(ok, var, 1.0)), 0.0), scale
-
-
-def residual_scale(backend, image, var, power, good, positions, box: int) -> float:
-    """How much variance the matching's own error leaves per unit of ``power``.
-
-    A kernel off by ``dk`` leaves ``dk * I`` in the difference, ``I`` the image it
-    convolved, with variance ``sum_m var(dk(m)) I(x - m)^2``: for errors alike over the
-    kernel's box, a scale times ``I^2`` summed over that box (``power``). Around each
-    calibration star the (filtered) difference's excess over its noise,
-    ``sum (image^2 - var)``, against ``sum power``, in boxes of ``box`` pixels; the scale
-    is the brightness-weighted median of those ratios (a variable star among them does not
-    move it), 0 where the difference is as quiet as its noise. ZOGY (Zackay et al. 2016)
-    adds the like for registration and flux-scale errors.
-    """
-    xp = backend.xp
-    ny, nx = image.shape
-    h = box // 2
-    pos = np.asarray(positions, np.int64).reshape(-1, 2)
-    inside = ((pos[:, 0] >= h) & (pos[:, 0] < nx - h) & (pos[:, 1] >= h) & (pos[:, 1] < ny - h))
-    if box < 1 or not inside.any():
-        return 0.0
-    p = backend.to_device(pos[inside])
-    w = xp.astype(_gather(backend, good, p, box), xp.float64)
-    excess = (xp.astype(_gather(backend, image, p, box), xp.float64) ** 2
-              - xp.astype(_gather(backend, var, p, box), xp.float64))
-    e = backend.to_host(xp.sum(xp.reshape(excess * w, (w.shape[0], -1)), axis=1))
-    pw = backend.to_host(xp.sum(xp.reshape(xp.astype(_gather(backend, power, p, box), xp.float64)
-                                           * w, (w.shape[0], -1)), axis=1))
-    use = pw > 0
-    if not use.any():
-        return 0.0
-    ratio, weight = e[use] / pw[use], pw[use]
-    order = np.argsort(ratio)
-    cum = np.cumsum(weight[order])
-    return max(0.0, float(ratio[order][np.searchsorted(cum, 0.5 * cum[-1])]))
 
 
 def _peaks(backend, labels, snr, n, sign):
@@ -154,17 +122,32 @@ def _peaks(backend, labels, snr, n, sign):
 
 def detect(difference: Exposure, is_score: bool = False,
            config: DetectionConfig = DetectionConfig(), backend=None,
-           residual_power=None, calibrate_at=None, box: int = 0) -> Detections:
+           noise: NoiseModel | None = None) -> Detections:
     """Find positive, negative and dipole sources on a difference or score image.
 
-    ``residual_power``, ``calibrate_at`` and ``box``: see :func:`significance_image` (used
-    when ``config.doResidualVariance``).
+    Parameters
+    ----------
+    difference : Exposure
+        The difference (or score) image with its mask, variance and PSF.
+    is_score : bool
+        True for a preconvolution score, which is thresholded as it is.
+    config : DetectionConfig
+        Threshold, footprint growth and the masks that cannot seed a detection.
+    backend : str or Backend, optional
+        Where the arrays live.
+    noise : NoiseModel, optional
+        The subtraction's noise model (:attr:`SubtractionResult.noise`); its residual term
+        is used when ``config.doResidualVariance``.
+
+    Returns
+    -------
+    Detections
+        One entry per source (host arrays), the significance image and the residual scale.
     """
     backend = get_backend(backend)
     xp = backend.xp
-    if not config.doResidualVariance:
-        residual_power = None
-    snr, scale = _significance(difference, is_score, backend, residual_power, calibrate_at, box)
+    snr, scale = _significance(difference, is_score, backend,
+                               noise if config.doResidualVariance else None)
     mask = backend.asarray(difference.mask)
     bad = (mask & mask_bits(*config.badMaskPlanes, planes=difference.mask_planes)) != 0
     t = config.thresholdValue

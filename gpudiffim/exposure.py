@@ -15,8 +15,20 @@ MASK_PLANES: Mapping[str, int] = MappingProxyType({
 })
 
 
-#: planes whose pixels hold no usable value (zeroed before any filter spreads them)
+#: pixels with no usable value: zeroed before any filter spreads them
 UNUSABLE_PLANES = ("NO_DATA", "BAD", "SAT", "SAT_TEMPLATE")
+#: pixels a measurement gives no weight: no value, or a kernel that left the image. An
+#: interpolated cosmic ray (CR | INTRP) keeps a value: it is measured, and flagged
+MEASUREMENT_EXCLUDED = UNUSABLE_PLANES + ("EDGE",)
+#: pixels that cannot seed a detection nor count as empty sky: cosmic rays too
+DETECTION_EXCLUDED = MEASUREMENT_EXCLUDED + ("CR",)
+#: pixels the kernel fit and PSF measurement give no weight: injected fakes too
+KERNEL_FIT_EXCLUDED = DETECTION_EXCLUDED + ("INJECTED",)
+#: template planes carried into a difference (its SAT becomes SAT_TEMPLATE)
+TEMPLATE_PLANES = ("BAD", "NO_DATA", "EDGE", "CR", "INTRP", "SUSPECT", "INJECTED")
+
+__all__ = ["MASK_PLANES", "UNUSABLE_PLANES", "MEASUREMENT_EXCLUDED", "DETECTION_EXCLUDED",
+           "KERNEL_FIT_EXCLUDED", "TEMPLATE_PLANES", "mask_bits", "ExposureInfo", "Exposure"]
 
 
 def mask_bits(*names: str, planes: Mapping[str, int] = MASK_PLANES) -> int:
@@ -73,20 +85,22 @@ class Exposure:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(ny, nx) of the pixel planes."""
         return tuple(self.image.shape)
 
     def bit(self, *names: str) -> int:
+        """Integer with the bits of the named planes of this exposure's mask set."""
         return mask_bits(*names, planes=self.mask_planes)
 
     def replace(self, **changes) -> "Exposure":
+        """A copy with the given fields changed."""
         return replace(self, **changes)
 
     def to_backend(self, backend) -> "Exposure":
         """The same exposure with its pixel planes on ``backend``'s device."""
-        xp = backend.xp
-        return self.replace(image=backend.asarray(self.image, xp.float32),
-                            mask=backend.asarray(self.mask, xp.int32),
-                            variance=backend.asarray(self.variance, xp.float32))
+        return self.replace(image=backend.asarray(self.image, np.float32),
+                            mask=backend.asarray(self.mask, np.int32),
+                            variance=backend.asarray(self.variance, np.float32))
 
     def upload(self, backend) -> "Exposure":
         """:meth:`to_backend` for a host exposure sent ahead of the compute (reader threads;

@@ -27,8 +27,18 @@ import numpy as np
 
 from .backend import get_backend, next_fast_len
 from .basis import KernelBasis
+from .convolve import fft_convolve_weighted_sum
 from .errors import GpuDiffimError
-from .psf import polynomial_terms
+from .exposure import KERNEL_FIT_EXCLUDED
+from .options import configclass, option
+from .psf import ImagePsf
+from .sources import SourceSelectionConfig
+from .spatial import chebyshev_terms, linear_term_map, polynomial_terms, scaled_coords
+from .stamps import gather_stamps
+
+__all__ = ["KernelFitConfig", "KernelFitError", "KernelSolution", "KernelStamps",
+           "build_stamps", "fit_kernel", "roughness_matrix", "centred_on_gaussian",
+           "psf_flux_ratio"]
 
 log = logging.getLogger(__name__)
 
@@ -37,88 +47,41 @@ class KernelFitError(GpuDiffimError):
     """The PSF-matching kernel could not be fitted (too few usable sources)."""
 
 
-@dataclass(frozen=True)
+@configclass
 class KernelFitConfig:
     """Kernel-fit settings (``ip_diffim`` names where it has them)."""
 
-    spatialKernelOrder: int = 2
-    spatialBgOrder: int = 1
-    constantKernelSum: bool = True  # one photometric scale per detector, as flat-fielded data have
-    stampSize: int = 41  # side of the target-image stamp fitted around each source
-    detectionThreshold: float = 10.0  # kernel sources: S/N between this ...
-    # ... and this (ip_diffim: 500). The brightest unsaturated stars are what pin the
-    # kernel's wings: on 24 no-change 2048^2 pairs, 500 -> 2000 took the false detections
-    # from 56 to 30 (worst pair 12 -> 5) and the ring chi2 around 15-18 mag stars from 1.08
-    # to 1.02; saturated stars stay out (clean core), variable ones are clipped by their sum
-    maxSnr: float = 2000.0
-    sizeCellX: int = 128
-    sizeCellY: int = 128
-    nStarPerCell: int = 5
-    # ip_diffim: 1000. A 2048^2 pair of known kernel, 6000 stars (seed 1): 160 stamps leave
-    # the kernel 0.5% / 1.3% of its peak off (inside / corners), 400 and 1000 both 0.25% /
-    # 0.5%; the fit costs 0.3 s more at 400 than at 160, 1.1 s more at 1000
-    maxKernelSources: int = 400
-    minKernelSources: int = 3
-    # no neighbour brighter than this fraction of the source inside its stamp. A fainter
-    # neighbour is in both images and the kernel matches it too, so it is signal, not
-    # confusion; 0.1 kept half the stars of a dense field out (known-kernel pair, 1024^2 with
-    # 1500 stars: 172 -> 304 stamps, kernel error at the corners 1.4% -> 1.0% of its peak)
-    isolation: float = 1.0
-    samePeakRadius: int = 2  # S/N maxima this close (pixels) are one source
-    cleanCore: int = 11  # no masked pixel in this central box of a kernel source
-    # gpudiffim's own: when the science image is the one convolved (convolveScience), its
-    # noise sits in the fit's regressors and biases the kernel towards smoothing
-    # (regression dilution), so only bright sources are used: S/N in this range
-    convolvedScienceSnr: tuple = (50.0, 2000.0)
-    minConvolvedScienceSources: int = 20  # else the usual S/N range is used
-    # ... and a lighter penalty: the sharp science passes the structure the kernel needs
-    # (measured on 5 convolveScience pairs: ring chi2 around bright stars 1.20-1.48 at 0.03,
-    # 1.09-1.17 at 0.003; unstable at 0.001)
-    convolvedScienceRegularization: float = 0.003
-    candidateResidualMeanMax: float = 0.25
-    candidateResidualStdMax: float = 1.5
-    maxKsumSigma: float = 3.0
-    maxIter: int = 3
-    badMaskPlanes: tuple = ("NO_DATA", "BAD", "SAT", "EDGE", "INJECTED", "SAT_TEMPLATE", "CR")
-    chunk: int = 128  # stamps per batched block (bounds device memory)
-    # gpudiffim's own: Tikhonov penalty, relative to each stamp's information, on kernel
-    # structure the convolved image's PSF does not pass (see roughness_matrix; the
-    # Laplacian without a PSF). The matched image barely constrains it; this keeps the
-    # kernel smooth instead of noisy.
-    regularization: float = 0.03
-    # ... on the kernel's departure from the Gaussian the PSF widths predict (the basis's
-    # middle one, at the fitted sum) rather than from zero, so a kernel that is nearly that
-    # Gaussian is not shrunk (known kernel: 2.0% -> 1.2% of the peak inside the detector)
-    regularizeTowardsPsfKernel: bool = True
-    # ... and only this fraction of the penalty acts on that Gaussian's first-order changes
-    # of centre, width and ellipticity (the Gaussian times x, y, x^2, xy, y^2): the data fix
-    # those well, and a kernel that is wider, narrower or elongated is not pulled round. With
-    # isolation 1 and 400 stamps, a known elliptical kernel (2048^2, 6000 stars, seed 0) went
-    # from 0.85% / 1.23% of its peak off (inside / corners) to 0.32% / 0.67%; on 24
-    # no-change 2048^2 pairs the false detections from 28 to 30, no pair above 5, ring chi2
-    # around bright stars 1.021 -> 1.018. A weight of 0 wrecked two convolveScience pairs)
-    psfKernelShapePenalty: float = 0.1
-    # gpudiffim's own: subtract the convolved image's noise from the normal equations
-    # (errors in variables), which otherwise biases the kernel towards smoothing
-    errorsInVariables: bool = True
-
-
-def chebyshev_terms(xp, u, v, order: int):
-    """Stack of T_i(u) T_j(v), i + j <= order, in :func:`polynomial_terms` order."""
-    def cheb(t, n):
-        out = [xp.ones_like(t), t]
-        for _ in range(2, n + 1):
-            out.append(2 * t * out[-1] - out[-2])
-        return out[:n + 1]
-
-    tu, tv = cheb(u, order), cheb(v, order)
-    return xp.stack([tu[i] * tv[j] for i, j in polynomial_terms(order)])
-
-
-def scaled_coords(x, y, bbox):
-    """Detector pixel coordinates mapped onto [-1, 1] over ``bbox`` (width, height)."""
-    w, h = bbox
-    return 2.0 * x / max(w - 1, 1) - 1.0, 2.0 * y / max(h - 1, 1) - 1.0
+    spatialKernelOrder: int = option(2, "Chebyshev order of the kernel's spatial variation")
+    spatialBgOrder: int = option(1, "Chebyshev order of the differential background")
+    constantKernelSum: bool = option(True, "one photometric scale per detector, as "
+                                           "flat-fielded data have")
+    stampSize: int = option(41, "side of the target-image stamp fitted around each source")
+    sources: SourceSelectionConfig = option(factory=SourceSelectionConfig,
+                                            doc="how kernel sources are chosen")
+    minKernelSources: int = option(3, "fewer usable sources than this: the fit fails")
+    convolvedScienceSnr: tuple = option((50.0, 2000.0), "convolveScience: kernel sources in "
+                                                        "this S/N range only (the noisy "
+                                                        "regressors dilute the kernel)")
+    minConvolvedScienceSources: int = option(20, "convolveScience: fewer bright sources than "
+                                                 "this, the usual S/N range is used")
+    convolvedScienceRegularization: float = option(0.003, "convolveScience: the penalty's "
+                                                          "weight (the sharp science passes "
+                                                          "the kernel's structure)")
+    candidateResidualMeanMax: float = option(0.25, "largest mean stamp residual, in sigma")
+    candidateResidualStdMax: float = option(1.5, "largest stamp residual scatter, in sigma")
+    maxKsumSigma: float = option(3.0, "kernel-sum clipping, in each stamp's own error")
+    maxIter: int = option(3, "rounds of spatial-fit rejection")
+    badMaskPlanes: tuple = option(KERNEL_FIT_EXCLUDED, "mask planes whose pixels get no "
+                                                        "weight in the fit")
+    chunk: int = option(128, "stamps per batched block (bounds device memory)")
+    regularization: float = option(0.03, "Tikhonov penalty, relative to each stamp's "
+                                         "information, on structure the PSF does not pass")
+    regularizeTowardsPsfKernel: bool = option(True, "penalise the departure from the Gaussian "
+                                                    "the PSF widths predict, not from zero")
+    psfKernelShapePenalty: float = option(0.1, "fraction of the penalty on that Gaussian's "
+                                               "shifts and changes of width and ellipticity")
+    errorsInVariables: bool = option(True, "remove the convolved image's noise from the "
+                                           "normal equations")
 
 
 @dataclass(frozen=True, eq=False)
@@ -153,6 +116,7 @@ class KernelSolution:
         return self._terms(x, y, self.kernel_order).T @ self.kernel_coeffs[0]
 
     def background_at(self, x, y):
+        """The differential background at (x, y)."""
         return self._terms(x, y, self.bg_order).T @ self.bg_coeffs
 
     def background_image(self, shape, backend=None):
@@ -160,181 +124,34 @@ class KernelSolution:
         backend = get_backend(backend)
         return linear_term_map(self.bg_coeffs, shape, self.bbox, self.bg_order, backend)
 
+    def kernel_sum_image(self, shape, backend=None):
+        """The kernel sum over a (ny, nx) image, on the backend."""
+        backend = get_backend(backend)
+        return linear_term_map(self.term_kernels().sum(axis=(1, 2)), shape, self.bbox,
+                               self.kernel_order, backend)
 
-def spatial_term_images(shape, bbox, order, backend, dtype=None):
-    """(n_terms, ny, nx) Chebyshev term images over the detector, on the backend (the
-    full-resolution form of what :func:`linear_term_map` builds from 1-D factors)."""
-    xp = backend.xp
-    dtype = dtype or xp.float32
-    ny, nx = shape
-    x = xp.astype(backend.arange(nx), dtype)
-    y = xp.astype(backend.arange(ny), dtype)
-    u, v = scaled_coords(x, y, bbox)
-    uu = xp.broadcast_to(xp.reshape(u, (1, nx)), (ny, nx))
-    vv = xp.broadcast_to(xp.reshape(v, (ny, 1)), (ny, nx))
-    return chebyshev_terms(xp, uu, vv, order)
+    def kernel_sum_range(self, n: int = 5) -> tuple[float, float]:
+        """Least and greatest kernel sum on an n x n grid spanning the detector."""
+        w, h = self.bbox
+        xs, ys = np.meshgrid(np.linspace(0, w - 1, n), np.linspace(0, h - 1, n))
+        sums = self.kernel_sum_at(xs.ravel(), ys.ravel())
+        return float(sums.min()), float(sums.max())
 
-
-def term_factors(shape, bbox, order: int):
-    """Host 1-D Chebyshev factors of the term images: (nx, order + 1) ``T_k(u)`` along x
-    and (ny, order + 1) ``T_k(v)`` along y; term ``i`` is ``T_a(u) T_b(v)`` with
-    ``(a, b) = polynomial_terms(order)[i]``."""
-    ny, nx = shape
-    u, _ = scaled_coords(np.arange(nx, dtype=float), 0.0, bbox)
-    _, v = scaled_coords(0.0, np.arange(ny, dtype=float), bbox)
-    cheb = np.polynomial.chebyshev.chebvander
-    return cheb(u, order), cheb(v, order)
-
-
-def linear_term_map(coeffs, shape, bbox, order: int, backend):
-    """``sum_i c_i w_i(x, y)`` over a (ny, nx) image (device), ``w`` the term images of
-    :func:`spatial_term_images`: one (ny, order + 1) x (order + 1, nx) matrix product of
-    their 1-D factors instead of a sum over whole images."""
-    tu, tv = term_factors(shape, bbox, order)
-    c = np.zeros((order + 1, order + 1))
-    for value, (a, b) in zip(np.asarray(coeffs, float), polynomial_terms(order)):
-        c[b, a] += value
-    return backend.xp.matmul(backend.to_device((tv @ c).astype(np.float32)),
-                             backend.to_device(np.ascontiguousarray(tu.T).astype(np.float32)))
-
-
-def quadratic_term_map(gram, shape, bbox, order: int, backend):
-    """``sum_ij gram_ij w_i(x, y) w_j(x, y)`` over a (ny, nx) image (device): one
-    (ny, n^2) x (n^2, nx) matrix product of the terms' 1-D factors."""
-    tu, tv = term_factors(shape, bbox, order)
-    powers = polynomial_terms(order)
-    fu = np.array([gram[i, j] * tu[:, a] * tu[:, c] for i, (a, b) in enumerate(powers)
-                   for j, (c, d) in enumerate(powers)])
-    gv = np.array([tv[:, b] * tv[:, d] for a, b in powers for c, d in powers])
-    return backend.xp.matmul(backend.to_device(np.ascontiguousarray(gv.T).astype(np.float32)),
-                             backend.to_device(fu.astype(np.float32)))
-
-
-# ---------------------------------------------------------------------------- sources
-def source_snr_maps(target, target_var, psf_image, backend=None):
-    """Matched-filter flux and S/N images of ``target`` and the (ys, xs) of its S/N peaks
-    of at least ``PEAK_FLOOR`` (all on the device), for :func:`select_kernel_sources`;
-    computed once, they serve several selections."""
-    from .convolve import fft_convolve
-
-    backend = get_backend(backend)
-    xp = backend.xp
-    # matched filter with a compensated PSF (PSF minus a 65x65 box mean): local sky removed
-    psf = np.asarray(psf_image, np.float64)
-    size = max(65, psf.shape[0] + 2)
-    size += 1 - size % 2
-    comp = np.full((size, size), -1.0 / size**2)
-    o = (size - psf.shape[0]) // 2
-    comp[o:o + psf.shape[0], o:o + psf.shape[1]] += np.flip(psf) / psf.sum()
-    flux_map = fft_convolve(target, backend.to_device(comp.astype(np.float32)), backend)
-    # the filter's noise from the variance around each pixel, not at it: with the local
-    # variance alone a bright star's S/N is flat over its core (signal and photon noise
-    # both follow the profile) and its "peak" lands anywhere within a few pixels
-    noise = xp.sqrt(xp.clip(fft_convolve(target_var, backend.to_device((comp**2).astype(np.float32)),
-                                         backend), min=0.0))
-    snr = flux_map / xp.where(noise > 0, noise, xp.inf)
-    return flux_map, snr, _local_peaks(backend, snr, PEAK_FLOOR)
-
-
-PEAK_FLOOR = 5.0  # S/N maxima below this are nobody's kernel source nor a bright neighbour
-
-
-def _local_peaks(backend, snr, floor: float, size: int = 5):
-    """Device (ys, xs) of the pixels with ``snr >= floor`` that are the maximum of their
-    ``size`` x ``size`` box (row-major order). Only those pixels' boxes are read: a
-    running maximum over the whole image cost ~0.1 s per 2048^2 on the CPU."""
-    xp = backend.xp
-    ny, nx = snr.shape
-    ys, xs = xp.nonzero(snr >= floor)
-    off = backend.arange(size) - size // 2
-    yy = xp.clip(xp.reshape(ys, (-1, 1)) + xp.reshape(off, (1, -1)), 0, ny - 1)
-    xx = xp.clip(xp.reshape(xs, (-1, 1)) + xp.reshape(off, (1, -1)), 0, nx - 1)
-    flat = xp.reshape(xp.reshape(yy, (-1, size, 1)) * nx + xp.reshape(xx, (-1, 1, size)), (-1,))
-    box = xp.reshape(xp.take(xp.reshape(snr, (-1,)), flat), (-1, size * size))
-    keep = snr[ys, xs] >= xp.max(box, axis=1)  # edges clipped: the box is what lies inside
-    return ys[keep], xs[keep]
-
-
-def select_kernel_sources(target, target_var, bad, psf_image, config: KernelFitConfig,
-                          kernel_size: int, backend=None, maps=None) -> np.ndarray:
-    """Pick kernel sources on ``target``: matched-filter S/N within
-    [detectionThreshold, maxSnr], a clean stamp (no ``bad`` pixel), isolated, inside the
-    image with room for the stamp, at most ``nStarPerCell`` per cell. ``maps``: the
-    :func:`source_snr_maps` of ``target``, when already at hand.
-
-    Returns host integer (x, y) pixel positions, brightest first, shape (n, 2).
-    """
-    backend = get_backend(backend)
-    xp = backend.xp
-    ny, nx = target.shape
-    flux_map, snr, (all_y, all_x) = maps if maps is not None else source_snr_maps(
-        target, target_var, psf_image, backend)
-    half = (config.stampSize + kernel_size - 1) // 2 + 1
-    ys, xs = ((all_y, all_x) if config.detectionThreshold >= PEAK_FLOOR
-              else _local_peaks(backend, snr, config.detectionThreshold))
-    take = ((snr[ys, xs] >= config.detectionThreshold) & (ys >= half) & (ys < ny - half)
-            & (xs >= half) & (xs < nx - half))
-    ys, xs = ys[take], xs[take]
-    s_cand = backend.to_host(snr[ys, xs])
-    f_cand = backend.to_host(flux_map[ys, xs])
-    pos = np.column_stack([backend.to_host(xs), backend.to_host(ys)])
-    others = np.column_stack([backend.to_host(all_x), backend.to_host(all_y)])
-    f_others = backend.to_host(flux_map[all_y, all_x])
-    if len(pos):  # a clean core (masked pixels elsewhere in the stamp just get no weight)
-        stamps = _gather(backend, bad, backend.to_device(pos.astype(np.int64)), config.cleanCore)
-        clean = ~backend.to_host(xp.any(xp.reshape(stamps, (stamps.shape[0], -1)), axis=1))
-        pos, s_cand, f_cand = pos[clean], s_cand[clean], f_cand[clean]
-    keep = s_cand <= config.maxSnr
-    pos, s_cand, f_cand = pos[keep], s_cand[keep], f_cand[keep]
-    # maxima a pixel or two apart are one source, which must neither count twice nor be
-    # taken for its own neighbour
-    same = config.samePeakRadius
-    first = np.ones(len(pos), bool)
-    for k in np.argsort(-s_cand, kind="stable"):
-        if first[k]:
-            d = np.abs(pos - pos[k]).max(axis=1)
-            first[(d <= same) & (np.arange(len(pos)) != k)] = False
-    pos, s_cand, f_cand = pos[first], s_cand[first], f_cand[first]
-    # isolation: no other peak brighter (in flux) than `isolation` x this one in the stamp
-    r = config.stampSize / 2 + 2
-    brightest_near = np.zeros(len(pos))
-    for k, p in enumerate(pos):
-        d = np.abs(others - p).max(axis=1)
-        near = (d > same) & (d <= r)
-        brightest_near[k] = f_others[near].max() if near.any() else -np.inf
-    isolated = brightest_near <= config.isolation * f_cand
-    if isolated.sum() < config.minKernelSources:  # a sparse field: no brighter neighbour
-        log.info("%d isolated kernel sources; accepting faint neighbours", int(isolated.sum()))
-        isolated = brightest_near <= f_cand
-    pos, s_cand = pos[isolated], s_cand[isolated]
-    order = np.argsort(-s_cand, kind="stable")
-    pos = pos[order]
-    cell = (pos[:, 1] // config.sizeCellY) * (nx // config.sizeCellX + 1) + pos[:, 0] // config.sizeCellX
-    rank = np.zeros(len(cell), int)  # brightness rank of each source within its cell
-    seen: dict = {}
-    for k, c in enumerate(cell):
-        rank[k] = seen.get(c, 0)
-        seen[c] = rank[k] + 1
-    # round robin over the cells (every cell's brightest first), so a cap keeps the spread
-    chosen = [k for k in np.lexsort((np.arange(len(cell)), rank)) if rank[k] < config.nStarPerCell]
-    return pos[chosen][:config.maxKernelSources]
-
-
-def _gather(backend, image, pos_dev, size):
-    """(n, size, size) stamps of ``image`` centred on integer positions (device (n, 2))."""
-    xp = backend.xp
-    ny, nx = image.shape
-    half = size // 2
-    off = backend.arange(size) - half
-    ys = xp.reshape(pos_dev[:, 1], (-1, 1, 1)) + xp.reshape(off, (1, size, 1))
-    xs = xp.reshape(pos_dev[:, 0], (-1, 1, 1)) + xp.reshape(off, (1, 1, size))
-    flat = xp.reshape(ys * nx + xs, (-1,))
-    return xp.reshape(xp.take(xp.reshape(image, (-1,)), flat), (-1, size, size))
+    def convolve(self, image, backend=None):
+        """``image`` (device, the detector's shape) convolved with the spatially varying
+        kernel: one FFT convolution per spatial term, each weighted by its polynomial."""
+        backend = get_backend(backend)
+        terms = self.term_kernels()
+        unit = np.eye(len(terms))
+        return fft_convolve_weighted_sum(
+            image, backend.to_device(terms, np.float32),
+            lambda j: linear_term_map(unit[j], image.shape, self.bbox, self.kernel_order,
+                                      backend), backend)
 
 
 # ---------------------------------------------------------------------------- fitting
 @dataclass
-class _Stamps:
+class KernelStamps:
     design: list  # per chunk of stamps (n_c, nb + 1, P): convolved basis images and the
     # background column
     target: object  # (n, P)
@@ -349,7 +166,7 @@ class _Stamps:
 
 def build_stamps(source, target, variance, bad, positions, basis: KernelBasis,
                  config: KernelFitConfig, backend=None, source_psf=None,
-                 source_var=None) -> _Stamps:
+                 source_var=None) -> KernelStamps:
     """Design matrices and normal equations for every stamp, in float64 on the backend.
 
     With ``source_var`` each stamp also gets the expected contribution of the convolved
@@ -364,11 +181,11 @@ def build_stamps(source, target, variance, bad, positions, basis: KernelBasis,
     S, K = config.stampSize, basis.size
     L = S + K - 1
     F = next_fast_len(L)  # circular correlation of this size leaves the valid part intact
-    pos_dev = backend.to_device(np.asarray(positions, np.int64))
+    positions = np.asarray(positions, np.int64).reshape(-1, 2)
     passes = _separable_passes(backend, basis, S)  # two 1-D passes per Gaussian
-    tgt = xp.reshape(xp.astype(_gather(backend, target, pos_dev, S), f64), (-1, S * S))
-    var = xp.reshape(xp.astype(_gather(backend, variance, pos_dev, S), f64), (-1, S * S))
-    bad_st = xp.reshape(_gather(backend, bad, pos_dev, S), (-1, S * S))
+    tgt = xp.reshape(xp.astype(gather_stamps(backend, target, positions, S), f64), (-1, S * S))
+    var = xp.reshape(xp.astype(gather_stamps(backend, variance, positions, S), f64), (-1, S * S))
+    bad_st = xp.reshape(gather_stamps(backend, bad, positions, S), (-1, S * S))
     weight = xp.where(bad_st | (var <= 0), 0.0, 1.0 / xp.where(var > 0, var, 1.0))
     nb = len(basis)
     if source_var is not None:  # every product B_j(m) B_l(m), once for all chunks
@@ -377,8 +194,8 @@ def build_stamps(source, target, variance, bad, positions, basis: KernelBasis,
     designs, normals, rhss, noise = [], [], [], []
     for start in range(0, len(positions), config.chunk):
         stop = min(start + config.chunk, len(positions))
-        p = pos_dev[start:stop, ...]
-        src = xp.astype(_gather(backend, source, p, L), xp.float32)
+        p = positions[start:stop]
+        src = xp.astype(gather_stamps(backend, source, p, L), xp.float32)
         cols = _separable_convolve(backend, src, passes, S)
         ones = backend.ones((cols.shape[0], 1, S * S), dtype=f64)
         # (n, nb + 1, P), contiguous along the pixels, weighted chunk by chunk: weighting a
@@ -416,7 +233,7 @@ def build_stamps(source, target, variance, bad, positions, basis: KernelBasis,
     eye = xp.astype(xp.reshape(backend.arange(normal.shape[-1] ** 2), normal.shape[1:])
                     % (normal.shape[-1] + 1) == 0, normal.dtype)
     normal = normal + (1e-10 * diag / normal.shape[-1] + 1e-30)[:, None, None] * eye[None, ...]
-    return _Stamps(designs, tgt, weight, normal, rhs, noise_normal, np.asarray(positions),
+    return KernelStamps(designs, tgt, weight, normal, rhs, noise_normal, np.asarray(positions),
                    rough, scale)
 
 
@@ -472,7 +289,7 @@ def _noise_normal(backend, source_var, pos, weight, products, nb: int, S: int, K
     L = S + K - 1
     # float64: this is subtracted from the normal matrix, where float32 rounding would be
     # amplified for noise-dominated stamps
-    v = xp.astype(_gather(backend, source_var, pos, L), xp.float64)
+    v = xp.astype(gather_stamps(backend, source_var, pos, L), xp.float64)
     w = xp.astype(xp.reshape(weight, (-1, S, S)), xp.float64)
     corr = backend.irfft2(backend.rfft2(v, s=(F, F)) * xp.conj(backend.rfft2(w, s=(F, F))),
                           s=(F, F))
@@ -539,7 +356,7 @@ def roughness_matrix(basis: KernelBasis, source_psf=None) -> np.ndarray:
     return out
 
 
-def _residual_stats(backend, stamps: _Stamps, coeffs):
+def _residual_stats(backend, stamps: KernelStamps, coeffs):
     """Per-stamp mean and std of the residual in units of the noise (host arrays)."""
     xp = backend.xp
     model, start = [], 0
@@ -651,8 +468,6 @@ def psf_flux_ratio(source, target, source_psf, target_psf, positions,
     kernel sum when the convolved image is the noisier one. None when no source is usable
     (too near the edges, or none at all): the kernel sum is then left to the fit.
     """
-    from .psf import ImagePsf
-
     backend = get_backend(backend)
     xp = backend.xp
     positions = np.asarray(positions, np.int64).reshape(-1, 2)
@@ -669,10 +484,10 @@ def psf_flux_ratio(source, target, source_psf, target_psf, positions,
               & (positions[:, 1] >= c) & (positions[:, 1] < ny - c))
     if not inside.any():
         return None
-    pos = backend.to_device(positions[inside])
+    pos = positions[inside]
 
     def fluxes(image, psf):
-        st = xp.astype(_gather(backend, image, pos, size), xp.float64)
+        st = xp.astype(gather_stamps(backend, image, pos, size), xp.float64)
         ring = xp.take(xp.reshape(st, (st.shape[0], -1)), annulus, axis=1)  # sky past the wings
         sky = xp.sort(ring, axis=1)[:, ring.shape[1] // 2]
         p = np.zeros((size, size))

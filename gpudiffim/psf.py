@@ -6,9 +6,20 @@ stages send the images they need to the device explicitly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
+from scipy.signal import fftconvolve
+
+from .backend import get_backend
+from .exposure import KERNEL_FIT_EXCLUDED
+from .inject import shift_image
+from .sources import SourceSelectionConfig, select_kernel_sources
+from .spatial import monomial_terms, polynomial_terms, scaled_coords
+from .stamps import gather_stamps
+
+__all__ = ["FWHM_PER_SIGMA", "ImagePsf", "PolynomialPsf", "adaptive_moments", "half_max_fwhm",
+           "convolved_psf", "kernel_convolved_psf", "gaussian_psf", "measure_psf"]
 
 FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 
@@ -100,11 +111,6 @@ class ImagePsf:
         return float(1.0 / np.sum(self.image_at(x, y) ** 2))
 
 
-def polynomial_terms(order: int) -> list[tuple[int, int]]:
-    """Exponents (i, j) of x**i y**j with i + j <= order, in a fixed order."""
-    return [(i, n - i) for n in range(order + 1) for i in range(n, -1, -1)]
-
-
 @dataclass(frozen=True, eq=False)
 class PolynomialPsf(ImagePsf):
     """PSF whose pixels vary as a polynomial in detector position (PSFEx-like).
@@ -116,7 +122,6 @@ class PolynomialPsf(ImagePsf):
 
     order: int = 0
     bbox: tuple[int, int] = (1, 1)
-    _terms: list = field(init=False, repr=False)
 
     def __post_init__(self):
         coeffs = np.asarray(self.image, dtype=np.float64)
@@ -127,17 +132,10 @@ class PolynomialPsf(ImagePsf):
         if coeffs.shape[1] % 2 == 0 or coeffs.shape[2] % 2 == 0:
             raise ValueError("PSF images must have odd sides")
         object.__setattr__(self, "image", coeffs)
-        object.__setattr__(self, "_terms", terms)
 
     @property
     def shape(self):
         return self.image.shape[1:]
-
-    def _uv(self, x, y):
-        w, h = self.bbox
-        x = (w - 1) / 2.0 if x is None else x
-        y = (h - 1) / 2.0 if y is None else y
-        return 2.0 * x / max(w - 1, 1) - 1.0, 2.0 * y / max(h - 1, 1) - 1.0
 
     def image_at(self, x=None, y=None):
         return _normalised(self.polynomial_at(x, y))
@@ -145,17 +143,16 @@ class PolynomialPsf(ImagePsf):
     def polynomial_at(self, x=None, y=None):
         """The pixels' polynomial itself at (x, y), before ``image_at`` divides by its sum
         (which makes the pixels a ratio of polynomials in position)."""
-        u, v = self._uv(x, y)
-        weights = np.array([u**i * v**j for i, j in self._terms])
-        return np.tensordot(weights, self.image, axes=1)
+        w, h = self.bbox
+        u, v = scaled_coords((w - 1) / 2.0 if x is None else x, (h - 1) / 2.0 if y is None else y,
+                             self.bbox)
+        return np.tensordot(monomial_terms(u, v, self.order), self.image, axes=1)
 
 
 def convolved_psf(psf: ImagePsf, kernel: np.ndarray) -> ImagePsf:
     """``psf`` convolved with a small centred ``kernel``, keeping its spatial variation:
     every coefficient image of a :class:`PolynomialPsf` is convolved (the model is linear
     in them), so ``image_at(x, y)`` is the convolved PSF there."""
-    from scipy.signal import fftconvolve
-
     if isinstance(psf, PolynomialPsf):
         coeffs = np.array([fftconvolve(c, kernel, mode="same") for c in psf.image])
         return PolynomialPsf(coeffs, order=psf.order, bbox=psf.bbox)
@@ -173,8 +170,6 @@ def kernel_convolved_psf(psf: ImagePsf, kernel_at, kernel_order: int, bbox) -> P
     larger of the two sizes: the PSF's extent plus the kernel's core (the far wings of a
     broad kernel, beyond both, are dropped).
     """
-    from scipy.signal import fftconvolve
-
     order = kernel_order + (psf.order if isinstance(psf, PolynomialPsf) else 0)
     width, height = psf.bbox if isinstance(psf, PolynomialPsf) else bbox
     n = order + 3
@@ -182,8 +177,7 @@ def kernel_convolved_psf(psf: ImagePsf, kernel_at, kernel_order: int, bbox) -> P
     terms = polynomial_terms(order)
     rows, images = [], []
     for x, y in zip(xs.ravel(), ys.ravel()):
-        u, v = 2.0 * x / max(width - 1, 1) - 1.0, 2.0 * y / max(height - 1, 1) - 1.0
-        rows.append([u**i * v**j for i, j in terms])
+        rows.append(monomial_terms(*scaled_coords(x, y, (width, height)), order))
         p = psf.polynomial_at(x, y) if isinstance(psf, PolynomialPsf) else psf.image_at(x, y)
         k = kernel_at(x, y)
         full = fftconvolve(p, k, mode="full")
@@ -213,26 +207,21 @@ def measure_psf(exposure, order: int = 2, size: int | None = None, snr_range=(50
     are cut out, their local sky removed, recentred by Fourier shifts and normalised; each
     pixel of the PSF is then fitted as a polynomial of ``order`` in detector position.
     """
-    from .backend import get_backend
-    from .inject import shift_image
-    from .kernel_fit import KernelFitConfig, _gather, select_kernel_sources
-
     backend = get_backend(backend)
     ny, nx = exposure.shape
     bad = (backend.asarray(exposure.mask)
-           & exposure.bit(*[p for p in ("BAD", "SAT", "NO_DATA", "EDGE", "CR", "INJECTED")
-                            if p in exposure.mask_planes])) != 0
+           & exposure.bit(*[p for p in KERNEL_FIT_EXCLUDED if p in exposure.mask_planes])) != 0
     guess = gaussian_psf(2.0, size=15).image
-    cfg = KernelFitConfig(detectionThreshold=snr_range[0], maxSnr=snr_range[1], stampSize=25,
-                          nStarPerCell=3, maxKernelSources=4 * max_stars, isolation=0.05,
-                          cleanCore=15)
+    cfg = SourceSelectionConfig(detectionThreshold=snr_range[0], maxSnr=snr_range[1],
+                                nStarPerCell=3, maxKernelSources=4 * max_stars, isolation=0.05,
+                                cleanCore=15)
     image = backend.asarray(exposure.image)
-    pos = select_kernel_sources(image, backend.asarray(exposure.variance), bad, guess, cfg, 1,
-                                backend)
+    pos = select_kernel_sources(image, backend.asarray(exposure.variance), bad, guess, cfg, 25,
+                                backend=backend)
     if len(pos) < 5:
         raise ValueError(f"only {len(pos)} usable stars to measure a PSF from")
     big = 2 * ((size or 41) // 2) + 1 + 8
-    stamps = backend.to_host(_gather(backend, image, backend.to_device(pos.astype(np.int64)), big))
+    stamps = backend.to_host(gather_stamps(backend, image, pos, big))
     stamps = stamps.astype(np.float64)
     border = np.concatenate([stamps[:, :3].reshape(len(pos), -1), stamps[:, -3:].reshape(len(pos), -1)], 1)
     stamps -= np.median(border, axis=1)[:, None, None]
@@ -262,9 +251,8 @@ def measure_psf(exposure, order: int = 2, size: int | None = None, snr_range=(50
     weight = np.sqrt(np.array(fluxes))[:, None]  # sky-limited: S/N per pixel grows with flux
     while order > 0 and len(images) < 3 * len(polynomial_terms(order)):
         order -= 1
-    u = 2.0 * xy[:, 0] / max(nx - 1, 1) - 1.0
-    v = 2.0 * xy[:, 1] / max(ny - 1, 1) - 1.0
-    design = np.array([[uu**i * vv**j for i, j in polynomial_terms(order)] for uu, vv in zip(u, v)])
+    u, v = scaled_coords(xy[:, 0], xy[:, 1], (nx, ny))
+    design = monomial_terms(u, v, order).T
     flat = images.reshape(len(images), -1)
     weight = weight / weight.max()
     coeffs = np.linalg.lstsq(design * weight, flat * weight, rcond=None)[0]

@@ -18,6 +18,7 @@ out of memory — retried once on the CPU) is recorded with its reason and the r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -25,8 +26,6 @@ import threading
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -34,26 +33,35 @@ from astropy.table import Table
 
 from .backend import get_backend
 from .errors import GpuDiffimError, InputError
+from .hostmem import release_freed_memory
 from .io import atomic_path, read_exposure, read_psf, write_exposure
-from .measure import dia_sources, write_dia_sources
-from .subtract import SubtractConfig, subtract
+from .measure import write_dia_sources
+from .options import configclass, option
+from .pipeline import PipelineConfig, process_pair
+from .subtract import SubtractConfig
 from .warp import same_grid, warp_exposure
+
+__all__ = ["REQUIRED_TEMPLATE_FRACTION", "RunConfig", "run", "read_manifest", "exposure_dir",
+           "run_table", "process_exposure", "compute_exposure", "write_outputs",
+           "TemplateCache"]
 
 log = logging.getLogger(__name__)
 
 REQUIRED_TEMPLATE_FRACTION = 0.1  # ip_diffim's requiredTemplateFraction
 
 
-@dataclass(frozen=True)
+@configclass
 class RunConfig:
-    flavor: str = "convolveTemplate"
-    backend: str | None = None
-    prefetch: int = 2  # exposures read ahead of the device
-    readers: int = 2
-    writers: int = 2
-    template_cache: int = 4  # decoded templates kept for the visits that share them
-    force: bool = False
-    subtract: SubtractConfig = field(default_factory=SubtractConfig)
+    """How a repository is run: the pipeline's settings and the runner's own."""
+
+    pipeline: PipelineConfig = option(factory=PipelineConfig, doc="what is done to each exposure")
+    backend: str | None = option(None, "cpu, gpu, strict or auto (None: $GPUDIFFIM_BACKEND)")
+    prefetch: int = option(2, "exposures read ahead of the device")
+    readers: int = option(2, "reader threads")
+    writers: int = option(2, "writer threads")
+    template_cache: int = option(4, "decoded templates kept for the visits that share them")
+    force: bool = option(False, "redo exposures already done")
+    dask: str | None = option(None, "a Dask scheduler address, or local:N; None: in process")
 
 
 def read_manifest(repo) -> Table:
@@ -151,17 +159,8 @@ def _process(science, template, row, config: RunConfig, backend):
     if fraction < REQUIRED_TEMPLATE_FRACTION:
         raise GpuDiffimError(f"template covers {100 * fraction:.1f}% of the science image "
                              f"(< {100 * REQUIRED_TEMPLATE_FRACTION:.0f}% required)")
-    t = time.perf_counter()
-    cfg = SubtractConfig(mode=config.flavor, doDecorrelation=config.subtract.doDecorrelation,
-                         doSubtractBackground=config.subtract.doSubtractBackground,
-                         basis=config.subtract.basis, kernel=config.subtract.kernel)
-    result = subtract(science, template, cfg, backend)
-    backend.synchronize()
-    timings["subtract"] = time.perf_counter() - t
-    t = time.perf_counter()
-    sources = dia_sources(result, science.to_backend(backend), backend=backend)
-    backend.synchronize()
-    timings["detect_measure"] = time.perf_counter() - t
+    result, sources, stage_timings = process_pair(science, template, config.pipeline, backend)
+    timings.update(stage_timings)
     return result, sources, timings, fraction
 
 
@@ -284,11 +283,33 @@ def run_table(outdir, manifest) -> Table:
     return table
 
 
-def run(repo, outdir, flavor: str = "convolveTemplate", backend: str | None = None,
-        workers: int = 2, dask: str | None = None, force: bool = False,
-        config: RunConfig | None = None, progress: bool = True) -> Table:
-    """Process every exposure of ``repo`` into ``outdir``; returns the run table."""
-    config = config or RunConfig(flavor=flavor, backend=backend, readers=workers, force=force)
+def run(repo, outdir, config: RunConfig | None = None, *, flavor: str | None = None,
+        backend: str | None = None, workers: int | None = None, dask: str | None = None,
+        force: bool | None = None, progress: bool = True) -> Table:
+    """Process every exposure of a repository; resumable.
+
+    Parameters
+    ----------
+    repo : path
+        Directory with ``manifest.ecsv`` (visit, detector, band, science, template[,
+        science_psf, template_psf]; paths relative to it).
+    outdir : path
+        Where ``<band>/<visit>/<detector>/`` outputs and ``run.ecsv`` go.
+    config : RunConfig, optional
+        Everything at once. Give either this or the keyword settings, not both.
+    flavor, backend, workers, dask, force : optional
+        Shortcuts for a default :class:`RunConfig` with that subtraction flavor, backend,
+        number of reader threads, Dask scheduler (``local:N`` or an address) and redo.
+    progress : bool
+        Show a progress line.
+
+    Returns
+    -------
+    astropy.table.Table
+        The run table: one row per manifest row, its status, timings and quality.
+    """
+    config = _run_config(config, flavor=flavor, backend=backend, readers=workers, dask=dask,
+                         force=force)
     repo, outdir = Path(repo), Path(outdir)
     manifest = read_manifest(repo)
     todo = [r for r in manifest if config.force or (_status(outdir, r) or {}).get("status") != "done"]
@@ -296,8 +317,8 @@ def run(repo, outdir, flavor: str = "convolveTemplate", backend: str | None = No
              len(manifest) - len(todo))
     bar = _Progress(len(todo)) if progress else None
     try:
-        if dask:
-            _run_dask(repo, outdir, todo, config, dask, bar)
+        if config.dask:
+            _run_dask(repo, outdir, todo, config, config.dask, bar)
         else:
             _run_local(repo, outdir, todo, config, bar)
     finally:
@@ -305,6 +326,23 @@ def run(repo, outdir, flavor: str = "convolveTemplate", backend: str | None = No
         with atomic_path(outdir / "run.ecsv") as tmp:
             table.write(tmp, format="ascii.ecsv", overwrite=True)
     return table
+
+
+def _run_config(config: RunConfig | None, **settings) -> RunConfig:
+    """``config``, or a default one with the given settings (None: left at the default)."""
+    given = {k: v for k, v in settings.items() if v is not None}
+    if config is not None:
+        if given:
+            raise TypeError(f"run() takes a RunConfig or keyword settings, not both "
+                            f"(got config and {sorted(given)})")
+        return config
+    flavor = given.pop("flavor", None)
+    config = RunConfig(**given)
+    if flavor is not None:
+        pipeline = dataclasses.replace(
+            config.pipeline, subtract=SubtractConfig(mode=flavor))
+        config = dataclasses.replace(config, pipeline=pipeline)
+    return config
 
 
 def _run_local(repo, outdir, todo, config: RunConfig, bar):
@@ -343,28 +381,9 @@ def _run_local(repo, outdir, todo, config: RunConfig, bar):
                     del pair, on_device, read
                 writing.append(writers.submit(write_outputs, outdir, row, status, outputs))
                 drain(config.writers)  # bounded: memory stays flat
-                _release_freed_memory()
+                release_freed_memory()
         finally:
             drain(0)  # on Ctrl-C too: what was computed is written completely
-
-
-def _release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
-    Exposure-sized arrays freed by one thread and reallocated by another otherwise pile
-    up in the allocator's arenas, and a long run's footprint creeps up."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@lru_cache(maxsize=1)
-def _malloc_trim():
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
 
 
 def _read_or_error(repo, row, config: RunConfig, templates: TemplateCache):

@@ -281,128 +281,196 @@ def _visit_params(cfg, band, visit, index, seed, sky0) -> _Visit:
 def _simulate_detector(cfg: SimConfig, band: str, detector: int, seed: int, outdir: Path):
     """Everything for one (band, detector): template, visits, truth rows, manifest rows."""
     ss = np.random.SeedSequence([seed, ord(band[0]), detector])
-    rng_scene, rng_tmpl, rng_vis = (np.random.default_rng(s) for s in ss.spawn(3))
-    ny, nx = cfg.shape
+    rng_scene, rng_tmpl = (np.random.default_rng(s) for s in ss.spawn(2))
     scene = make_scene(cfg, rng_scene)
     visits = cfg.visits[band]
     transients = make_transients(cfg, scene, len(visits), rng_scene)
     sky0 = cfg.sky.get(band, 1000.0)
     vparams = [_visit_params(cfg, band, v, i, seed, sky0) for i, v in enumerate(visits)]
+    template, t_psf, t_var = _make_template(cfg, band, detector, scene, sky0, rng_tmpl)
+    template, tf_truth = _template_fakes(cfg, template, t_var, vparams[len(vparams) // 2],
+                                         rng_tmpl)
+    t_rel = Path("templates") / band / f"template_{band}_{detector:03d}.fits"
+    write_exposure(template, outdir / t_rel)
+    truth_rows, manifest_rows = [], []
+    for vp in vparams:
+        rng = np.random.default_rng([seed, ord(band[0]), detector, vp.visit])
+        science, s_psf, s_var = _make_science(cfg, band, detector, seed, vp, scene, transients,
+                                              rng)
+        t_var_here = _template_variance_on(template, vp, cfg)
+        science, f_truth = _science_fakes(cfg, science, s_var + t_var_here, vp, tf_truth, rng)
+        s_rel = (Path("science") / band / str(vp.visit)
+                 / f"science_{band}_{vp.visit}_{detector:03d}.fits")
+        write_exposure(science, outdir / s_rel)
+        truth_rows += _visit_truth(cfg, band, detector, vp, science, t_var_here, f_truth,
+                                   tf_truth, transients, scene["stars"])
+        manifest_rows.append(_manifest_row(cfg, band, detector, vp, s_rel, t_rel, s_psf, t_psf))
+    return vstack(truth_rows), manifest_rows, _static_catalogue(scene, band, detector)
 
-    # -- template: a deep, background-subtracted coadd --------------------------------
+
+def _psf_model_size(cfg: SimConfig) -> int:
+    """Side of the PSF models: 3.5 x the worst seeing's FWHM each side."""
+    worst = max(cfg.seeing[1], cfg.bad_template_seeing[1])
+    return 2 * int(np.ceil(3.5 * _arcsec_to_px(worst))) + 1
+
+
+def _make_template(cfg: SimConfig, band, detector, scene, sky0, rng):
+    """A deep, background-subtracted coadd of the static sky, its PSF field and its float64
+    variance."""
     bad = detector in cfg.bad_template_detectors
-    t_fwhm = rng_tmpl.uniform(*(cfg.bad_template_seeing if bad else cfg.template_seeing))
-    t_psf = _psf_field(rng_tmpl, t_fwhm, 3.0, cfg.shape)
+    t_fwhm = rng.uniform(*(cfg.bad_template_seeing if bad else cfg.template_seeing))
+    t_psf = _psf_field(rng, t_fwhm, 3.0, cfg.shape)
     t_var_sky = (sky0 + cfg.read_noise**2) / cfg.template_depth
     stars = scene["stars"]
     points = list(zip(stars["x"], stars["y"], star_mag(stars, None)))
     t_model = render(cfg.shape, t_psf, points, scene["galaxies"], cfg.zero_point, (0, 0),
                      np.sqrt(t_var_sky))
     t_variance = (t_var_sky + np.clip(t_model, 0, None) / cfg.template_depth)
-    t_image = t_model + rng_tmpl.normal(size=cfg.shape) * np.sqrt(t_variance)
+    t_image = t_model + rng.normal(size=cfg.shape) * np.sqrt(t_variance)
     t_mask = np.zeros(cfg.shape, np.int32)
     t_sat = t_model >= cfg.saturation
     t_mask[t_sat] |= mask_bits("SAT")
     t_image[t_sat] = cfg.saturation
-    psf_size = 2 * int(np.ceil(3.5 * _arcsec_to_px(max(cfg.seeing[1], cfg.bad_template_seeing[1])))) + 1
-    template = Exposure.from_arrays(t_image, t_mask, t_variance, psf=t_psf.model(psf_size),
+    info = ExposureInfo(detector=detector, band=band,
+                        extra={"GAIN": 1.0, "NCOADD": cfg.template_depth})
+    template = Exposure.from_arrays(t_image, t_mask, t_variance,
+                                    psf=t_psf.model(_psf_model_size(cfg)),
                                     wcs=make_wcs(cfg.shape, detector), zero_point=cfg.zero_point,
-                                    info=ExposureInfo(detector=detector, band=band,
-                                                      extra={"GAIN": 1.0, "NCOADD": cfg.template_depth}))
-    # template fakes: negative in every difference; SNR aimed at a typical visit
-    tf_xy = _place(rng_tmpl, cfg.fakes_per_template, cfg.shape, 40, cfg.fake_separation)
-    n_tf = len(tf_xy)
-    med = vparams[len(vparams) // 2]
-    scale = 10 ** (0.4 * (med.zp - cfg.zero_point))
-    eff_var = t_variance + (med.sky + cfg.read_noise**2) / scale**2
+                                    info=info)
+    return template, t_psf, t_variance
+
+
+def _template_fakes(cfg: SimConfig, template, variance, typical: _Visit, rng):
+    """Fakes in the template (negative in every difference), their S/N aimed at a typical
+    visit's difference."""
+    tf_xy = _place(rng, cfg.fakes_per_template, cfg.shape, 40, cfg.fake_separation)
+    scale = 10 ** (0.4 * (typical.zp - cfg.zero_point))
+    eff_var = variance + (typical.sky + cfg.read_noise**2) / scale**2
     tf_flux = [_flux_for_snr(template.psf, x, y, s, eff_var)
-               for (x, y), s in zip(tf_xy, _target_snr(rng_tmpl, n_tf))]
-    template, tf_truth = inject(template, Table({"x": tf_xy[:, 0], "y": tf_xy[:, 1], "flux": tf_flux}),
-                                rng=rng_tmpl, gain=cfg.template_depth)
-    t_rel = Path("templates") / band / f"template_{band}_{detector:03d}.fits"
-    write_exposure(template, outdir / t_rel)
+               for (x, y), s in zip(tf_xy, _target_snr(rng, len(tf_xy)))]
+    return inject(template, Table({"x": tf_xy[:, 0], "y": tf_xy[:, 1], "flux": tf_flux}),
+                  rng=rng, gain=cfg.template_depth)
 
-    truth_rows, manifest_rows = [], []
-    for vp in vparams:
-        rng = np.random.default_rng([seed, ord(band[0]), detector, vp.visit])
-        s_psf = _psf_field(rng, vp.fwhm, vp.beta, cfg.shape)
-        scale = 10 ** (0.4 * (vp.zp - cfg.zero_point))  # science counts per template count
-        yy, xx = np.mgrid[:ny, :nx]
-        gx, gy = rng.uniform(-0.05, 0.05, 2)  # this detector's sky gradient
-        sky = vp.sky * (1 + gx * (2 * xx / (nx - 1) - 1) + gy * (2 * yy / (ny - 1) - 1))
-        sky_sigma = np.sqrt(vp.sky + cfg.read_noise**2)
-        tmag = transient_mag(transients, vp.index)
-        points = list(zip(stars["x"], stars["y"], star_mag(stars, vp.index)))
-        points += list(zip(transients["x"], transients["y"], tmag))
-        model = render(cfg.shape, s_psf, points, scene["galaxies"], vp.zp, vp.offset, sky_sigma)
-        expect = model + sky
-        variance = expect + cfg.read_noise**2
-        image = rng.poisson(expect).astype(np.float64) + rng.normal(0, cfg.read_noise, cfg.shape)
-        mask = np.zeros(cfg.shape, np.int32)
-        sat = expect >= cfg.saturation
-        image[sat] = cfg.saturation
-        mask[sat] |= mask_bits("SAT")
-        add_cosmic_rays(image, mask, rng, cfg.cr_density, expect, cfg.read_noise)
-        bad_col = int(np.random.default_rng([seed, detector]).integers(nx // 8, nx - nx // 8))
-        image[:, bad_col] *= 0.3
-        mask[:, bad_col] |= mask_bits("BAD")
-        sci = Exposure.from_arrays(image, mask, variance, psf=s_psf.model(psf_size),
+
+def _make_science(cfg: SimConfig, band, detector, seed, vp: _Visit, scene, transients, rng):
+    """One visit's exposure: the scene as it is then (variables, transients), its own PSF,
+    sky gradient, Poisson and read noise, saturation, cosmic rays and a bad column; with
+    its PSF field and its float64 variance."""
+    ny, nx = cfg.shape
+    s_psf = _psf_field(rng, vp.fwhm, vp.beta, cfg.shape)
+    yy, xx = np.mgrid[:ny, :nx]
+    gx, gy = rng.uniform(-0.05, 0.05, 2)  # this detector's sky gradient
+    sky = vp.sky * (1 + gx * (2 * xx / (nx - 1) - 1) + gy * (2 * yy / (ny - 1) - 1))
+    sky_sigma = np.sqrt(vp.sky + cfg.read_noise**2)
+    stars = scene["stars"]
+    points = list(zip(stars["x"], stars["y"], star_mag(stars, vp.index)))
+    points += list(zip(transients["x"], transients["y"], transient_mag(transients, vp.index)))
+    model = render(cfg.shape, s_psf, points, scene["galaxies"], vp.zp, vp.offset, sky_sigma)
+    expect = model + sky
+    variance = expect + cfg.read_noise**2
+    image = rng.poisson(expect).astype(np.float64) + rng.normal(0, cfg.read_noise, cfg.shape)
+    mask = np.zeros(cfg.shape, np.int32)
+    sat = expect >= cfg.saturation
+    image[sat] = cfg.saturation
+    mask[sat] |= mask_bits("SAT")
+    add_cosmic_rays(image, mask, rng, cfg.cr_density, expect, cfg.read_noise)
+    bad_col = int(np.random.default_rng([seed, detector]).integers(nx // 8, nx - nx // 8))
+    image[:, bad_col] *= 0.3
+    mask[:, bad_col] |= mask_bits("BAD")
+    info = ExposureInfo(visit=vp.visit, detector=detector, band=band, exptime=30.0,
+                        extra={"GAIN": 1.0})
+    science = Exposure.from_arrays(image, mask, variance, psf=s_psf.model(_psf_model_size(cfg)),
                                    wcs=make_wcs(cfg.shape, detector, vp.offset), zero_point=vp.zp,
-                                   info=ExposureInfo(visit=vp.visit, detector=detector, band=band,
-                                                     exptime=30.0, extra={"GAIN": 1.0}))
-        # template variance moved onto this science grid (integer shift), in science units
-        ox, oy = int(round(vp.offset[0])), int(round(vp.offset[1]))
-        t_var_here = np.roll(np.roll(template.variance, oy, axis=0), ox, axis=1) * scale**2
-        diff_var = variance + t_var_here
-        # science fakes
-        avoid = np.column_stack([tf_xy[:, 0] + vp.offset[0], tf_xy[:, 1] + vp.offset[1]])
-        fx, fy = _place(rng, cfg.fakes_per_science, cfg.shape, 40, cfg.fake_separation, avoid).T
-        n_f = len(fx)
-        fflux = [_flux_for_snr(sci.psf, x, y, s, diff_var) for x, y, s in zip(fx, fy, _target_snr(rng, n_f))]
-        sci, f_truth = inject(sci, Table({"x": fx, "y": fy, "flux": fflux}), rng=rng)
-        s_rel = Path("science") / band / str(vp.visit) / f"science_{band}_{vp.visit}_{detector:03d}.fits"
-        write_exposure(sci, outdir / s_rel)
-        diff_var = np.asarray(sci.variance, np.float64) + t_var_here
+                                   info=info)
+    return science, s_psf, variance
 
-        def rows(kind, image_kind, xs, ys, dflux, snr_image, on_gal):
-            xs, ys = np.asarray(xs, float), np.asarray(ys, float)
-            ra, dec = sci.wcs.pixel_to_world_values(xs, ys)
-            snr = [optimal_snr(abs(f), *_stamp_var(sci.psf, x, y, diff_var)) for x, y, f in zip(xs, ys, dflux)]
-            with np.errstate(divide="ignore"):
-                mag = vp.zp - 2.5 * np.log10(np.abs(dflux))
-            return Table({"kind": np.full(len(xs), kind, "U9"), "image": np.full(len(xs), image_kind, "U8"),
-                          "band": np.full(len(xs), band, "U4"), "visit": np.full(len(xs), vp.visit),
-                          "detector": np.full(len(xs), detector), "x": xs, "y": ys, "ra": ra,
-                          "dec": dec, "flux": np.asarray(dflux, float), "mag": mag,
-                          "snr": np.asarray(snr, float), "snr_image": np.asarray(snr_image, float),
-                          "on_galaxy": np.asarray(on_gal, bool)})
 
-        truth_rows.append(rows("fake", "science", f_truth["x"], f_truth["y"], f_truth["flux"],
-                               f_truth["snr"], np.zeros(n_f, bool)))
-        truth_rows.append(rows("fake", "template", tf_truth["x"] + vp.offset[0], tf_truth["y"] + vp.offset[1],
-                               -np.asarray(tf_truth["flux"]) * scale, tf_truth["snr"], np.zeros(n_tf, bool)))
-        live = np.isfinite(tmag)
-        tflux = 10 ** (-0.4 * (tmag[live] - vp.zp))
-        txs, tys = np.asarray(transients["x"])[live] + vp.offset[0], np.asarray(transients["y"])[live] + vp.offset[1]
-        truth_rows.append(rows("transient", "science", txs, tys, tflux,
-                               [optimal_snr(f, *_stamp_var(sci.psf, x, y, sci.variance)) for x, y, f in zip(txs, tys, tflux)],
-                               np.asarray(transients["on_galaxy"])[live]))
-        vs = np.asarray(stars["amplitude"]) > 0
-        vflux = 10 ** (-0.4 * (star_mag(stars, vp.index)[vs] - vp.zp)) - 10 ** (-0.4 * (np.asarray(stars["mag"])[vs] - vp.zp))
-        vxs, vys = np.asarray(stars["x"])[vs] + vp.offset[0], np.asarray(stars["y"])[vs] + vp.offset[1]
-        inside = (vxs > 0) & (vxs < nx - 1) & (vys > 0) & (vys < ny - 1)
-        truth_rows.append(rows("variable", "science", vxs[inside], vys[inside], vflux[inside],
-                               [optimal_snr(abs(f), *_stamp_var(sci.psf, x, y, sci.variance))
-                                for x, y, f in zip(vxs[inside], vys[inside], vflux[inside])],
-                               np.zeros(inside.sum(), bool)))
-        s_fwhm = s_psf.params(nx / 2, ny / 2)[0]
-        manifest_rows.append({"visit": vp.visit, "detector": detector, "band": band,
-                              "science": str(s_rel), "template": str(t_rel),
-                              "science_fwhm": s_fwhm * ARCSEC_PER_PIXEL,
-                              "template_fwhm": t_psf.params(nx / 2, ny / 2)[0] * ARCSEC_PER_PIXEL,
-                              "psf_beta": vp.beta, "zero_point": vp.zp,
-                              "template_zero_point": cfg.zero_point,
-                              "offset_x": vp.offset[0], "offset_y": vp.offset[1]})
+def _template_variance_on(template, vp: _Visit, cfg: SimConfig) -> np.ndarray:
+    """The template's variance moved onto this science grid (integer shift), in science
+    units."""
+    scale = 10 ** (0.4 * (vp.zp - cfg.zero_point))  # science counts per template count
+    ox, oy = int(round(vp.offset[0])), int(round(vp.offset[1]))
+    return np.roll(np.roll(template.variance, oy, axis=0), ox, axis=1) * scale**2
+
+
+def _science_fakes(cfg: SimConfig, science, diff_var, vp: _Visit, tf_truth, rng):
+    """Fakes in the science (positive in the difference), apart from the template's, their
+    S/N set on the difference's variance ``diff_var``."""
+    avoid = np.column_stack([tf_truth["x"] + vp.offset[0], tf_truth["y"] + vp.offset[1]])
+    fx, fy = _place(rng, cfg.fakes_per_science, cfg.shape, 40, cfg.fake_separation, avoid).T
+    fflux = [_flux_for_snr(science.psf, x, y, s, diff_var)
+             for x, y, s in zip(fx, fy, _target_snr(rng, len(fx)))]
+    return inject(science, Table({"x": fx, "y": fy, "flux": fflux}), rng=rng)
+
+
+def _truth_table(band, vp: _Visit, science, kind, image_kind, xs, ys, dflux, snr, snr_image,
+                 on_gal) -> Table:
+    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+    ra, dec = science.wcs.pixel_to_world_values(xs, ys)
+    with np.errstate(divide="ignore"):
+        mag = vp.zp - 2.5 * np.log10(np.abs(dflux))
+    n = len(xs)
+    return Table({"kind": np.full(n, kind, "U9"), "image": np.full(n, image_kind, "U8"),
+                  "band": np.full(n, band, "U4"), "visit": np.full(n, vp.visit),
+                  "detector": np.full(n, science.info.detector), "x": xs, "y": ys, "ra": ra,
+                  "dec": dec, "flux": np.asarray(dflux, float), "mag": mag,
+                  "snr": np.asarray(snr, float), "snr_image": np.asarray(snr_image, float),
+                  "on_galaxy": np.asarray(on_gal, bool)})
+
+
+def _visit_truth(cfg: SimConfig, band, detector, vp: _Visit, science, t_var_here, f_truth,
+                 tf_truth, transients, stars) -> list:
+    """Truth rows of one visit: every change in its difference, positions in its pixels,
+    ``flux`` the signed change in science counts, ``snr`` its optimal S/N there."""
+    ny, nx = cfg.shape
+    diff_var = np.asarray(science.variance, np.float64) + t_var_here
+
+    def rows(kind, image_kind, xs, ys, dflux, snr_image, on_gal):
+        snr = [optimal_snr(abs(f), *_stamp_var(science.psf, x, y, diff_var))
+               for x, y, f in zip(np.asarray(xs, float), np.asarray(ys, float), dflux)]
+        return _truth_table(band, vp, science, kind, image_kind, xs, ys, dflux, snr, snr_image,
+                            on_gal)
+
+    scale = 10 ** (0.4 * (vp.zp - cfg.zero_point))
+    out = [rows("fake", "science", f_truth["x"], f_truth["y"], f_truth["flux"], f_truth["snr"],
+                np.zeros(len(f_truth), bool)),
+           rows("fake", "template", tf_truth["x"] + vp.offset[0], tf_truth["y"] + vp.offset[1],
+                -np.asarray(tf_truth["flux"]) * scale, tf_truth["snr"],
+                np.zeros(len(tf_truth), bool))]
+    tmag = transient_mag(transients, vp.index)
+    live = np.isfinite(tmag)
+    tflux = 10 ** (-0.4 * (tmag[live] - vp.zp))
+    txs = np.asarray(transients["x"])[live] + vp.offset[0]
+    tys = np.asarray(transients["y"])[live] + vp.offset[1]
+    out.append(rows("transient", "science", txs, tys, tflux,
+                    [optimal_snr(f, *_stamp_var(science.psf, x, y, science.variance))
+                     for x, y, f in zip(txs, tys, tflux)],
+                    np.asarray(transients["on_galaxy"])[live]))
+    vs = np.asarray(stars["amplitude"]) > 0
+    vflux = (10 ** (-0.4 * (star_mag(stars, vp.index)[vs] - vp.zp))
+             - 10 ** (-0.4 * (np.asarray(stars["mag"])[vs] - vp.zp)))
+    vxs = np.asarray(stars["x"])[vs] + vp.offset[0]
+    vys = np.asarray(stars["y"])[vs] + vp.offset[1]
+    inside = (vxs > 0) & (vxs < nx - 1) & (vys > 0) & (vys < ny - 1)
+    out.append(rows("variable", "science", vxs[inside], vys[inside], vflux[inside],
+                    [optimal_snr(abs(f), *_stamp_var(science.psf, x, y, science.variance))
+                     for x, y, f in zip(vxs[inside], vys[inside], vflux[inside])],
+                    np.zeros(inside.sum(), bool)))
+    return out
+
+
+def _manifest_row(cfg: SimConfig, band, detector, vp: _Visit, s_rel, t_rel, s_psf, t_psf):
+    ny, nx = cfg.shape
+    return {"visit": vp.visit, "detector": detector, "band": band,
+            "science": str(s_rel), "template": str(t_rel),
+            "science_fwhm": s_psf.params(nx / 2, ny / 2)[0] * ARCSEC_PER_PIXEL,
+            "template_fwhm": t_psf.params(nx / 2, ny / 2)[0] * ARCSEC_PER_PIXEL,
+            "psf_beta": vp.beta, "zero_point": vp.zp,
+            "template_zero_point": cfg.zero_point,
+            "offset_x": vp.offset[0], "offset_y": vp.offset[1]}
+
+
+def _static_catalogue(scene, band, detector) -> Table:
     sc = scene["stars"]["x", "y", "mag", "amplitude"].copy()
     sc["kind"] = "star"
     gc = scene["galaxies"]["x", "y", "mag"].copy()
@@ -410,7 +478,7 @@ def _simulate_detector(cfg: SimConfig, band: str, detector: int, seed: int, outd
     gc["kind"] = "galaxy"
     static = vstack([sc, gc])
     static["band"], static["detector"] = band, detector
-    return vstack(truth_rows), manifest_rows, static
+    return static
 
 
 def _stamp_var(psf, x, y, variance):

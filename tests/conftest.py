@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from gpudiffim.backend import _gpu_unavailable_reason, get_backend
+from gpudiffim.backend import get_backend, gpu_unavailable_reason
 
-_GPU_REASON = _gpu_unavailable_reason()
+_GPU_REASON = gpu_unavailable_reason()
 
 BACKENDS = [
     "cpu",

@@ -152,7 +152,7 @@ def test_cpu_backend_keeps_exposure_sized_blocks_in_the_heap():
     """A temporary the size of a 2048 x 4176 float32 plane and larger comes from the heap,
     where a freed block is reused, not from a fresh mmap that faults every page in again
     (glibc's default above 32 MiB: 1.4 s of system time per 2048 x 4176 subtraction)."""
-    from gpudiffim.backend import tune_host_allocator
+    from gpudiffim.hostmem import tune_host_allocator
 
     get_backend("cpu")
     if not tune_host_allocator():

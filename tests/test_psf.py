@@ -55,6 +55,7 @@ def test_kernel_convolved_psf_is_the_psf_through_the_kernel_everywhere():
 
     from gpudiffim.profiles import PsfField
     from gpudiffim.psf import kernel_convolved_psf
+
     from pairs import gaussian_image
 
     field = PsfField(fwhm=4.0, beta=3.0, width=500, height=300, gx=0.04, gy=-0.03,

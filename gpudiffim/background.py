@@ -1,0 +1,55 @@
+"""The difference's background, re-fitted over empty sky.
+
+The kernel fit's differential background is fitted on stamps around bright stars, where it
+absorbs PSF-wing flux that empty sky does not have; the difference's own background is
+then re-fitted (a Chebyshev plane) over pixels far from every science source.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .spatial import chebyshev_terms, linear_term_map, polynomial_terms, scaled_coords, term_factors
+from .stats import robust_sigma_where
+
+__all__ = ["refit_sky_plane"]
+
+
+def refit_sky_plane(backend, diff, good, snr, bbox, order: int, block: int = 4,
+               quiet: tuple = ((3.0, 4), (30.0, 12), (300.0, 30)), clip: float = 3.0):
+    """Background plane of the difference over empty sky, and its value at the centre.
+
+    Empty sky: good pixels within ``clip`` robust sigmas of zero, in ``block`` x ``block``
+    blocks away from the science's sources: for each (S/N, reach) of ``quiet``, farther
+    than ``reach`` pixels from wherever the science's matched-filter S/N ``snr`` reaches
+    that level in either sign (symmetric cuts leave the noise unbiased). Every such pixel
+    counts (the offsets sought are ~1% of the pixel noise); the plane is the weighted
+    least-squares fit of the Chebyshev terms to the blocks' sums.
+    """
+    xp = backend.xp
+    ny, nx = (diff.shape[0] // block) * block, (diff.shape[1] // block) * block
+    z = xp.abs(snr[:ny:block, :nx:block])
+    sky = None
+    for level, reach in quiet:
+        near = backend.maximum_filter(xp.astype(z >= level, xp.uint8), 2 * (reach // block) + 1)
+        sky = (near == 0) if sky is None else sky & (near == 0)
+    d = diff[:ny, :nx]
+    sigma = robust_sigma_where(backend, d, good[:ny, :nx])
+    use = good[:ny, :nx] & (xp.abs(d) < clip * sigma)
+    shape = (ny // block, block, nx // block, block)
+    w = xp.sum(xp.astype(xp.reshape(use, shape), xp.float64), axis=(1, 3))
+    wd = xp.sum(xp.reshape(xp.where(use, xp.astype(d, xp.float64), 0.0), shape), axis=(1, 3))
+    w, wd = xp.where(sky, w, 0.0), xp.where(sky, wd, 0.0)
+    # the terms at the blocks' centres, from their 1-D factors (host, small)
+    tu, tv = term_factors(diff.shape, bbox, order)
+    tu, tv = tu[block // 2:nx:block], tv[block // 2:ny:block]
+    powers = polynomial_terms(order)
+    t = backend.to_device(np.array([np.outer(tv[:, b], tu[:, a]).ravel() for a, b in powers]))
+    w, wd = xp.reshape(w, (-1,)), xp.reshape(wd, (-1,))
+    if backend.scalar(xp.sum(w)) < 100 * t.shape[0]:
+        return 0.0, 0.0
+    normal = backend.to_host(xp.matmul(t * w, backend.matrix_transpose(t)))
+    coeffs = np.linalg.solve(normal, backend.to_host(xp.matmul(t, wd)))
+    plane = linear_term_map(coeffs, diff.shape, bbox, order, backend)
+    u, v = scaled_coords(diff.shape[1] // 2, diff.shape[0] // 2, bbox)
+    return plane, float(np.sum(coeffs * chebyshev_terms(np, np.asarray(u), np.asarray(v), order)))

@@ -1,0 +1,193 @@
+"""The noise model of a difference image, and every variance formula that follows from it.
+
+The model, stated once. A difference (or score) image is a sum of filtered input images
+plus the matching's own error::
+
+    D = sum_p g_p * N_p + dk * I
+
+* each input ``N_p`` (the science and the template) has independent pixel noise of
+  variance ``V_p`` (its variance plane, NO_DATA pixels zeroed), and reaches ``D`` through
+  a small filter ``g_p``: the decorrelation ``phi`` for the image left unconvolved,
+  ``phi * k`` for the one convolved with the matching kernel ``k`` (divided by the kernel
+  sum when the science is convolved, the pre-filter too for the score);
+* ``dk * I`` is the kernel's error ``dk`` acting on the image it convolved, ``I``. For
+  errors alike over the kernel's box its variance is a scale times ``I^2`` summed over that
+  box (the *residual power*); the scale is measured on each difference around its kernel
+  sources (:func:`residual_scale`), as ZOGY (Zackay et al. 2016) adds the like for
+  registration and flux-scale errors.
+
+Then the variance of one pixel of ``D`` is ``sum_p (g_p^2 * V_p) + scale * power``
+(:func:`convolved_variance`, :func:`decorrelated_variance`, :func:`score_variance`), and
+that of any weighted sum of pixels ``sum w D`` is
+``sum_p sum_m V_p(m) (w corr g_p)(m)^2 + scale * power * (sum w)^2``
+(:func:`filtered_variance`): the variance plane alone holds no covariance, which the
+photometry of a bright source, whose own photon noise went through the kernel, needs.
+
+:class:`NoiseModel` carries the pieces from the subtraction to detection (which measures
+the scale) and measurement (which uses it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+from scipy.signal import fftconvolve
+
+from .convolve import fft_convolve
+from .spatial import quadratic_term_map
+from .stamps import gather_stamps
+
+__all__ = ["NoiseModel", "convolved_variance", "decorrelated_variance", "score_variance",
+           "filtered_variance", "residual_power", "residual_scale"]
+
+
+@dataclass(frozen=True, eq=False)
+class NoiseModel:
+    """How the inputs' noise and the matching's error reach a difference image.
+
+    Attributes
+    ----------
+    paths : tuple of (array, ndarray)
+        Per input image, its variance plane (device, NO_DATA zeroed) and the small host
+        filter it reaches the difference through, the difference's units folded in. Empty
+        for a score image, whose flux is one pixel's value.
+    residual_power : array or None
+        The image the kernel convolved, less its sky, squared and summed over the kernel's
+        box (device).
+    calibrate_at : ndarray or None
+        Host (n, 2) positions of the kernel sources, where the residual scale is measured.
+    box : int
+        The kernel's side (pixels): the box the residual power and its calibration use.
+    residual_scale : float
+        Variance per unit of residual power; 0 until detection measures it.
+    """
+
+    paths: tuple = ()
+    residual_power: object = None
+    calibrate_at: np.ndarray | None = None
+    box: int = 0
+    residual_scale: float = 0.0
+
+    def with_residual_scale(self, scale: float) -> "NoiseModel":
+        """The same model with the residual scale measured on its difference."""
+        return replace(self, residual_scale=float(scale))
+
+
+def convolved_variance(variance, kernel, backend, terms=None, spatial=None, phi=None):
+    """``variance`` convolved with the square of ``kernel`` (after ``phi`` when given).
+
+    With the spatial ``terms`` (the kernel's term kernels) and ``spatial`` (their bbox and
+    order) it is scaled by that squared kernel's sum over the detector relative to its
+    value for ``kernel``: ``sum (phi * k(x, y))^2`` is a quadratic form in the spatial
+    weights whose matrix is the term kernels' inner products, so a kernel that carries more
+    power in one corner than at the centre puts more of the convolved image's noise there.
+    """
+    if phi is not None:
+        kernel = fftconvolve(phi, kernel)
+        terms = None if terms is None else np.array([fftconvolve(phi, t) for t in terms])
+    conv = fft_convolve(variance, backend.to_device(kernel**2, np.float32), backend)
+    if terms is None:
+        return conv
+    gram = np.tensordot(terms, terms, axes=([1, 2], [1, 2]))
+    return conv * quadratic_term_map(gram, variance.shape, *spatial, backend) / float(
+        np.sum(kernel**2))
+
+
+def decorrelated_variance(backend, target_var, source_var, phi, kernel, terms=None,
+                          spatial=None):
+    """Per-pixel variance of ``phi * (target - kernel * source)``:
+    ``phi^2 * V_target + (phi * k)^2 * V_source`` (``phi`` None: none applied).
+
+    In flat sky it equals the white value the decorrelation aims at; around bright sources
+    it follows their photon noise as the convolutions spread it. With ``terms`` and
+    ``spatial`` the second part follows the kernel's power across the detector.
+    """
+    through = (target_var if phi is None else
+               fft_convolve(target_var, backend.to_device(phi**2, np.float32), backend))
+    return through + convolved_variance(source_var, kernel, backend, terms, spatial, phi)
+
+
+def score_variance(backend, science_var, template_var, prefilter, phi, kernel, terms, spatial,
+                   filter_template: bool):
+    """Per-pixel variance of the score ``phi * (P * N - k * R)``: the science through the
+    pre-filter ``P`` (and ``phi``), the template through the fitted kernel (and ``phi``; and
+    ``P`` too when ``filter_template``, the kernel having been fitted in the science's own
+    space)."""
+    phi_sci = prefilter if phi is None else fftconvolve(phi, prefilter)
+    return (fft_convolve(science_var, backend.to_device(phi_sci**2, np.float32), backend)
+            + convolved_variance(template_var, kernel, backend, terms, spatial,
+                                 phi_sci if filter_template else phi))
+
+
+def filtered_variance(backend, weights, paths, xs, ys):
+    """Variance of ``sum(weights * D)`` per stamp, ``weights`` (n, S, S) centred on (xs, ys),
+    for the ``paths`` of a :class:`NoiseModel`: ``sum_p sum_m V_p(m) (w corr g_p)(m)^2``
+    (each input pixel's noise reaches every stamp pixel its filter spreads it to)."""
+    xp = backend.xp
+    n, S = weights.shape[0], weights.shape[-1]
+    total = backend.zeros((n,), dtype=xp.float32)
+    centres = np.column_stack([xs, ys]).astype(np.int64)
+    for plane, g in paths:
+        G = g.shape[0]
+        L = S + G - 1
+        edge = (G - 1) // 2
+        zc = backend.zeros((n, S, edge), dtype=weights.dtype)
+        wide = xp.concat([zc, weights, zc], axis=2)
+        zr = backend.zeros((n, edge, L), dtype=weights.dtype)
+        wide = xp.concat([zr, wide, zr], axis=1)
+        spread = fft_convolve(wide, backend.to_device(np.flip(g), np.float32), backend)
+        v = gather_stamps(backend, backend.asarray(plane), centres, L, 0.0)
+        total = total + xp.sum(xp.astype(v, xp.float32) * spread * spread, axis=(1, 2))
+    return total
+
+
+def residual_power(backend, image, size: int, factor: int = 4):
+    """``image^2`` summed over a box of about ``size`` pixels around each pixel, on a grid
+    of ``factor``-pixel blocks (a smooth map, a third of the cost of the full-resolution
+    box filter)."""
+    xp = backend.xp
+    ny, nx = image.shape
+    sq = image * image
+    py, px = -ny % factor, -nx % factor
+    if py:
+        sq = xp.concat([sq, backend.zeros((py, nx), dtype=sq.dtype)], axis=0)
+    if px:
+        sq = xp.concat([sq, backend.zeros((sq.shape[0], px), dtype=sq.dtype)], axis=1)
+    Y, X = sq.shape
+    blocks = xp.sum(xp.reshape(sq, (Y // factor, factor, X // factor, factor)), axis=(1, 3))
+    box = max(1, size // factor) | 1
+    summed = backend.uniform_filter(blocks, box) * float(box * box)
+    return xp.repeat(xp.repeat(summed, factor, axis=0), factor, axis=1)[:ny, :nx]
+
+
+def residual_scale(backend, image, var, power, good, positions, box: int) -> float:
+    """How much variance the matching's own error leaves per unit of ``power``.
+
+    Around each calibration star the (filtered) difference's excess over its noise,
+    ``sum (image^2 - var)``, against ``sum power``, in boxes of ``box`` pixels; the scale
+    is the brightness-weighted median of those ratios (a variable star among them does not
+    move it), 0 where the difference is as quiet as its noise.
+    """
+    xp = backend.xp
+    ny, nx = image.shape
+    h = box // 2
+    pos = np.asarray(positions, np.int64).reshape(-1, 2)
+    inside = ((pos[:, 0] >= h) & (pos[:, 0] < nx - h) & (pos[:, 1] >= h) & (pos[:, 1] < ny - h))
+    if box < 1 or not inside.any():
+        return 0.0
+    p = pos[inside]
+    w = xp.astype(gather_stamps(backend, good, p, box), xp.float64)
+    excess = (xp.astype(gather_stamps(backend, image, p, box), xp.float64) ** 2
+              - xp.astype(gather_stamps(backend, var, p, box), xp.float64))
+    e = backend.to_host(xp.sum(xp.reshape(excess * w, (w.shape[0], -1)), axis=1))
+    pw = backend.to_host(xp.sum(xp.reshape(
+        xp.astype(gather_stamps(backend, power, p, box), xp.float64) * w, (w.shape[0], -1)),
+        axis=1))
+    use = pw > 0
+    if not use.any():
+        return 0.0
+    ratio, weight = e[use] / pw[use], pw[use]
+    order = np.argsort(ratio)
+    cum = np.cumsum(weight[order])
+    return max(0.0, float(ratio[order][np.searchsorted(cum, 0.5 * cum[-1])]))
