@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo_out
 
-.PHONY: test demo bench info clean
+.PHONY: test lint demo bench info clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check gpudiffim tests bench
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
@@ -24,6 +25,9 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pytest bench -q -o python_files='bench_*.py' --benchmark-only \
 		--benchmark-columns=min,median,max,rounds
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check gpudiffim tests bench
 
 info: $(STAMP)
 	$(VENV)/bin/gpudiffim info

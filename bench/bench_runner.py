@@ -63,7 +63,8 @@ def _peak_rss_mb(repo, out, rows, sizes=SIZES[:1]):
             f"t = run({str(sub)!r}, {str(out)!r}, progress=False); "
             "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]; "
             "print((t['status'] == 'done').sum(), hwm.split()[1])")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
     done, rss = map(int, result.stdout.strip().splitlines()[-1].split())
     assert done == rows, result.stderr[-2000:]
     return rss / 1024

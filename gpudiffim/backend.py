@@ -232,7 +232,7 @@ class CpuBackend(Backend):
         if kind == "r2c" and 4 * a.shape[-2] <= s[0] and 4 * a.shape[-1] <= s[1]:
             # a small kernel zero-padded to a large frame: only its own rows are non-zero,
             # so transform those along x first, then the columns (a 2-D plan would also
-            # transform the thousands of zero rows: ~40% more work)
+            # transform the thousands of zero rows)
             rows = _scipy_fft.rfft(a, n=s[1], axis=-1, workers=self.threads)
             return _scipy_fft.fft(rows, n=s[0], axis=-2, workers=self.threads)
         if self._pyfftw is None:

@@ -19,34 +19,38 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .options import configclass, option
 from .psf import FWHM_PER_SIGMA
 
+__all__ = ["BasisConfig", "KernelBasis", "basis_sigmas", "kernel_size", "alard_lupton_basis"]
 
-@dataclass(frozen=True)
+
+@configclass
 class BasisConfig:
-    """Alard–Lupton basis settings (names as in ``ip_diffim``)."""
+    """Alard–Lupton basis settings (names as in ``ip_diffim``).
 
-    alardNGauss: int = 3
-    alardSigGauss: tuple = (0.7, 1.5, 3.0)
-    alardDegGauss: tuple = (4, 2, 2)
-    alardGaussBeta: float = 2.0
-    alardMinSig: float = 0.7
-    alardDegGaussDeconv: int = 3
-    alardMinSigDeconv: float = 0.4
-    scaleByFwhm: bool = True
-    kernelSizeFwhmScaling: float = 6.0
-    kernelSizeMin: int = 21
-    kernelSizeMax: int = 35
-    # gpudiffim's own: broad Gaussians (degree 0) beyond the widest, for differing PSF
-    # wings: at least ``minWingGaussians``, and more (up to ``wingGaussians``) while the
-    # widest sigma is under ``wingReach`` x the target PSF's sigma. A narrow kernel (nearly
-    # equal seeing) otherwise stops short of where the PSFs' wings differ, and bright stars
-    # keep rings; a broad one reaches there already, and more width only adds freedom.
-    wingGaussians: int = 2
-    minWingGaussians: int = 1
-    wingReach: float = 2.0
-    wingSizeMin: int = 41
-    wingSizeMax: int = 51
+    Beyond ``ip_diffim``: broad degree-0 "wing" Gaussians past the widest, at least
+    ``minWingGaussians`` and up to ``wingGaussians`` while the widest sigma is under
+    ``wingReach`` times the target PSF's, so that PSF wings that differ are matched.
+    """
+
+    alardNGauss: int = option(3, "number of Alard-Lupton Gaussians")
+    alardSigGauss: tuple = option((0.7, 1.5, 3.0), "their sigmas (pixels) without scaleByFwhm")
+    alardDegGauss: tuple = option((4, 2, 2), "polynomial degree of each Gaussian")
+    alardGaussBeta: float = option(2.0, "ratio of successive sigmas")
+    alardMinSig: float = option(0.7, "smallest sigma (pixels)")
+    alardDegGaussDeconv: int = option(3, "degree of every Gaussian when deconvolving")
+    alardMinSigDeconv: float = option(0.4, "smallest sigma when deconvolving")
+    scaleByFwhm: bool = option(True, "size the sigmas from the two PSFs' widths")
+    kernelSizeFwhmScaling: float = option(6.0, "kernel size in units of the largest sigma")
+    kernelSizeMin: int = option(21, "smallest kernel size without wing Gaussians")
+    kernelSizeMax: int = option(35, "largest kernel size without wing Gaussians")
+    wingGaussians: int = option(2, "at most this many broad wing Gaussians (0: none)")
+    minWingGaussians: int = option(1, "at least this many wing Gaussians")
+    wingReach: float = option(2.0, "add wings until the widest sigma reaches this times the "
+                                   "target PSF's")
+    wingSizeMin: int = option(41, "smallest kernel size with wing Gaussians")
+    wingSizeMax: int = option(51, "largest kernel size with wing Gaussians")
 
 
 @dataclass(frozen=True, eq=False)

@@ -50,7 +50,8 @@ def _cmd_simulate(args) -> int:
     start = time.perf_counter()
     manifest = simulate(args.outdir, preset=args.preset, seed=args.seed, workers=args.workers)
     n_det = len(set(zip(manifest["band"], manifest["detector"])))
-    print(f"simulated preset {args.preset!r} (seed {args.seed}): {len(manifest)} science exposures, "
+    print(f"simulated preset {args.preset!r} (seed {args.seed}): {len(manifest)} science "
+          "exposures, "
           f"{n_det} templates in {time.perf_counter() - start:.1f} s")
     print(f"manifest: {args.outdir}/manifest.ecsv   truth: {args.outdir}/truth.ecsv")
     return 0
@@ -110,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--workers", type=int, default=None, help="processes (default: 2)")
     sim.set_defaults(func=_cmd_simulate)
-    sub_p = sub.add_parser("subtract", help="PSF-match and subtract a template from a science image")
+    sub_p = sub.add_parser("subtract",
+                           help="PSF-match and subtract a template from a science image")
     sub_p.add_argument("science")
     sub_p.add_argument("template", help="already on the science pixel grid")
     sub_p.add_argument("-o", "--output", required=True, help="output directory")
@@ -135,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose or args.command == "run" else logging.WARNING,
+    verbose = args.verbose or args.command == "run"
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

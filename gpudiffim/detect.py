@@ -121,7 +121,7 @@ def _peaks(backend, labels, snr, n, sign):
 
 
 def detect(difference: Exposure, is_score: bool = False,
-           config: DetectionConfig = DetectionConfig(), backend=None,
+           config: DetectionConfig | None = None, backend=None,
            noise: NoiseModel | None = None) -> Detections:
     """Find positive, negative and dipole sources on a difference or score image.
 
@@ -131,7 +131,7 @@ def detect(difference: Exposure, is_score: bool = False,
         The difference (or score) image with its mask, variance and PSF.
     is_score : bool
         True for a preconvolution score, which is thresholded as it is.
-    config : DetectionConfig
+    config : DetectionConfig, optional
         Threshold, footprint growth and the masks that cannot seed a detection.
     backend : str or Backend, optional
         Where the arrays live.
@@ -144,6 +144,7 @@ def detect(difference: Exposure, is_score: bool = False,
     Detections
         One entry per source (host arrays), the significance image and the residual scale.
     """
+    config = config or DetectionConfig()
     backend = get_backend(backend)
     xp = backend.xp
     snr, scale = _significance(difference, is_score, backend,

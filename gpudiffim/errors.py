@@ -1,5 +1,7 @@
 """Exceptions raised by gpudiffim."""
 
+__all__ = ["GpuDiffimError", "InputError", "BackendError"]
+
 
 class GpuDiffimError(Exception):
     """Base class of every error gpudiffim raises on purpose."""

@@ -12,6 +12,8 @@ from astropy.table import Table
 
 from .exposure import Exposure
 
+__all__ = ["inject", "shift_image", "psf_stamp", "overlap_slices", "optimal_snr"]
+
 
 def shift_image(image: np.ndarray, dx, dy) -> np.ndarray:
     """Shift a small, well-sampled image by (dx, dy) pixels with the Fourier shift theorem.
@@ -112,15 +114,18 @@ def inject(exposure: Exposure, catalog, *, rng: np.random.Generator | None = Non
             image[img_sl] += rng.normal(0.0, np.sqrt(source_var)).astype(np.float32)
             variance[img_sl] += source_var.astype(np.float32)
         image[img_sl] += model.astype(np.float32)
-        mask[img_sl] |= np.where(stamp[st_sl] >= footprint * stamp.max(), injected, 0).astype(np.int32)
+        core = stamp[st_sl] >= footprint * stamp.max()
+        mask[img_sl] |= np.where(core, injected, 0).astype(np.int32)
     truth = cat.copy()
     h, w = image.shape
-    truth["inside"] = [(0 <= x < w - 0.5) and (0 <= y < h - 0.5) for x, y in zip(cat["x"], cat["y"])]
+    truth["inside"] = [(0 <= x < w - 0.5) and (0 <= y < h - 0.5)
+                       for x, y in zip(cat["x"], cat["y"])]
     truth["snr"] = [optimal_snr(f, st[cut[1]], variance[cut[0]]) if cut else 0.0
                     for f, (st, cut) in zip(cat["flux"], stamps)]
     if exposure.zero_point is not None and "mag" not in truth.colnames:
         with np.errstate(divide="ignore", invalid="ignore"):
-            truth["mag"] = exposure.zero_point - 2.5 * np.log10(np.abs(np.asarray(cat["flux"], float)))
+            flux = np.abs(np.asarray(cat["flux"], float))
+            truth["mag"] = exposure.zero_point - 2.5 * np.log10(flux)
     if exposure.wcs is not None:
         ra, dec = exposure.wcs.pixel_to_world_values(np.asarray(cat["x"], float),
                                                      np.asarray(cat["y"], float))

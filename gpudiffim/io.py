@@ -30,6 +30,9 @@ from .errors import InputError
 from .exposure import MASK_PLANES, Exposure, ExposureInfo, mask_bits
 from .psf import ImagePsf, PolynomialPsf
 
+__all__ = ["atomic_path", "read_exposure", "write_exposure", "read_psf", "write_psf",
+           "estimate_sky_variance"]
+
 _META_CARDS = {"visit": ("VISIT",), "detector": ("DETECTOR", "CCDNUM"),
                "band": ("BAND", "FILTER"), "exptime": ("EXPTIME",)}
 
@@ -66,7 +69,8 @@ def read_exposure(path) -> Exposure:
     except InputError:
         raise
     except Exception as exc:  # truncated, corrupt or not FITS at all
-        raise InputError(path, f"not a readable FITS file ({exc.__class__.__name__}: {exc})")
+        raise InputError(path, f"not a readable FITS file ({exc.__class__.__name__}: "
+                               f"{exc})") from exc
 
 
 def _float_plane(path, hdu, what) -> np.ndarray:
@@ -88,7 +92,7 @@ def _read_wcs(path, header):
             wcs.pixel_to_world_values(0.0, 0.0)
     except Exception as exc:
         raise InputError(path, f"unparseable WCS ({exc.__class__.__name__}: "
-                               f"{str(exc).strip().splitlines()[-1]})")
+                               f"{str(exc).strip().splitlines()[-1]})") from exc
     return wcs
 
 
@@ -218,7 +222,7 @@ def _psf_from_hdu(path, hdu):
                                  bbox=(int(hdu.header["PSFBBOXW"]), int(hdu.header["PSFBBOXH"])))
         return ImagePsf(data)
     except (ValueError, KeyError, TypeError) as exc:
-        raise InputError(path, f"bad PSF model ({exc})")
+        raise InputError(path, f"bad PSF model ({exc})") from exc
 
 
 def read_psf(path):
@@ -236,7 +240,8 @@ def read_psf(path):
     except InputError:
         raise
     except Exception as exc:
-        raise InputError(path, f"not a readable FITS file ({exc.__class__.__name__}: {exc})")
+        raise InputError(path, f"not a readable FITS file ({exc.__class__.__name__}: "
+                               f"{exc})") from exc
 
 
 def write_psf(psf, path) -> Path:

@@ -198,9 +198,8 @@ def build_stamps(source, target, variance, bad, positions, basis: KernelBasis,
         src = xp.astype(gather_stamps(backend, source, p, L), xp.float32)
         cols = _separable_convolve(backend, src, passes, S)
         ones = backend.ones((cols.shape[0], 1, S * S), dtype=f64)
-        # (n, nb + 1, P), contiguous along the pixels, weighted chunk by chunk: weighting a
-        # transposed view of all stamps at once cost 0.28 s for 300 stamps (strided access
-        # into fresh pages); this ~0.03 s
+        # (n, nb + 1, P), contiguous along the pixels, weighted chunk by chunk (a transposed
+        # view of all stamps at once is strided access into fresh pages)
         rows = xp.concat([cols, ones], axis=1)
         weighted = rows * weight[start:stop, None, :]
         normals.append(xp.matmul(weighted, backend.matrix_transpose(rows)))
@@ -435,10 +434,9 @@ def _spatial_design(pos, bbox, orders):
 
 def _penalty_over_detector(penalty, bbox, orders, n: int = 9) -> np.ndarray:
     """The per-stamp ``penalty`` as a penalty on the spatial coefficients, averaged over an
-    n x n grid spanning the detector. Applied only at the stamps, it left the corners
+    n x n grid spanning the detector. Applied only at the stamps, it would leave the corners
     (where the spatial polynomial extrapolates past the last star) free to grow noisy
-    structure: known kernel 3.1% -> 2.5% of the peak at the corners, and a convolveScience
-    kernel's power there 3x its centre value -> 1.5x."""
+    structure."""
     w, h = bbox
     gx, gy = np.meshgrid(np.linspace(0, w - 1, n), np.linspace(0, h - 1, n))
     phi = _spatial_design(np.column_stack([gx.ravel(), gy.ravel()]), bbox, orders)
@@ -533,7 +531,8 @@ def fit_kernel(source, target, source_var, target_var, bad, basis: KernelBasis,
     if kernel_sum is not None:  # pin coefficient 0 with a stiff quadratic penalty
         stiff = 1e8 * stamps.normal[:, 0, 0]
         pin = xp.astype(backend.arange(nb + 1) == 0, stamps.normal.dtype)
-        stamps.normal = stamps.normal + stiff[:, None, None] * (pin[:, None] * pin[None, :])[None, ...]
+        outer = (pin[:, None] * pin[None, :])[None, ...]
+        stamps.normal = stamps.normal + stiff[:, None, None] * outer
         stamps.rhs = stamps.rhs + (stiff * kernel_sum)[:, None] * pin[None, :]
     # 1. each stamp on its own: reject bad residuals and kernel-sum outliers
     single = backend.solve(stamps.normal, stamps.rhs)

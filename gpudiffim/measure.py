@@ -91,7 +91,7 @@ class SourceStamps:
 
 
 def measure(difference: Exposure, detections: Detections, science: Exposure | None = None,
-            is_score: bool = False, config: MeasureConfig = MeasureConfig(), backend=None,
+            is_score: bool = False, config: MeasureConfig | None = None, backend=None,
             noise: NoiseModel | None = None) -> Table:
     """Measure every detection; returns a DiaSource table (plus sky sources, flagged).
 
@@ -105,7 +105,7 @@ def measure(difference: Exposure, detections: Detections, science: Exposure | No
         The science exposure, for forced PSF photometry at each source.
     is_score : bool
         True for a preconvolution score (its value at a source is the PSF flux).
-    config : MeasureConfig
+    config : MeasureConfig, optional
         Stamp size, aperture and sky sources.
     backend : str or Backend, optional
         Where the arrays live.
@@ -120,6 +120,7 @@ def measure(difference: Exposure, detections: Detections, science: Exposure | No
     astropy.table.Table
         One row per detection, then the sky sources (``sky_source`` True).
     """
+    config = config or MeasureConfig()
     backend = get_backend(backend)
     st = source_stamps(difference, detections, config, backend)
     photometry = _photometry(st, is_score, config, noise, difference.shape, backend)
@@ -293,7 +294,8 @@ def _dipoles(st: SourceStamps, det: Detections, difference: Exposure, backend) -
         S = DIPOLE_STAMP
         px, py = det.pos_x[idx].astype(float), det.pos_y[idx].astype(float)
         nxn, nyn = det.neg_x[idx].astype(float), det.neg_y[idx].astype(float)
-        mx, my = np.round((px + nxn) / 2).astype(np.int64), np.round((py + nyn) / 2).astype(np.int64)
+        mx = np.round((px + nxn) / 2).astype(np.int64)
+        my = np.round((py + nyn) / 2).astype(np.int64)
         pos = np.column_stack([mx, my])
         d = backend.to_host(gather_stamps(backend, backend.asarray(difference.image), pos, S, 0.0))
         v = backend.to_host(gather_stamps(backend, backend.asarray(difference.variance), pos, S,
@@ -392,8 +394,8 @@ def _sky_positions(backend, detections, difference, config):
 
 # ---------------------------------------------------------------------------- the stage
 def dia_sources(result, science: Exposure | None = None,
-                detection_config: DetectionConfig = DetectionConfig(),
-                measure_config: MeasureConfig = MeasureConfig(), backend=None) -> Table:
+                detection_config: DetectionConfig | None = None,
+                measure_config: MeasureConfig | None = None, backend=None) -> Table:
     """Detect and measure the diaSources of a subtraction.
 
     Parameters
@@ -402,8 +404,8 @@ def dia_sources(result, science: Exposure | None = None,
         What :func:`~gpudiffim.subtract.subtract` returned.
     science : Exposure, optional
         The science exposure, for forced photometry.
-    detection_config, measure_config : DetectionConfig, MeasureConfig
-        The two stages' settings.
+    detection_config, measure_config : DetectionConfig, MeasureConfig, optional
+        The two stages' settings (default: their defaults).
     backend : str or Backend, optional
         Where the arrays live.
 

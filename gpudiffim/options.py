@@ -36,8 +36,10 @@ def configclass(cls):
     for f in dataclasses.fields(cls):
         if f.default is not dataclasses.MISSING:
             default = repr(f.default)
-        elif f.default_factory is not dataclasses.MISSING:
+        elif isinstance(f.default_factory, type):
             default = f"{f.default_factory.__name__}()"
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
         else:
             default = "required"
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))

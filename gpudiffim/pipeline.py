@@ -28,15 +28,15 @@ class PipelineConfig:
 
 
 def process_pair(science: Exposure, template: Exposure,
-                 config: PipelineConfig = PipelineConfig(), backend=None):
+                 config: PipelineConfig | None = None, backend=None):
     """Subtract ``template`` from ``science`` and find the diaSources.
 
     Parameters
     ----------
     science, template : Exposure
         The pair, on one pixel grid, with PSF models.
-    config : PipelineConfig
-        The stages' settings.
+    config : PipelineConfig, optional
+        The stages' settings (default: ``PipelineConfig()``).
     backend : str or Backend, optional
         Where the arrays live.
 
@@ -49,6 +49,7 @@ def process_pair(science: Exposure, template: Exposure,
     timings : dict
         Seconds spent in ``subtract`` and ``detect_measure`` (device work included).
     """
+    config = config or PipelineConfig()
     backend = get_backend(backend)
     t = time.perf_counter()
     result = subtract(science, template, config.subtract, backend)

@@ -14,7 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import gammaincinv
 
-from .psf import PolynomialPsf, polynomial_terms
+from .psf import PolynomialPsf
+from .spatial import monomial_terms, polynomial_terms, scaled_coords
+
+__all__ = ["ARCSEC_PER_PIXEL", "PsfField", "moffat", "moffat_alpha", "moffat_radius",
+           "sersic_b", "sersic_stamp"]
 
 ARCSEC_PER_PIXEL = 0.168  # HSC
 
@@ -68,13 +72,9 @@ class PsfField:
     e2_0: float = 0.0
     e2_v: float = 0.0
 
-    def _uv(self, x, y):
-        return (2.0 * np.asarray(x) / max(self.width - 1, 1) - 1.0,
-                2.0 * np.asarray(y) / max(self.height - 1, 1) - 1.0)
-
     def params(self, x, y):
         """(fwhm, e1, e2) at detector position(s) (x, y)."""
-        u, v = self._uv(x, y)
+        u, v = scaled_coords(np.asarray(x), np.asarray(y), (self.width, self.height))
         fwhm = self.fwhm * (1 + self.gx * u + self.gy * v + self.curvature * (u * u + v * v))
         return fwhm, self.e1_0 + self.e1_u * u, self.e2_0 + self.e2_v * v
 
@@ -99,8 +99,8 @@ class PsfField:
         rows, images = [], []
         for y in ys:
             for x in xs:
-                u, v = self._uv(x, y)
-                rows.append([u**i * v**j for i, j in terms])
+                u, v = scaled_coords(x, y, (self.width, self.height))
+                rows.append(monomial_terms(u, v, order))
                 images.append(self.image_at(x, y, size).ravel())
         coeffs, *_ = np.linalg.lstsq(np.array(rows), np.array(images), rcond=None)
         return PolynomialPsf(coeffs.reshape(len(terms), size, size), order=order,

@@ -98,17 +98,9 @@ class ImagePsf:
         """PSF image (sum 1, centred on the central pixel) at detector position (x, y)."""
         return self.image
 
-    def sigma(self, x=None, y=None) -> tuple[float, float]:
-        sx, sy, _ = adaptive_moments(self.image_at(x, y))
-        return sx, sy
-
     def fwhm(self, x=None, y=None) -> tuple[float, float]:
         """FWHM along x and y in pixels (see :func:`half_max_fwhm`)."""
         return half_max_fwhm(self.image_at(x, y))
-
-    def noise_equivalent_area(self, x=None, y=None) -> float:
-        """1 / sum(psf**2): the number of pixels whose noise a PSF fit collects."""
-        return float(1.0 / np.sum(self.image_at(x, y) ** 2))
 
 
 @dataclass(frozen=True, eq=False)
@@ -223,7 +215,8 @@ def measure_psf(exposure, order: int = 2, size: int | None = None, snr_range=(50
     big = 2 * ((size or 41) // 2) + 1 + 8
     stamps = backend.to_host(gather_stamps(backend, image, pos, big))
     stamps = stamps.astype(np.float64)
-    border = np.concatenate([stamps[:, :3].reshape(len(pos), -1), stamps[:, -3:].reshape(len(pos), -1)], 1)
+    border = np.concatenate([stamps[:, :3].reshape(len(pos), -1),
+                             stamps[:, -3:].reshape(len(pos), -1)], 1)
     stamps -= np.median(border, axis=1)[:, None, None]
     sizes, shifts = [], []
     for st in stamps:

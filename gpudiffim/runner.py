@@ -208,7 +208,8 @@ def compute_exposure(repo, row, config: RunConfig, pair=None, on_device=None):
         status.update({"status": "done", "flavor": result.flavor, "backend": backend.name,
                        "template_fraction": fraction,
                        "n_dia_sources": int((~sources["sky_source"]).sum()),
-                       "kernel_sum": q["kernel_sum_centre"], "n_kernel_sources": q["n_kernel_sources"],
+                       "kernel_sum": q["kernel_sum_centre"],
+                       "n_kernel_sources": q["n_kernel_sources"],
                        "kernel_residual_std": q["kernel_residual_std"],
                        "difference_pull_sigma": q["difference_pull_sigma"],
                        # the kernel's own error that detection added near bright sources
@@ -217,9 +218,15 @@ def compute_exposure(repo, row, config: RunConfig, pair=None, on_device=None):
         raise
     except Exception as exc:  # recorded, not raised: the run goes on
         status["error"] = f"{type(exc).__name__}: {exc}"
-        log.error("%s/%s/%s failed: %s", row["band"], row["visit"], row["detector"], status["error"])
+        log.error("%s/%s/%s failed: %s", row["band"], row["visit"], row["detector"],
+                  status["error"])
     status["t_compute"] = time.perf_counter() - start
     return status, outputs
+
+
+def _json_value(o):
+    """NumPy scalars as their values, anything else as text."""
+    return o.item() if hasattr(o, "item") else str(o)
 
 
 def write_outputs(outdir, row, status: dict, outputs) -> dict:
@@ -234,7 +241,7 @@ def write_outputs(outdir, row, status: dict, outputs) -> dict:
             status.update({"status": "failed", "error": f"writing: {type(exc).__name__}: {exc}"})
         status["t_write"] = time.perf_counter() - t
     with atomic_path(here / "status.json") as tmp:
-        tmp.write_text(json.dumps(status, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+        tmp.write_text(json.dumps(status, default=_json_value))
     return status
 
 
@@ -252,7 +259,8 @@ class _Progress:
         rate = self.done / elapsed if elapsed > 0 else 0.0
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         text = (f"{self.done}/{self.total} exposures, {rate:.2f}/s, ETA {eta:.0f} s "
-                f"(last: {status['band']} {status['visit']} {status['detector']} {status['status']})")
+                f"(last: {status['band']} {status['visit']} {status['detector']} "
+                f"{status['status']})")
         if self.tty:
             self.stream.write("\r" + text.ljust(100))
             self.stream.flush()
@@ -312,7 +320,8 @@ def run(repo, outdir, config: RunConfig | None = None, *, flavor: str | None = N
                          force=force)
     repo, outdir = Path(repo), Path(outdir)
     manifest = read_manifest(repo)
-    todo = [r for r in manifest if config.force or (_status(outdir, r) or {}).get("status") != "done"]
+    todo = [r for r in manifest
+            if config.force or (_status(outdir, r) or {}).get("status") != "done"]
     log.info("%d of %d exposures to process (%d already done)", len(todo), len(manifest),
              len(manifest) - len(todo))
     bar = _Progress(len(todo)) if progress else None
@@ -420,7 +429,8 @@ def _run_dask(repo, outdir, todo, config: RunConfig, address: str, bar):
     try:
         from dask.distributed import Client, LocalCluster, as_completed
     except ImportError as exc:
-        raise GpuDiffimError("--dask needs dask.distributed (pip install 'gpudiffim[dist]')") from exc
+        raise GpuDiffimError("--dask needs dask.distributed "
+                             "(pip install 'gpudiffim[dist]')") from exc
     cluster = None
     if address.startswith("local:"):
         cluster = LocalCluster(n_workers=int(address.split(":", 1)[1]), threads_per_worker=1,

@@ -16,7 +16,7 @@ This is the data generator at the edge of the engine: it runs on the host (NumPy
 from __future__ import annotations
 
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,11 @@ from scipy.signal import fftconvolve
 from .exposure import Exposure, ExposureInfo, mask_bits
 from .inject import inject, optimal_snr, overlap_slices, psf_stamp
 from .io import atomic_path, write_exposure
+from .options import configclass, option
 from .profiles import ARCSEC_PER_PIXEL, PsfField, moffat_radius, sersic_stamp
+
+__all__ = ["SimConfig", "PRESETS", "simulate", "make_scene", "make_transients", "render",
+           "add_cosmic_rays", "make_wcs", "transient_mag", "star_mag"]
 
 HSC_G_VISITS = (11690, 11692, 11694, 11696, 11698, 11700, 11702, 11704, 11706, 11708, 11710,
                 11712, 29324, 29326, 29336, 29340, 29350)
@@ -36,34 +40,34 @@ HSC_R_VISITS = (1202, 1204, 1206, 1208, 1210, 1212, 1214, 1216, 1218, 1220, 2369
 HSC_DETECTORS = (49, 50, 57, 58, 65, 66)
 
 
-@dataclass(frozen=True)
+@configclass
 class SimConfig:
     """What to simulate. Densities are per million pixels; fluxes are in electrons (gain 1)."""
 
-    name: str
-    visits: dict  # band -> tuple of visit ids
-    detectors: tuple
-    shape: tuple  # (ny, nx)
-    bad_template_detectors: tuple = ()
-    star_density: float = 150.0
-    galaxy_density: float = 200.0
-    fakes_per_science: int = 40
-    fakes_per_template: int = 10
-    fake_separation: float = 30.0  # pixels between fakes, so that they never blend
-    transients_per_visit: int = 6
-    variable_fraction: float = 0.03
-    cr_density: float = 8.0
-    seeing: tuple = (0.5, 1.3)  # arcsec, science visits
-    template_seeing: tuple = (0.55, 0.7)  # good templates
-    bad_template_seeing: tuple = (1.15, 1.3)
-    template_depth: float = 12.0  # template variance is this many times lower
-    sky: dict = field(default_factory=lambda: {"g": 600.0, "r": 1200.0})
-    read_noise: float = 5.0
-    saturation: float = 60000.0
-    zero_point: float = 31.5  # template; science visits scatter around it
-    max_offset: float = 3.0  # pixels, template -> science
-    star_mags: tuple = (15.0, 25.5)
-    galaxy_mags: tuple = (18.0, 25.0)
+    name: str = option(doc="the preset's name")
+    visits: dict = option(doc="band -> tuple of visit ids")
+    detectors: tuple = option(doc="detector ids")
+    shape: tuple = option(doc="(ny, nx) of every exposure")
+    bad_template_detectors: tuple = option((), "detectors whose template has worse seeing")
+    star_density: float = option(150.0, "stars per million pixels")
+    galaxy_density: float = option(200.0, "galaxies per million pixels")
+    fakes_per_science: int = option(40, "fakes injected into each science exposure")
+    fakes_per_template: int = option(10, "fakes injected into each template")
+    fake_separation: float = option(30.0, "pixels between fakes, so that they never blend")
+    transients_per_visit: int = option(6, "transients per visit, half on galaxies")
+    variable_fraction: float = option(0.03, "fraction of 17-22 mag stars that vary")
+    cr_density: float = option(8.0, "cosmic rays per million pixels")
+    seeing: tuple = option((0.5, 1.3), "science seeing range (arcsec FWHM)")
+    template_seeing: tuple = option((0.55, 0.7), "good templates' seeing range (arcsec)")
+    bad_template_seeing: tuple = option((1.15, 1.3), "bad templates' seeing range (arcsec)")
+    template_depth: float = option(12.0, "the template's variance is this many times lower")
+    sky: dict = option(factory=lambda: {"g": 600.0, "r": 1200.0}, doc="sky per band (e-/px)")
+    read_noise: float = option(5.0, "read noise (e-)")
+    saturation: float = option(60000.0, "saturation level (e-)")
+    zero_point: float = option(31.5, "the template's zero point; visits scatter around it")
+    max_offset: float = option(3.0, "largest pointing offset template -> science (pixels)")
+    star_mags: tuple = option((15.0, 25.5), "star magnitude range (a power law)")
+    galaxy_mags: tuple = option((18.0, 25.0), "galaxy magnitude range")
 
 
 PRESETS = {
@@ -108,7 +112,8 @@ def make_scene(cfg: SimConfig, rng: np.random.Generator) -> dict:
     gmag = _power_law_mags(rng, n_gal, *cfg.galaxy_mags, 0.35)
     galaxies = Table({"x": rng.uniform(0, nx, n_gal), "y": rng.uniform(0, ny, n_gal), "mag": gmag,
                       "n": rng.uniform(0.6, 4.0, n_gal),
-                      "r_eff": np.clip(rng.lognormal(np.log(3.0), 0.4, n_gal) * 10 ** (-0.1 * (gmag - 21)), 1.0, 15.0),
+                      "r_eff": np.clip(rng.lognormal(np.log(3.0), 0.4, n_gal)
+                                       * 10 ** (-0.1 * (gmag - 21)), 1.0, 15.0),
                       "q": rng.uniform(0.35, 1.0, n_gal), "theta": rng.uniform(0, np.pi, n_gal)})
     return {"stars": stars, "galaxies": galaxies}
 
@@ -124,8 +129,10 @@ def make_transients(cfg, scene, n_visits, rng) -> Table:
     host = rng.integers(0, max(len(gal), 1), n)
     r = rng.uniform(0, 1, n) * (np.asarray(gal["r_eff"])[host] if len(gal) else 0)
     phi = rng.uniform(0, 2 * np.pi, n)
-    x = np.where(on_gal, np.asarray(gal["x"])[host] + r * np.cos(phi) if len(gal) else 0, rng.uniform(30, nx - 30, n))
-    y = np.where(on_gal, np.asarray(gal["y"])[host] + r * np.sin(phi) if len(gal) else 0, rng.uniform(30, ny - 30, n))
+    gx = np.asarray(gal["x"])[host] + r * np.cos(phi) if len(gal) else 0
+    x = np.where(on_gal, gx, rng.uniform(30, nx - 30, n))
+    gy = np.asarray(gal["y"])[host] + r * np.sin(phi) if len(gal) else 0
+    y = np.where(on_gal, gy, rng.uniform(30, ny - 30, n))
     return Table({"x": np.clip(x, 20, nx - 20), "y": np.clip(y, 20, ny - 20),
                   "peak_mag": rng.uniform(21.0, 24.5, n), "t0": rng.integers(0, n_visits, n),
                   "tau": rng.uniform(0.7, 3.0, n), "on_galaxy": on_gal})
@@ -200,7 +207,8 @@ def add_cosmic_rays(image, mask, rng, density, expect=None, read_noise=0.0):
             x = int(np.clip(x + rng.integers(-1, 2), 0, nx - 1))
     if expect is not None:
         hit = (mask & cr) != 0
-        image[hit] = expect[hit] + rng.normal(0, 1, hit.sum()) * np.sqrt(expect[hit] + read_noise**2)
+        noise = rng.normal(0, 1, hit.sum()) * np.sqrt(expect[hit] + read_noise**2)
+        image[hit] = expect[hit] + noise
         mask[hit] |= mask_bits("INTRP")
 
 
@@ -492,7 +500,8 @@ def _run(args):
     return _simulate_detector(*args)
 
 
-def simulate(outdir, preset: str | SimConfig = "demo", seed: int = 0, workers: int | None = None) -> Table:
+def simulate(outdir, preset: str | SimConfig = "demo", seed: int = 0,
+             workers: int | None = None) -> Table:
     """Write a simulated survey under ``outdir``; return its manifest table.
 
     Files: ``manifest.ecsv`` (one row per science exposure), ``truth.ecsv`` (fakes,

@@ -60,7 +60,7 @@ def source_snr_maps(target, target_var, psf_image, backend=None):
     # the filter's noise from the variance around each pixel, not at it: with the local
     # variance alone a bright star's S/N is flat over its core (signal and photon noise
     # both follow the profile) and its "peak" lands anywhere within a few pixels
-    noise = xp.sqrt(xp.clip(fft_convolve(target_var, backend.to_device((comp**2).astype(np.float32)),
+    noise = xp.sqrt(xp.clip(fft_convolve(target_var, backend.to_device(comp**2, np.float32),
                                          backend), min=0.0))
     snr = flux_map / xp.where(noise > 0, noise, xp.inf)
     return flux_map, snr, local_peaks(backend, snr, PEAK_FLOOR)
@@ -141,7 +141,8 @@ def select_kernel_sources(target, target_var, bad, psf_image,
     pos, s_cand = pos[isolated], s_cand[isolated]
     order = np.argsort(-s_cand, kind="stable")
     pos = pos[order]
-    cell = (pos[:, 1] // config.sizeCellY) * (nx // config.sizeCellX + 1) + pos[:, 0] // config.sizeCellX
+    cell = ((pos[:, 1] // config.sizeCellY) * (nx // config.sizeCellX + 1)
+            + pos[:, 0] // config.sizeCellX)
     rank = np.zeros(len(cell), int)  # brightness rank of each source within its cell
     seen: dict = {}
     for k, c in enumerate(cell):

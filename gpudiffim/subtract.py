@@ -141,7 +141,7 @@ class SubtractionResult:
                 "background": {"order": k.bg_order, "coefficients": k.bg_coeffs.tolist()}}
 
 
-def subtract(science: Exposure, template: Exposure, config: SubtractConfig = SubtractConfig(),
+def subtract(science: Exposure, template: Exposure, config: SubtractConfig | None = None,
              backend=None) -> SubtractionResult:
     """PSF-match ``template`` to ``science`` (or the reverse) and subtract.
 
@@ -149,8 +149,8 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
     ----------
     science, template : Exposure
         The new exposure and the template, on one pixel grid, each with a PSF model.
-    config : SubtractConfig
-        The flavor and the fit's settings.
+    config : SubtractConfig, optional
+        The flavor and the fit's settings (default: ``SubtractConfig()``).
     backend : str or Backend, optional
         Where the arrays live (default: ``auto``).
 
@@ -159,6 +159,7 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig = Sub
     SubtractionResult
         The difference exposure, the kernel, the flavor, its noise model and quality.
     """
+    config = config or SubtractConfig()
     backend = get_backend(backend)
     sci, tmpl = _on_backend(science, template, backend)
     flavor = choose_flavor(sci, tmpl, config.mode)

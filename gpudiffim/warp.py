@@ -14,6 +14,8 @@ import numpy as np
 from .backend import get_backend
 from .exposure import Exposure, mask_bits
 
+__all__ = ["LANCZOS_A", "lanczos", "pixel_mapping", "warp_exposure", "same_grid"]
+
 LANCZOS_A = 3
 #: taps x pixels per chunk of the general warp (2 MB of float32: cache-sized on the CPU)
 PATCH_CHUNK = 1 << 19

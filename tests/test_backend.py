@@ -148,6 +148,7 @@ def _mapped_bytes():
     return f().hblkhd
 
 
+@pytest.mark.slow
 def test_cpu_backend_keeps_exposure_sized_blocks_in_the_heap():
     """A temporary the size of a 2048 x 4176 float32 plane and larger comes from the heap,
     where a freed block is reused, not from a fresh mmap that faults every page in again

@@ -44,7 +44,8 @@ def test_cli_subtract_writes_difference_and_fit(tmp_path):
     write_exposure(science, tmp_path / "sci.fits")
     write_exposure(template, tmp_path / "tmpl.fits")
     out = tmp_path / "out"
-    assert main(["subtract", str(tmp_path / "sci.fits"), str(tmp_path / "tmpl.fits"), "-o", str(out),
+    assert main(["subtract", str(tmp_path / "sci.fits"), str(tmp_path / "tmpl.fits"),
+                 "-o", str(out),
                  "--flavor", "auto", "--backend", "cpu"]) == 0
     diff = read_exposure(out / "difference.fits")
     assert diff.shape == (512, 512) and diff.psf is not None

@@ -62,6 +62,7 @@ def test_weighted_sum_of_convolutions_matches_scipy(backend, rng):
     assert np.allclose(backend.to_host(got), want, atol=1e-9 * np.abs(want).max())
 
 
+@pytest.mark.slow
 def test_large_float32_frame_stays_on_device():
     """2048x4096 float32 under `strict`: any implicit host conversion would raise."""
     from gpudiffim.backend import get_backend

@@ -21,6 +21,8 @@ def test_score_decorrelation_by_matching_is_compact():
     compact = decorrelation_kernel(k, 100.0, 10.0, "convolveTemplate")
     n = ratio.shape[0]
     # compare what each does to pre-filtered data: the spectra times the pre-filter's
-    through = [np.abs(np.fft.fft2(fftconvolve(phi, pre), s=(n + 64, n + 64))) for phi in (ratio, compact)]
+    through = [np.abs(np.fft.fft2(fftconvolve(phi, pre), s=(n + 64, n + 64)))
+               for phi in (ratio, compact)]
     assert np.max(np.abs(through[0] - through[1])) < 1e-3 * np.max(through[1])
-    assert kernel_reach(compact) <= 12 < kernel_reach(ratio) // 2, (kernel_reach(compact), kernel_reach(ratio))
+    reach = kernel_reach(compact), kernel_reach(ratio)
+    assert reach[0] <= 12 < reach[1] // 2, reach

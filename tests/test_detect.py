@@ -143,6 +143,7 @@ def test_sharper_science_reaches_the_ideal_curve(fake_repo, mode):
     assert abs(mad_std(pulls) - 1) < 0.1, mad_std(pulls)
 
 
+@pytest.mark.slow
 def test_no_changes_no_detections(tmp_path):
     """Realistic pairs with nothing changed: every detection is a subtraction artifact or
     a noise peak. White noise with each difference's own variance plane, masks and PSF,

@@ -16,7 +16,7 @@ def _gauss(size, sigma, dx=0.0, stretch=1.0):
     return g / g.sum()
 
 
-def testfiltered_variance_matches_monte_carlo(backend):
+def test_filtered_variance_matches_monte_carlo(backend):
     """Two noise images through their own filters (as a convolveScience difference takes
     the science through phi * k and the template through phi), a bright source's photon
     noise in one of them: the weighted sums' scatter over many noise draws is what
@@ -45,7 +45,8 @@ def testfiltered_variance_matches_monte_carlo(backend):
         backend, backend.to_device(weights.astype(np.float32)), paths, xs, ys))
     np.testing.assert_allclose(predicted, measured, rtol=0.08)  # 3000 draws: ~2.6% each
     # the per-pixel variance of the difference, summed as if independent
-    v_diff = (fftconvolve(v_sci, g_sci**2, mode="same") + fftconvolve(v_tmpl, g_tmpl**2, mode="same"))
+    v_diff = (fftconvolve(v_sci, g_sci**2, mode="same")
+              + fftconvolve(v_tmpl, g_tmpl**2, mode="same"))
     naive = [np.sum(w * w * v_diff[y - h:y + h + 1, x - h:x + h + 1])
              for w, x, y in zip(weights, xs, ys)]
     # measured 24 000 and 112 000 against 1 600 and 5 200

@@ -36,6 +36,7 @@ def _catalogues(outdir, manifest):
             Table.read(exposure_dir(outdir, r) / "diaSources.parquet") for r in manifest}
 
 
+@pytest.mark.slow
 def test_demo_run_writes_everything_and_resumes(demo_repo, demo_run):
     outdir, table = demo_run
     manifest = Table.read(demo_repo / "manifest.ecsv")
@@ -90,7 +91,8 @@ def test_interrupted_run_resumes_to_the_same_outputs(tmp_path):
     reference = tmp_path / "ref"
     run(repo, reference, progress=False)
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "gpudiffim.cli", "run", str(repo), "-o", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "gpudiffim.cli", "run", str(repo),
+                             "-o", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = exposure_dir(out, manifest[0]) / "status.json"
     deadline = time.time() + 120
@@ -108,6 +110,7 @@ def test_interrupted_run_resumes_to_the_same_outputs(tmp_path):
         np.testing.assert_allclose(got[key]["psfFlux"], want[key]["psfFlux"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_dask_local_cluster_gives_the_same_catalogues(demo_repo, demo_run, tmp_path):
     pytest.importorskip("dask.distributed")
     outdir, _ = demo_run

@@ -123,7 +123,8 @@ def _fake_pulls(ci_repo):
             if np.any((np.hypot(sx - f["x"], sy - f["y"]) < reach) & (mag < 24)):
                 continue  # blended with a catalogued source
             flux, err = _psf_fit(exp, f["x"], f["y"])
-            scene_flux, scene_err = _psf_fit(tmpl, f["x"] - row["offset_x"], f["y"] - row["offset_y"])
+            scene_flux, scene_err = _psf_fit(tmpl, f["x"] - row["offset_x"],
+                                             f["y"] - row["offset_y"])
             pulls.append((flux - scene_flux * scale - f["flux"]) / np.hypot(err, scene_err * scale))
             measured.append(flux / err)
             expected.append(f["snr_image"])
@@ -148,7 +149,8 @@ def test_inject_into_blank_exposure_pins_flux_and_snr():
                                np.full(shape, var), psf=psf, zero_point=30.0)
     gx, gy = np.meshgrid(np.arange(40, 580, 45.0), np.arange(40, 580, 45.0))
     n = gx.size
-    cat = Table({"x": gx.ravel() + rng.uniform(-0.5, 0.5, n), "y": gy.ravel() + rng.uniform(-0.5, 0.5, n),
+    cat = Table({"x": gx.ravel() + rng.uniform(-0.5, 0.5, n),
+                 "y": gy.ravel() + rng.uniform(-0.5, 0.5, n),
                  "mag": rng.uniform(20.0, 23.5, n)})
     out, truth = inject(exp, cat, rng=rng)
     assert np.all(exp.mask == 0) and np.all(exp.variance == var)  # the input is left alone

@@ -28,7 +28,8 @@ def _render(positions, flux=1e4):
     y, x = np.mgrid[:N, :N].astype(float)
     img = np.zeros((N, N))
     for px, py in positions:
-        img += flux * np.exp(-0.5 * ((x - px) ** 2 + (y - py) ** 2) / SIGMA**2) / (2 * np.pi * SIGMA**2)
+        r2 = (x - px) ** 2 + (y - py) ** 2
+        img += flux * np.exp(-0.5 * r2 / SIGMA**2) / (2 * np.pi * SIGMA**2)
     return img
 
 
