@@ -56,7 +56,8 @@ class SourceStamps:
 
     ``xs``, ``ys`` are host integer peaks, ``dx``, ``dy`` host sub-pixel offsets of the
     centroid (0 for sky sources); the planes are device (n, S, S) stacks; ``good`` marks
-    pixels a fit uses; ``xx``, ``yy`` are offsets from the centroid.
+    pixels a fit uses; ``xx``, ``yy`` are offsets from the centroid; ``sigma2`` is the
+    variance (pixels^2) of the Gaussian matched to the difference PSF's core.
     """
 
     n_det: int
@@ -72,6 +73,7 @@ class SourceStamps:
     good: object
     xx: object
     yy: object
+    sigma2: float
 
     @property
     def n(self) -> int:
@@ -126,7 +128,7 @@ def measure(difference: Exposure, detections: Detections, science: Exposure | No
     photometry = _photometry(st, is_score, config, noise, difference.shape, backend)
     columns = {**_identifiers(difference, st.n), **_positions(st, photometry["snr"], difference),
                **photometry, **_detection_values(st, detections, backend),
-               **_moments(st, difference, backend), **_dipoles(st, detections, difference, backend),
+               **_moments(st, backend), **_dipoles(st, detections, difference, backend),
                **(_forced(st, science, backend) if science is not None else {}),
                **_pixel_flags(st, detections, difference, backend),
                "sky_source": np.arange(st.n) >= st.n_det}
@@ -159,7 +161,8 @@ def source_stamps(difference: Exposure, detections: Detections,
           - backend.to_device(dy, np.float32)[:, None, None])
     xx = (xp.astype(xp.reshape(off, (1, 1, S)), xp.float32)
           - backend.to_device(dx, np.float32)[:, None, None])
-    return SourceStamps(n_det, xs, ys, dx, dy, image, var, mask, snr, psf, good, xx, yy)
+    sigma2 = float((np.mean(difference.psf.fwhm()) / 2.3548) ** 2)
+    return SourceStamps(n_det, xs, ys, dx, dy, image, var, mask, snr, psf, good, xx, yy, sigma2)
 
 
 def psf_stack(psf, xs, ys, size):
@@ -200,16 +203,11 @@ def _identifiers(difference: Exposure, n: int) -> dict:
             "band": np.full(n, info.band or "")}
 
 
-def _psf_sigma2(difference: Exposure) -> float:
-    """Variance (pixels^2) of the Gaussian matched to the difference PSF's core."""
-    return float((np.mean(difference.psf.fwhm()) / 2.3548) ** 2)
-
-
 def _positions(st: SourceStamps, snr, difference: Exposure) -> dict:
     """Centroid, its error (~ FWHM / (2.35 S/N) per axis: Gaussian PSF, background-limited)
     and sky position."""
     cx, cy = st.cx, st.cy
-    err = np.sqrt(_psf_sigma2(difference)) * np.sqrt(2) / np.maximum(np.abs(snr), 1e-3)
+    err = np.sqrt(st.sigma2) * np.sqrt(2) / np.maximum(np.abs(snr), 1e-3)
     if difference.wcs is not None and st.n:
         ra, dec = difference.wcs.pixel_to_world_values(cx, cy)
     else:
@@ -269,11 +267,11 @@ def _detection_values(st: SourceStamps, det: Detections, backend) -> dict:
             "footprintArea": np.concatenate([det.area, np.zeros(st.n - st.n_det, int)])}
 
 
-def _moments(st: SourceStamps, difference: Exposure, backend) -> dict:
+def _moments(st: SourceStamps, backend) -> dict:
     """Second moments of |D| with a Gaussian weight matched to the PSF core."""
     xp = backend.xp
     xx, yy = st.xx, st.yy
-    wgt = (xp.exp(-0.5 * (xx * xx + yy * yy) / _psf_sigma2(difference)) * xp.abs(st.image)
+    wgt = (xp.exp(-0.5 * (xx * xx + yy * yy) / st.sigma2) * xp.abs(st.image)
            * xp.astype(st.good, xp.float32))
     wsum = xp.sum(wgt, axis=(1, 2))
     wsum = xp.where(wsum > 0, wsum, 1.0)

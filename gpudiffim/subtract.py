@@ -37,7 +37,14 @@ from .basis import BasisConfig, KernelBasis, alard_lupton_basis
 from .convolve import convolve_exposure, fft_convolve, grow_mask, kernel_core, kernel_reach
 from .decorrelate import decorrelation_kernel
 from .errors import GpuDiffimError
-from .exposure import DETECTION_EXCLUDED, TEMPLATE_PLANES, UNUSABLE_PLANES, Exposure, mask_bits
+from .exposure import (
+    DETECTION_EXCLUDED,
+    KERNEL_FIT_EXCLUDED,
+    TEMPLATE_PLANES,
+    UNUSABLE_PLANES,
+    Exposure,
+    mask_bits,
+)
 from .kernel_fit import KernelFitConfig, KernelSolution, fit_kernel, psf_flux_ratio
 from .noise import NoiseModel, decorrelated_variance, residual_power, score_variance
 from .options import configclass, option
@@ -94,6 +101,9 @@ class MatchingProblem:
     target_mask: object  # the mask of the unconvolved side (pre-filtered for the score)
     nodata: object  # NO_DATA in either input
     selection: tuple  # (image, variance, PSF) kernel sources are chosen on
+    bad: object  # pixels the kernel fit gives no weight (either input)
+    science_psf: np.ndarray  # the science PSF at the centre
+    fwhm: dict  # (x, y) FWHM of the science, template, source and target PSFs (pixels)
     prefilter: np.ndarray | None = None  # the score's pre-filter
     by_matching: bool = False  # the score fitted template -> science, then pre-filtered
 
@@ -163,12 +173,13 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | Non
     backend = get_backend(backend)
     sci, tmpl = _on_backend(science, template, backend)
     flavor = choose_flavor(sci, tmpl, config.mode)
-    problem = matching_problem(sci, tmpl, flavor, config.preconvolveByMatching, backend)
-    basis = alard_lupton_basis(_fwhm(problem.source_psf), _fwhm(problem.target_psf),
+    problem = matching_problem(sci, tmpl, flavor, config.preconvolveByMatching,
+                               config.kernel.badMaskPlanes, backend)
+    basis = alard_lupton_basis(_mean(problem.fwhm["source"]), _mean(problem.fwhm["target"]),
                                config.basis)
     snr_maps = source_snr_maps(*problem.selection, backend)
-    positions = kernel_sources(problem, sci, tmpl, basis, snr_maps, config.kernel, backend)
-    solution = fit_matching_kernel(problem, sci, tmpl, basis, positions, config.kernel, backend)
+    positions = kernel_sources(problem, basis, snr_maps, config.kernel, backend)
+    solution = fit_matching_kernel(problem, basis, positions, config.kernel, backend)
     kernel = _centre_kernel(problem, solution)
     diff = matched_difference(problem, solution, config.doSubtractBackground, backend)
     mask = difference_mask(problem, sci, tmpl, kernel, backend)
@@ -176,15 +187,15 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | Non
     psf = difference_psf(problem, sci, solution)
     diff, sky = empty_sky_background(diff, mask, good, snr_maps[1], solution, config, backend)
     s_var, t_var = _median_variances(sci, tmpl, good, backend)
-    phi = (decorrelation(problem, solution, kernel, s_var, t_var, psf_centre(sci))
+    phi = (decorrelation(problem, solution, kernel, s_var, t_var)
            if config.doDecorrelation else None)
     diff, mask, psf = decorrelate(diff, mask, psf, phi, backend)
     variances = input_variances(problem, backend)
     var = difference_variance(problem, sci, solution, kernel, phi, mask, variances, backend)
     diff, var = _in_flux_units(problem, sci, diff, var, phi, backend)
     noise = noise_model(problem, solution, kernel, phi, good, positions, variances, backend)
-    quality = _quality(problem, sci, tmpl, solution, kernel, phi, sky, s_var, t_var, diff, var,
-                       good, backend)
+    quality = _quality(problem, solution, kernel, phi, sky, s_var, t_var, diff, var, good,
+                       backend)
     difference = sci.replace(image=diff, mask=mask, variance=var, psf=psf)
     return SubtractionResult(difference, solution, flavor, flavor == "preconvolve", quality,
                              noise)
@@ -207,8 +218,8 @@ def psf_centre(exposure: Exposure) -> np.ndarray:
     return exposure.psf.image_at((nx - 1) / 2, (ny - 1) / 2)
 
 
-def _fwhm(psf: np.ndarray) -> float:
-    return float(np.mean(ImagePsf(psf).fwhm()))
+def _mean(fwhm_xy) -> float:
+    return float(np.mean(fwhm_xy))
 
 
 def choose_flavor(science: Exposure, template: Exposure, mode: str) -> str:
@@ -224,13 +235,16 @@ def choose_flavor(science: Exposure, template: Exposure, mode: str) -> str:
 
 
 def matching_problem(sci: Exposure, tmpl: Exposure, flavor: str, by_matching: bool = True,
-                     backend=None) -> MatchingProblem:
+                     bad_planes=KERNEL_FIT_EXCLUDED, backend=None) -> MatchingProblem:
     """The :class:`MatchingProblem` of ``flavor`` (not ``auto``) for exposures on the
     backend. ``by_matching``: a preconvolution with a sharper template fits template ->
-    science and pre-filters the difference."""
+    science and pre-filters the difference. ``bad_planes``: mask planes (of either input)
+    the kernel fit gives no weight."""
     backend = get_backend(backend)
     xp = backend.xp
     psf_s, psf_t = psf_centre(sci), psf_centre(tmpl)
+    fwhm = {"science": ImagePsf(psf_s).fwhm(), "template": ImagePsf(psf_t).fwhm()}
+    wide_s, wide_t = _mean(fwhm["science"]), _mean(fwhm["template"])
     nodata = ((sci.mask & sci.bit("NO_DATA")) != 0) | ((tmpl.mask & tmpl.bit("NO_DATA")) != 0)
     pre = None
     if flavor == "convolveTemplate":
@@ -239,7 +253,7 @@ def matching_problem(sci: Exposure, tmpl: Exposure, flavor: str, by_matching: bo
         parts = (sci.image, sci.variance, psf_s, tmpl.image, tmpl.variance, psf_t, tmpl.mask)
     elif flavor == "preconvolve":
         pre = prefilter(psf_s)
-        by_matching = by_matching and _fwhm(psf_t) < _fwhm(psf_s)
+        by_matching = by_matching and wide_t < wide_s
         if by_matching:  # the science itself is fitted: only its mask is pre-convolved
             n_mask = grow_mask(sci.mask, pre.shape, backend, sci.mask_planes)
             parts = (tmpl.image, tmpl.variance, psf_t, sci.image, sci.variance, psf_s, n_mask)
@@ -248,15 +262,21 @@ def matching_problem(sci: Exposure, tmpl: Exposure, flavor: str, by_matching: bo
                                                    backend.to_device(pre, np.float32), backend,
                                                    sci.mask_planes)
             target_psf = self_convolved(psf_s)
-            if _fwhm(psf_t) > _fwhm(target_psf):
+            fwhm["target"] = ImagePsf(target_psf).fwhm()
+            if wide_t > _mean(fwhm["target"]):
                 log.warning("preconvolve: the template (FWHM %.2f px) is wider than the "
                             "pre-convolved science (%.2f px); the kernel must deconvolve and "
                             "bright sources will leave residuals (convolveScience suits this "
-                            "pair)", _fwhm(psf_t), _fwhm(target_psf))
+                            "pair)", wide_t, _mean(fwhm["target"]))
             parts = (tmpl.image, tmpl.variance, psf_t, image, var, target_psf, n_mask)
     else:
         raise ValueError(f"no matching problem for flavor {flavor!r}")
     source, source_var, source_psf, target, target_var, target_psf, target_mask = parts
+    convolved_science = flavor == "convolveScience"
+    fwhm["source"] = fwhm["science" if convolved_science else "template"]
+    fwhm.setdefault("target", fwhm["template" if convolved_science else "science"])
+    bad = ((sci.mask & sci.bit(*[p for p in bad_planes if p in sci.mask_planes])) != 0) | (
+        (tmpl.mask & tmpl.bit(*[p for p in bad_planes if p in tmpl.mask_planes])) != 0)
     source = xp.where(nodata, 0.0, source)
     target = xp.where(nodata, 0.0, target)
     # kernel sources are chosen on the science image, as in ip_diffim (its own S/N); for
@@ -266,22 +286,17 @@ def matching_problem(sci: Exposure, tmpl: Exposure, flavor: str, by_matching: bo
                  else (sci.image, sci.variance, psf_s) if flavor == "preconvolve"
                  else (target, target_var, target_psf))
     return MatchingProblem(flavor, source, source_var, source_psf, target, target_var,
-                           target_psf, target_mask, nodata, selection, pre,
+                           target_psf, target_mask, nodata, selection, bad, psf_s, fwhm, pre,
                            flavor == "preconvolve" and by_matching)
 
 
 # ---------------------------------------------------------------------------- the kernel
-def _bad_for_fit(sci: Exposure, tmpl: Exposure, planes):
-    return ((sci.mask & sci.bit(*[p for p in planes if p in sci.mask_planes])) != 0) | (
-        (tmpl.mask & tmpl.bit(*[p for p in planes if p in tmpl.mask_planes])) != 0)
-
-
-def kernel_sources(problem: MatchingProblem, sci, tmpl, basis: KernelBasis, snr_maps,
+def kernel_sources(problem: MatchingProblem, basis: KernelBasis, snr_maps,
                    config: KernelFitConfig, backend) -> np.ndarray:
     """Host (n, 2) kernel-source positions; when the science is convolved, only bright ones
     while enough of them remain (its noise sits in the fit's regressors)."""
-    bad = _bad_for_fit(sci, tmpl, config.badMaskPlanes)
     image, var, psf = problem.selection
+    bad = problem.bad
     positions = select_kernel_sources(image, var, bad, psf, config.sources, config.stampSize,
                                       basis.size, backend, snr_maps)
     if problem.science_is_convolved:
@@ -294,20 +309,19 @@ def kernel_sources(problem: MatchingProblem, sci, tmpl, basis: KernelBasis, snr_
     return positions
 
 
-def fit_matching_kernel(problem: MatchingProblem, sci, tmpl, basis: KernelBasis, positions,
+def fit_matching_kernel(problem: MatchingProblem, basis: KernelBasis, positions,
                         config: KernelFitConfig, backend) -> KernelSolution:
     """Fit the spatially varying kernel and background. When the science is convolved, its
     noise would bias a fitted kernel sum low (regression dilution): the photometric scale
     then comes from aperture-corrected fluxes and is imposed, with a lighter penalty."""
     p = problem
-    ny, nx = sci.shape
+    ny, nx = p.target.shape
     pinned, fit_config = None, config
     if p.science_is_convolved:
         pinned = psf_flux_ratio(p.source, p.target, p.source_psf, p.target_psf, positions,
                                 backend)
         fit_config = replace(config, regularization=config.convolvedScienceRegularization)
-    bad = _bad_for_fit(sci, tmpl, config.badMaskPlanes)
-    solution = fit_kernel(p.source, p.target, p.source_var, p.target_var, bad, basis,
+    solution = fit_kernel(p.source, p.target, p.source_var, p.target_var, p.bad, basis,
                           positions, fit_config, backend, bbox=(nx, ny), source_psf=p.source_psf,
                           kernel_sum=pinned)
     log.info("kernel: %d of %d stamps, size %d, sum %.4f at centre", solution.stats["n_used"],
@@ -402,7 +416,7 @@ def _median_variances(sci, tmpl, good, backend):
 
 # ---------------------------------------------------------------------------- decorrelation
 def decorrelation(problem: MatchingProblem, solution: KernelSolution, kernel: np.ndarray,
-                  s_var: float, t_var: float, psf_s: np.ndarray) -> np.ndarray:
+                  s_var: float, t_var: float) -> np.ndarray:
     """The decorrelation kernel. The score fitted by matching takes convolveTemplate's for
     the fitted kernel (compact, so the EDGE band it widens stays narrow)."""
     if problem.by_matching:
@@ -410,7 +424,8 @@ def decorrelation(problem: MatchingProblem, solution: KernelSolution, kernel: np
         return decorrelation_kernel(solution.kernel_at((w - 1) / 2, (h - 1) / 2), s_var, t_var,
                                     "convolveTemplate")
     return decorrelation_kernel(kernel, s_var, t_var, problem.flavor,
-                                psf=psf_s if problem.flavor == "preconvolve" else None)
+                                psf=problem.science_psf if problem.flavor == "preconvolve"
+                                else None)
 
 
 def decorrelate(diff, mask, psf, phi, backend):
@@ -462,7 +477,7 @@ def _in_flux_units(problem: MatchingProblem, sci, diff, var, phi, backend):
     value at a source is the PSF flux."""
     xp = backend.xp
     if problem.flavor == "preconvolve":
-        norm = score_norm(backend, sci.psf, psf_centre(sci), sci.shape, phi)
+        norm = score_norm(backend, sci.psf, problem.science_psf, sci.shape, phi)
         diff, var = diff / norm, var / (norm * norm)
     return xp.astype(diff, xp.float32), xp.astype(var, xp.float32)
 
@@ -489,8 +504,8 @@ def noise_model(problem: MatchingProblem, solution: KernelSolution, kernel: np.n
     return NoiseModel(paths, power, np.asarray(positions), solution.basis.size)
 
 
-def _quality(problem, sci, tmpl, solution, kernel, phi, sky_offset, s_var, t_var, diff, var,
-             good, backend) -> dict:
+def _quality(problem, solution, kernel, phi, sky_offset, s_var, t_var, diff, var, good,
+             backend) -> dict:
     xp = backend.xp
     w, h = solution.bbox
     pull = robust_sigma_where(backend, diff / xp.sqrt(xp.where(var > 0, var, 1.0)),
@@ -498,8 +513,8 @@ def _quality(problem, sci, tmpl, solution, kernel, phi, sky_offset, s_var, t_var
     return {
         "flavor": problem.flavor, "decorrelated": phi is not None,
         "preconvolve_by_matching": problem.by_matching,
-        "science_fwhm": list(map(float, ImagePsf(psf_centre(sci)).fwhm())),
-        "template_fwhm": list(map(float, ImagePsf(psf_centre(tmpl)).fwhm())),
+        "science_fwhm": list(map(float, problem.fwhm["science"])),
+        "template_fwhm": list(map(float, problem.fwhm["template"])),
         "kernel_sum_centre": float(kernel.sum()),
         "kernel_sum_range": list(solution.kernel_sum_range()),
         "background_centre": float(solution.background_at((w - 1) / 2, (h - 1) / 2)),
