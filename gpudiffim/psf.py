@@ -94,7 +94,7 @@ class ImagePsf:
     def shape(self) -> tuple[int, int]:
         return self.image.shape
 
-    def image_at(self, x: float | None = None, y: float | None = None) -> np.ndarray:
+    def image_at(self, x: float | None = None, y: float | None = None) -> np.ndarray:  # noqa: ARG002
         """PSF image (sum 1, centred on the central pixel) at detector position (x, y)."""
         return self.image
 

@@ -146,7 +146,7 @@ def _read_pair(repo, row, templates: TemplateCache | None = None):
     return science, template, time.perf_counter() - t0
 
 
-def _process(science, template, row, config: RunConfig, backend):
+def _process(science, template, config: RunConfig, backend):
     """Warp, subtract, detect and measure one exposure; returns outputs and timings."""
     timings = {}
     t = time.perf_counter()
@@ -191,7 +191,7 @@ def compute_exposure(repo, row, config: RunConfig, pair=None, on_device=None):
         backend = get_backend(config.backend)
         try:
             dev_science, dev_template = on_device or (science, template)
-            result, sources, timings, fraction = _process(dev_science, dev_template, row, config,
+            result, sources, timings, fraction = _process(dev_science, dev_template, config,
                                                           backend)
         except Exception as exc:
             if not _is_oom(exc) or backend.name == "cpu":
@@ -200,7 +200,7 @@ def compute_exposure(repo, row, config: RunConfig, pair=None, on_device=None):
                         row["band"], row["visit"], row["detector"])
             backend = get_backend("cpu")
             on_device = dev_science = dev_template = None  # free the device copies first
-            result, sources, timings, fraction = _process(science, template, row, config, backend)
+            result, sources, timings, fraction = _process(science, template, config, backend)
             status["retried_on_cpu"] = True
         outputs = (result.difference.to_host(backend), sources)
         q = result.quality

@@ -310,7 +310,7 @@ def _simulate_detector(cfg: SimConfig, band: str, detector: int, seed: int, outd
         s_rel = (Path("science") / band / str(vp.visit)
                  / f"science_{band}_{vp.visit}_{detector:03d}.fits")
         write_exposure(science, outdir / s_rel)
-        truth_rows += _visit_truth(cfg, band, detector, vp, science, t_var_here, f_truth,
+        truth_rows += _visit_truth(cfg, band, vp, science, t_var_here, f_truth,
                                    tf_truth, transients, scene["stars"])
         manifest_rows.append(_manifest_row(cfg, band, detector, vp, s_rel, t_rel, s_psf, t_psf))
     return vstack(truth_rows), manifest_rows, _static_catalogue(scene, band, detector)
@@ -426,7 +426,7 @@ def _truth_table(band, vp: _Visit, science, kind, image_kind, xs, ys, dflux, snr
                   "on_galaxy": np.asarray(on_gal, bool)})
 
 
-def _visit_truth(cfg: SimConfig, band, detector, vp: _Visit, science, t_var_here, f_truth,
+def _visit_truth(cfg: SimConfig, band, vp: _Visit, science, t_var_here, f_truth,
                  tf_truth, transients, stars) -> list:
     """Truth rows of one visit: every change in its difference, positions in its pixels,
     ``flux`` the signed change in science counts, ``snr`` its optimal S/N there."""

@@ -140,7 +140,7 @@ def _edge_pad(backend, plane, p: int):
     return xp.concat([top, plane, bottom], axis=0)
 
 
-def _taps(xp, backend, coords, size):
+def _taps(coords, size):
     """Per output index: 2a tap indices (clipped) and normalised Lanczos weights."""
     a = LANCZOS_A
     i0 = np.floor(coords).astype(np.int64)
@@ -155,8 +155,8 @@ def _taps(xp, backend, coords, size):
 def _warp_separable(template, ty, tx, covered, backend):
     xp = backend.xp
     th, tw = template.shape
-    iy, wy = _taps(xp, backend, ty, th)
-    ix, wx = _taps(xp, backend, tx, tw)
+    iy, wy = _taps(ty, th)
+    ix, wx = _taps(tx, tw)
     planes = []
     for plane, square in ((template.image, False), (template.variance, True)):
         a = backend.asarray(plane)
