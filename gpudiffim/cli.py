@@ -78,7 +78,8 @@ def _cmd_subtract(args) -> int:
         tmp.write_text(json.dumps(summary, indent=1, default=lambda o: o.item()))
     q = result.quality
     print(f"{result.flavor}: kernel sum {q['kernel_sum_centre']:.4f} from "
-          f"{q['n_kernel_sources']} sources, difference/sigma {q['difference_pull_sigma']:.3f}, "
+          f"{q['n_kernel_sources']} sources, difference/sigma {q['difference_pull_sigma']:.3f} "
+          f"(variance x {q['variance_scale']:.3f}), "
           f"{int((~sources['sky_source']).sum())} diaSources, {elapsed:.2f} s on {backend.name} "
           f"-> {out}/difference.fits, {out}/diaSources.parquet")
     return 0

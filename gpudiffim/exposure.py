@@ -47,7 +47,8 @@ class ExposureInfo:
     detector: int | None = None
     band: str | None = None
     exptime: float | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    units: str | None = None  # BUNIT
+    extra: Mapping[str, Any] = field(default_factory=dict)  # other header values, as text
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,20 +1,30 @@
 """FITS input and output of exposures and PSFs, with atomic writes.
 
-Two layouts are read:
+:func:`read_exposure` reads any single- or multi-HDU FITS image:
 
-* **LSST-style**: a primary header with metadata, then ``IMAGE``, ``MASK`` and
-  ``VARIANCE`` extensions; mask plane bits in ``MP_<NAME>`` cards; the WCS in the
-  ``IMAGE`` header; optionally a ``PSF`` extension (written by gpudiffim).
-* **plain**: the first HDU holding a 2-D image. The variance comes from the
-  ``GAIN`` (e-/ADU) and ``RDNOISE`` (e-) cards when present, else from the robust
-  sky noise; pixels at or above ``SATURATE`` get SAT; NaN pixels get NO_DATA.
+* the image HDU by name or type (``IMAGE``, ``SCI`` in ``EXTNAME`` or ``EXTTYPE``), else the
+  first with 2-D data; integer pixels (``BZERO``/``BSCALE`` applied) become float32, NaN and
+  inf become NO_DATA;
+* LSST-style planes (``MASK``, ``VARIANCE``, named by ``EXTNAME`` or ``EXTTYPE`` as afw
+  writes them), mask planes from the ``MP_<NAME>`` cards, and the PSF from a ``PSF``
+  extension (written by gpudiffim) or an afw ``KernelPsf`` with a ``FixedKernel`` in the
+  ``ARCHIVE_INDEX``/``ARCHIVE_DATA`` tables;
+* the noise from a variance plane, else from an HDU or a separate file holding sigma
+  (``ERR``, ``SIGMA``, ``RMS``, ``NOISE``, ``STD``), variance (``VAR``, ``VARIANCE``) or
+  inverse variance (``WHT``, ``IVAR``, ``WEIGHT``, ``INVVAR``), else estimated
+  (:mod:`gpudiffim.imagenoise`);
+* saturation from the header (``SATURATE`` and its common spellings) or the caller;
+* metadata leniently: a header value of an unexpected type is kept as text in
+  ``ExposureInfo.extra``, never a crash; units (``BUNIT``) and zero points (``MAGZERO``,
+  ``MAGZPT``, ``PHOTZP``, ``FLUXMAG0``, ...) when present.
 
-Any bad input raises :class:`~gpudiffim.errors.InputError` naming the file.
+Any bad input raises :class:`~gpudiffim.errors.InputError` naming the file and the problem.
 This module is the host-side edge of the engine: it works on NumPy arrays.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import warnings
@@ -23,18 +33,31 @@ from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
-from astropy.stats import mad_std
 from astropy.wcs import WCS, FITSFixedWarning
 
 from .errors import InputError
 from .exposure import MASK_PLANES, Exposure, ExposureInfo, mask_bits
-from .psf import ImagePsf, PolynomialPsf
+from .imagenoise import estimate_variance
+from .psf import ImagePsf, PolynomialPsf, centred_psf_image
 
-__all__ = ["atomic_path", "read_exposure", "write_exposure", "read_psf", "write_psf",
-           "estimate_sky_variance"]
+__all__ = ["atomic_path", "read_exposure", "read_noise_plane", "read_mask_plane",
+           "write_exposure", "read_psf", "write_psf", "SATURATION_CARDS", "ZERO_POINT_CARDS"]
 
-_META_CARDS = {"visit": ("VISIT",), "detector": ("DETECTOR", "CCDNUM"),
+log = logging.getLogger(__name__)
+
+IMAGE_NAMES = ("IMAGE", "SCI")
+NOISE_KINDS = {**dict.fromkeys(("ERR", "SIGMA", "RMS", "NOISE", "STD"), "sigma"),
+               **dict.fromkeys(("VARIANCE", "VAR"), "variance"),
+               **dict.fromkeys(("WHT", "IVAR", "WEIGHT", "INVVAR"), "inverse variance")}
+#: header cards giving the saturation level, first found wins
+SATURATION_CARDS = ("SATURATE", "SATURATN", "SATLEVEL", "SATUR", "SATURLEV", "ESATUR", "TSATUR")
+#: header cards giving the AB magnitude of one count
+ZERO_POINT_CARDS = ("MAGZERO", "MAGZPT", "MAGZP", "PHOTZP", "ZEROPT")
+GAIN_CARDS = ("GAIN", "EGAIN", "CCDGAIN")
+READ_NOISE_CARDS = ("RDNOISE", "READNOIS", "READNOISE", "RON")
+_META_CARDS = {"visit": ("VISIT", "EXPNUM"), "detector": ("DETECTOR", "CCDNUM", "DETNUM"),
                "band": ("BAND", "FILTER"), "exptime": ("EXPTIME",)}
+_META_TYPES = {"visit": int, "detector": int, "band": str, "exptime": float}
 
 
 @contextmanager
@@ -54,18 +77,50 @@ def atomic_path(path):
 
 
 # ---------------------------------------------------------------------------- reading
-def read_exposure(path) -> Exposure:
-    """Read an LSST-style or plain FITS exposure onto the host."""
+def read_exposure(path, *, noise=None, noise_kind: str | None = None, mask=None,
+                  saturation: float | None = None) -> Exposure:
+    """Read a FITS exposure onto the host.
+
+    Parameters
+    ----------
+    path : path
+        The FITS file (any layout described in :mod:`gpudiffim.io`).
+    noise : path, optional
+        A separate file holding the image's noise (sigma, variance or inverse variance, told
+        apart by its HDU name or ``noise_kind``); it replaces any noise in ``path``.
+    noise_kind : {"sigma", "variance", "inverse variance"}, optional
+        What ``noise`` holds, when its HDU name does not say.
+    mask : path, optional
+        A separate mask file: its ``MP_*`` planes, or non-zero pixels as BAD.
+    saturation : float, optional
+        Pixels at or above this level get SAT (default: the header's, if any).
+
+    Returns
+    -------
+    Exposure
+        Host float32 image and variance, int32 mask.
+    """
     path = Path(path)
+    exposure = _with_fits(path, lambda hdul: _read(path, hdul, saturation))
+    if noise is not None:
+        variance = read_noise_plane(noise, exposure.shape, noise_kind)
+        exposure = _sanitised(path, exposure.replace(variance=variance))
+    if mask is not None:
+        planes = dict(exposure.mask_planes)
+        extra = read_mask_plane(mask, exposure.shape, planes)
+        exposure = exposure.replace(mask=exposure.mask | extra, mask_planes=planes)
+    return exposure
+
+
+def _with_fits(path: Path, read):
+    """``read(hdul)`` on an open FITS file; any failure an InputError naming the file."""
     if not path.is_file():
         raise InputError(path, "file not found")
     try:
         with warnings.catch_warnings(), fits.open(path, memmap=False) as hdul:
             warnings.simplefilter("ignore", FITSFixedWarning)
-            names = [hdu.name for hdu in hdul]
-            if "IMAGE" in names:
-                return _read_lsst(path, hdul)
-            return _read_plain(path, hdul)
+            warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+            return read(hdul)
     except InputError:
         raise
     except Exception as exc:  # truncated, corrupt or not FITS at all
@@ -73,13 +128,43 @@ def read_exposure(path) -> Exposure:
                                f"{exc})") from exc
 
 
+def _kind(hdu) -> str:
+    """An HDU's name or type (EXTNAME, else EXTTYPE), upper case."""
+    name = hdu.header.get("EXTNAME") or hdu.header.get("EXTTYPE") or ""
+    return str(name).strip().upper()
+
+
+def _find(hdul, names):
+    """The first HDU whose name or type is one of ``names`` (EXTNAME or EXTTYPE)."""
+    for hdu in hdul:
+        kinds = {str(hdu.header.get(k, "")).strip().upper() for k in ("EXTNAME", "EXTTYPE")}
+        if kinds & set(names) and hdu.data is not None:
+            return hdu
+    return None
+
+
+def _image_hdu(path, hdul):
+    hdu = _find(hdul, IMAGE_NAMES)
+    if hdu is not None:
+        return hdu
+    others = set(NOISE_KINDS) | {"MASK", "PSF"}
+    images = [h for h in hdul if h.is_image and h.data is not None and _kind(h) not in others]
+    flat = [h for h in images if h.data.ndim == 2]
+    if flat:
+        return flat[0]
+    if images:
+        raise InputError(path, f"HDU {hdul.index_of(images[0])} holds a {images[0].data.ndim}-D "
+                               f"array of shape {images[0].data.shape}, not a 2-D image")
+    raise InputError(path, "no HDU holds a 2-D image")
+
+
 def _float_plane(path, hdu, what) -> np.ndarray:
     data = hdu.data
     if data is None or data.ndim != 2:
         raise InputError(path, f"{what} HDU holds no 2-D image")
-    if data.dtype.kind != "f":
-        raise InputError(path, f"{what} data are {data.dtype.name}, not floating point")
-    return np.asarray(data, dtype=np.float32)
+    if data.dtype.kind not in "fiu":
+        raise InputError(path, f"{what} data are {data.dtype.name}, not numbers")
+    return np.array(data, dtype=np.float32)
 
 
 def _read_wcs(path, header):
@@ -96,43 +181,50 @@ def _read_wcs(path, header):
     return wcs
 
 
+def _number(header, cards):
+    """The first of ``cards`` whose value is a finite number, as a float (or None)."""
+    for card in cards:
+        try:
+            value = float(header[card])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if np.isfinite(value):
+            return value
+    return None
+
+
 def _read_info(header) -> tuple[ExposureInfo, float | None]:
-    values = {}
-    for field_, cards in _META_CARDS.items():
+    """Metadata, leniently: each field from the first of its cards whose value has the
+    field's type; a value of another type is kept as text in ``extra``."""
+    values, extra = {}, {}
+    for name, cards in _META_CARDS.items():
         for card in cards:
-            if card in header:
-                values[field_] = header[card]
-                break
-    if "visit" in values:
-        values["visit"] = int(values["visit"])
-    if "detector" in values:
-        values["detector"] = int(values["detector"])
-    if "band" in values:
-        values["band"] = str(values["band"]).strip()
-    zp = None
-    if "MAGZERO" in header:
-        zp = float(header["MAGZERO"])
-    elif "FLUXMAG0" in header and header["FLUXMAG0"] > 0:
-        zp = 2.5 * np.log10(float(header["FLUXMAG0"]))
-    return ExposureInfo(**values), zp
+            if card not in header:
+                continue
+            value = header[card]
+            try:
+                cast = _META_TYPES[name](value)
+            except (TypeError, ValueError):
+                extra.setdefault(card, str(value).strip())
+                continue
+            if name in ("visit", "detector") and (isinstance(value, str) or cast != value):
+                extra.setdefault(card, str(value).strip())
+                continue
+            values[name] = cast.strip() if isinstance(cast, str) else cast
+            break
+    if "BUNIT" in header:
+        values["units"] = str(header["BUNIT"]).strip()
+    zp = _number(header, ZERO_POINT_CARDS)
+    flux_mag0 = _number(header, ("FLUXMAG0",))
+    if zp is None and flux_mag0 is not None and flux_mag0 > 0:
+        zp = 2.5 * np.log10(flux_mag0)
+    return ExposureInfo(**values, extra=extra), zp
 
 
-def _sanitise(path, image, mask, variance, planes):
-    """NaN image pixels become NO_DATA with zero image and variance; all-NaN is an error."""
-    bad = ~np.isfinite(image) | ~np.isfinite(variance)
-    if bad.all():
-        raise InputError(path, "image has no finite pixels")
-    if bad.any():
-        mask[bad] |= mask_bits("NO_DATA", planes=planes)
-        image[bad] = 0.0
-        variance[bad] = 0.0
-    return image, mask, variance
-
-
-def _remap_mask(raw: np.ndarray, header) -> tuple[np.ndarray, dict]:
+def _remap_mask(raw: np.ndarray, header, planes=None) -> tuple[np.ndarray, dict]:
     """Move the file's mask bits onto gpudiffim's planes (unknown planes keep free bits)."""
     file_planes = {k[3:]: int(v) for k, v in header.items() if k.startswith("MP_")}
-    planes = dict(MASK_PLANES)
+    planes = dict(MASK_PLANES) if planes is None else planes
     free = iter(b for b in range(31) if b not in planes.values())
     for name in sorted(file_planes, key=file_planes.get):
         if name not in planes:
@@ -141,65 +233,165 @@ def _remap_mask(raw: np.ndarray, header) -> tuple[np.ndarray, dict]:
         return raw.astype(np.int32), planes
     out = np.zeros(raw.shape, np.int32)
     for name, b in file_planes.items():
-        out |= ((raw >> b) & 1).astype(np.int32) << planes[name]
+        out |= ((raw.astype(np.int64) >> b) & 1).astype(np.int32) << planes[name]
     return out, planes
 
 
-def _read_lsst(path, hdul) -> Exposure:
-    for name in ("MASK", "VARIANCE"):
-        if name not in hdul:
-            raise InputError(path, f"LSST-style file lacks the {name} extension")
-    image = _float_plane(path, hdul["IMAGE"], "IMAGE")
-    variance = _float_plane(path, hdul["VARIANCE"], "VARIANCE")
-    raw = hdul["MASK"].data
-    if raw is None or raw.ndim != 2 or raw.dtype.kind not in "iu":
-        raise InputError(path, "MASK extension holds no 2-D integer image")
-    if not (image.shape == variance.shape == raw.shape):
-        raise InputError(path, f"plane shapes differ: IMAGE {image.shape}, MASK {raw.shape}, "
-                               f"VARIANCE {variance.shape}")
-    mask, planes = _remap_mask(raw, hdul["MASK"].header)
-    image, mask, variance = _sanitise(path, image, mask, variance, planes)
-    info, zp = _read_info(hdul[0].header)
-    wcs = _read_wcs(path, hdul["IMAGE"].header)
-    psf = _psf_from_hdu(path, hdul["PSF"]) if "PSF" in hdul else None
-    return Exposure(image, mask, variance, psf=psf, wcs=wcs, zero_point=zp, info=info,
-                    mask_planes=planes)
+def _to_variance(path, data: np.ndarray, kind: str) -> np.ndarray:
+    """A sigma, variance or inverse-variance plane as variance; unusable values NaN."""
+    data = np.asarray(data, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if kind == "sigma":
+            var = np.where(data > 0, data * data, np.nan)
+        elif kind == "variance":
+            var = np.where(data > 0, data, np.nan)
+        elif kind == "inverse variance":
+            var = np.where(data > 0, 1.0 / data, np.nan)
+        else:
+            raise InputError(path, f"unknown noise kind {kind!r}: sigma, variance or "
+                                   "inverse variance")
+    return var.astype(np.float32)
 
 
-def estimate_sky_variance(image: np.ndarray) -> float:
-    """Robust (MAD) variance of the finite pixels: the sky noise when no gain is known."""
-    finite = image[np.isfinite(image)]
-    sigma = mad_std(finite)
-    if not np.isfinite(sigma) or sigma <= 0:
-        sigma = np.std(finite)
-    return float(sigma) ** 2
+def read_noise_plane(path, shape, kind: str | None = None) -> np.ndarray:
+    """The variance plane held by a noise file (its first 2-D HDU, or the one named for
+    its kind); ``kind`` overrides what the HDU's name says. Unusable pixels are NaN."""
+    path = Path(path)
+
+    def read(hdul):
+        hdu = next((h for h in hdul if _kind(h) in NOISE_KINDS and h.data is not None), None)
+        hdu = hdu or next((h for h in hdul if h.is_image and h.data is not None
+                           and h.data.ndim == 2), None)
+        if hdu is None:
+            raise InputError(path, "no HDU holds a 2-D noise image")
+        what = kind or NOISE_KINDS.get(_kind(hdu))
+        if what is None:
+            raise InputError(path, f"cannot tell whether HDU {_kind(hdu) or 0} holds sigma, "
+                                   "variance or inverse variance: name its kind")
+        data = _float_plane(path, hdu, "noise")
+        if data.shape != tuple(shape):
+            raise InputError(path, f"noise plane of shape {data.shape} for an image of "
+                                   f"shape {tuple(shape)}")
+        return _to_variance(path, data, what)
+
+    return _with_fits(path, read)
 
 
-def _read_plain(path, hdul) -> Exposure:
-    hdu = next((h for h in hdul if h.data is not None and h.data.ndim == 2), None)
-    if hdu is None:
-        raise InputError(path, "no HDU holds a 2-D image")
-    image = _float_plane(path, hdu, "image").copy()
-    header = hdu.header
-    mask = np.zeros(image.shape, np.int32)
+def read_mask_plane(path, shape, planes: dict) -> np.ndarray:
+    """A separate mask file's int32 bits on ``planes`` (updated with its ``MP_*`` planes),
+    or its non-zero pixels as BAD when it declares none."""
+    path = Path(path)
+
+    def read(hdul):
+        hdu = _find(hdul, ("MASK",)) or next(
+            (h for h in hdul if h.is_image and h.data is not None and h.data.ndim == 2), None)
+        if hdu is None or hdu.data.ndim != 2 or hdu.data.dtype.kind not in "iub":
+            raise InputError(path, "no HDU holds a 2-D integer mask")
+        if hdu.data.shape != tuple(shape):
+            raise InputError(path, f"mask of shape {hdu.data.shape} for an image of shape "
+                                   f"{tuple(shape)}")
+        if any(k.startswith("MP_") for k in hdu.header):
+            mask, new = _remap_mask(hdu.data, hdu.header, planes)
+            planes.update(new)
+            return mask
+        return np.where(hdu.data != 0, mask_bits("BAD", planes=planes), 0).astype(np.int32)
+
+    return _with_fits(path, read)
+
+
+def _sanitised(path, exposure: Exposure) -> Exposure:
+    """Non-finite image or variance pixels become NO_DATA with zero image and variance;
+    an image with no finite pixel is an error."""
+    image, variance = exposure.image, exposure.variance
+    bad = ~np.isfinite(image) | ~np.isfinite(variance)
+    if bad.all():
+        raise InputError(path, "image has no finite pixels")
+    if not bad.any():
+        return exposure
+    image, variance, mask = image.copy(), variance.copy(), exposure.mask.copy()
+    mask[bad] |= mask_bits("NO_DATA", planes=exposure.mask_planes)
+    image[bad] = 0.0
+    variance[bad] = 0.0
+    return exposure.replace(image=image, mask=mask, variance=variance)
+
+
+def _read(path, hdul, saturation) -> Exposure:
+    hdu = _image_hdu(path, hdul)
+    image = _float_plane(path, hdu, "image")
+    header = fits.Header()
+    header.update(hdul[0].header)
+    if hdu is not hdul[0]:
+        header.update(hdu.header)
+    mask_hdu, var_hdu = _find(hdul, ("MASK",)), _find(hdul, ("VARIANCE", "VAR"))
+    noise_hdu = var_hdu or next((h for h in hdul if _kind(h) in NOISE_KINDS
+                                 and h.data is not None and h is not hdu), None)
+    planes = dict(MASK_PLANES)
+    if mask_hdu is not None:
+        raw = mask_hdu.data
+        if raw.ndim != 2 or raw.dtype.kind not in "iu":
+            raise InputError(path, "MASK extension holds no 2-D integer image")
+        mask, planes = _remap_mask(raw, mask_hdu.header)
+    else:
+        mask = np.zeros(image.shape, np.int32)
     finite = np.isfinite(image)
     if not finite.any():
         raise InputError(path, "image has no finite pixels")
-    if "SATURATE" in header:
-        mask[finite & (image >= float(header["SATURATE"]))] |= mask_bits("SAT")
-    if "GAIN" in header and float(header["GAIN"]) > 0:
-        gain = float(header["GAIN"])
-        read_noise = float(header.get("RDNOISE", 0.0))
-        variance = np.maximum(np.where(finite, image, 0.0), 0.0) / gain + (read_noise / gain) ** 2
+    sat_level = saturation if saturation is not None else _number(header, SATURATION_CARDS)
+    if sat_level is not None and mask_hdu is None:
+        mask[finite & (image >= sat_level)] |= mask_bits("SAT", planes=planes)
+    if noise_hdu is not None:
+        variance = _float_plane(path, noise_hdu, "noise")
+        if variance.shape == image.shape and noise_hdu is not var_hdu:
+            variance = _to_variance(path, variance, NOISE_KINDS[_kind(noise_hdu)])
     else:
-        variance = np.full(image.shape, estimate_sky_variance(image))
-    variance = variance.astype(np.float32)
-    image, mask, variance = _sanitise(path, image, mask, variance, MASK_PLANES)
-    merged = fits.Header()
-    merged.update(hdul[0].header)
-    merged.update(header)
-    info, zp = _read_info(merged)
-    return Exposure(image, mask, variance, wcs=_read_wcs(path, header), zero_point=zp, info=info)
+        good = finite & ((mask & mask_bits("SAT", "BAD", planes=planes)) == 0)
+        variance, model = estimate_variance(image, good, _number(header, GAIN_CARDS),
+                                            _number(header, READ_NOISE_CARDS) or 0.0)
+        log.info("%s: no variance plane; %s noise model", path, model)
+    shapes = {"image": image.shape, "mask": mask.shape, "variance": variance.shape}
+    if len(set(shapes.values())) != 1:
+        raise InputError(path, "plane shapes differ: " + ", ".join(
+            f"{k.upper()} {v}" for k, v in shapes.items()))
+    info, zp = _read_info(header)
+    psf = _psf_from_hdu(path, hdul["PSF"]) if "PSF" in hdul else _afw_psf(path, hdul)
+    exposure = Exposure(image, mask, variance, psf=psf, wcs=_read_wcs(path, header),
+                        zero_point=zp, info=info, mask_planes=planes)
+    return _sanitised(path, exposure)
+
+
+def _afw_psf(path, hdul):
+    """The PSF an afw Exposure persisted in its archive tables, when it is a KernelPsf with a
+    FixedKernel (None otherwise, with a log line when there is a PSF of another kind)."""
+    primary = hdul[0].header
+    if "PSF_ID" not in primary or "AR_HDU" not in primary:
+        return None
+    start = int(primary["AR_HDU"]) - 1  # 1-based
+    tables = {int(h.header.get("AR_CATN", -1)): h.data for h in hdul[start:]
+              if _kind(h) in ("ARCHIVE_INDEX", "ARCHIVE_DATA")}
+    index = tables.get(0)
+    if index is None:
+        raise InputError(path, f"AR_HDU = {primary['AR_HDU']} does not point at the archive")
+
+    def entry(object_id):
+        rows = index[index["id"] == object_id]
+        if not len(rows):
+            raise InputError(path, f"archive object {object_id} not found")
+        row = rows[0]
+        data = tables[int(row["cat.archive"])]
+        return str(row["name"]).strip(), data[int(row["row0"])]
+
+    name, psf_row = entry(int(primary["PSF_ID"]))
+    if name == "KernelPsf":
+        kernel_name, kernel = entry(int(psf_row["kernel"]))
+        if kernel_name == "FixedKernel":
+            nx, ny = int(kernel["dimensions_x"]), int(kernel["dimensions_y"])
+            image = np.asarray(kernel["image"], float).reshape(ny, nx)
+            return ImagePsf(centred_psf_image(image, (int(kernel["center_x"]),
+                                                      int(kernel["center_y"]))))
+        name = f"KernelPsf with a {kernel_name}"
+    log.info("%s: its persisted PSF is a %s, which gpudiffim does not read: it will be "
+             "measured", path, name)
+    return None
 
 
 # ---------------------------------------------------------------------------- PSFs
@@ -220,7 +412,7 @@ def _psf_from_hdu(path, hdu):
         if hdu.header.get("PSFTYPE", "IMAGE") == "POLYNOMIAL":
             return PolynomialPsf(data, order=int(hdu.header["PSFORDER"]),
                                  bbox=(int(hdu.header["PSFBBOXW"]), int(hdu.header["PSFBBOXH"])))
-        return ImagePsf(data)
+        return ImagePsf(centred_psf_image(data))
     except (ValueError, KeyError, TypeError) as exc:
         raise InputError(path, f"bad PSF model ({exc})") from exc
 
@@ -257,7 +449,7 @@ def _primary_header(exposure: Exposure) -> fits.Header:
     info = exposure.info
     for key, value in (("VISIT", info.visit), ("DETECTOR", info.detector),
                        ("BAND", info.band), ("EXPTIME", info.exptime),
-                       ("MAGZERO", exposure.zero_point)):
+                       ("MAGZERO", exposure.zero_point), ("BUNIT", info.units)):
         if value is not None:
             header[key] = value
     for key, value in info.extra.items():

@@ -414,6 +414,8 @@ def dia_sources(result, science: Exposure | None = None,
         kernel-error scale detection measured.
     """
     backend = get_backend(backend)
+    if science is not None and science.psf is None:  # measured by the subtraction
+        science = science.replace(psf=result.science_psf)
     det = detect(result.difference, result.is_score, detection_config, backend, result.noise)
     noise = result.noise.with_residual_scale(det.residual_scale)
     table = measure(result.difference, det, science, result.is_score, measure_config, backend,

@@ -6,12 +6,14 @@ stages send the images they need to the device explicitly.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.signal import fftconvolve
 
 from .backend import get_backend
+from .errors import GpuDiffimError
 from .exposure import KERNEL_FIT_EXCLUDED
 from .inject import shift_image
 from .sources import SourceSelectionConfig, select_kernel_sources
@@ -19,7 +21,10 @@ from .spatial import monomial_terms, polynomial_terms, scaled_coords
 from .stamps import gather_stamps
 
 __all__ = ["FWHM_PER_SIGMA", "ImagePsf", "PolynomialPsf", "adaptive_moments", "half_max_fwhm",
-           "convolved_psf", "kernel_convolved_psf", "gaussian_psf", "measure_psf"]
+           "centred_psf_image", "convolved_psf", "kernel_convolved_psf", "gaussian_psf",
+           "measure_psf", "PsfMeasurementError"]
+
+log = logging.getLogger(__name__)
 
 FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 
@@ -32,6 +37,29 @@ def _normalised(image) -> np.ndarray:
     if not np.isfinite(total) or total <= 0:
         raise ValueError("PSF image must have a positive, finite sum")
     return image / total
+
+
+def centred_psf_image(image, centre: tuple[int, int] | None = None) -> np.ndarray:
+    """A PSF image of any size as one with odd sides centred on its central pixel.
+
+    ``centre`` (x, y): the pixel the PSF is centred on (afw kernels give it); the image is
+    zero-padded around it. Without one, an even side's centre lies between two pixels: the
+    image is shifted half a pixel (Fourier) and padded by one.
+    """
+    image = np.asarray(image, dtype=np.float64)
+    if image.ndim != 2:
+        raise ValueError(f"a PSF image must be 2-D, got shape {image.shape}")
+    h, w = image.shape
+    if centre is not None:
+        cx, cy = centre
+        half = max(cx, w - 1 - cx, cy, h - 1 - cy)
+        out = np.zeros((2 * half + 1, 2 * half + 1))
+        out[half - cy:half - cy + h, half - cx:half - cx + w] = image
+        return out
+    if h % 2 and w % 2:
+        return image
+    shifted = shift_image(image, 0.5 * (1 - w % 2), 0.5 * (1 - h % 2))
+    return np.pad(shifted, ((0, 1 - h % 2), (0, 1 - w % 2)))
 
 
 def adaptive_moments(image: np.ndarray, n_iter: int = 50) -> tuple[float, float, float]:
@@ -190,58 +218,108 @@ def gaussian_psf(sigma: float, size: int | None = None, e1: float = 0.0) -> Imag
     return ImagePsf(np.exp(-0.5 * ((x / sx) ** 2 + (y / sy) ** 2)))
 
 
+class PsfMeasurementError(GpuDiffimError):
+    """No star of the exposure could be used to measure its PSF."""
+
+
+MIN_MODEL_STARS = 5  # fewer stars than this: a Gaussian of their FWHM, not a pixel model
+
+
 def measure_psf(exposure, order: int = 2, size: int | None = None, snr_range=(50.0, 2000.0),
-                max_stars: int = 200, backend=None) -> PolynomialPsf:
+                max_stars: int = 200, backend=None) -> ImagePsf:
     """Measure a spatially varying PSF from the exposure's stars (PSFEx-like).
 
-    Bright (S/N in ``snr_range``), isolated, unmasked peaks are found with a Gaussian matched
-    filter on the backend; the compact ones (the stellar locus of adaptive-moment sizes)
-    are cut out, their local sky removed, recentred by Fourier shifts and normalised; each
-    pixel of the PSF is then fitted as a polynomial of ``order`` in detector position.
+    Bright (S/N in ``snr_range``; down to 20 when fewer than 5 are found), isolated,
+    unmasked peaks are found with a Gaussian matched filter on the backend; the compact ones
+    (the stellar locus of adaptive-moment sizes) are cut out, their local sky removed,
+    recentred by Fourier shifts and normalised; each pixel of the PSF is then fitted as a
+    polynomial of ``order`` in detector position (lowered while there are too few stars).
+    With fewer than 5 usable stars the PSF is a round Gaussian of their measured FWHM, with
+    a warning; with none, :class:`PsfMeasurementError`.
     """
     backend = get_backend(backend)
-    ny, nx = exposure.shape
+    pos = _psf_stars(exposure, snr_range, max_stars, backend)
+    if len(pos) < MIN_MODEL_STARS:  # a sparse or shallow field: fainter stars too
+        pos = _psf_stars(exposure, (min(20.0, snr_range[0]), snr_range[1]), max_stars, backend)
+    if not len(pos):
+        raise PsfMeasurementError("no star usable to measure a PSF from (S/N >= 20, isolated, "
+                                  "unmasked, away from the edges)")
+    big = 2 * ((size or 41) // 2) + 1 + 8
+    stamps = _sky_subtracted_stamps(exposure, pos, big, backend)
+    sizes, shifts = _star_shapes(stamps)
+    locus = np.median(np.sort(sizes)[:max(5, len(sizes) // 2)])  # stars: the compact end
+    keep = np.abs(sizes / locus - 1) < 0.12
+    final = 2 * ((size or int(np.clip(8 * locus * FWHM_PER_SIGMA / 2.0, 15, 41))) // 2) + 1
+    images, xy, fluxes = _centred_stars(stamps[keep], shifts[keep], pos[keep], final)
+    if len(images) < MIN_MODEL_STARS:
+        if not len(images):
+            raise PsfMeasurementError(f"none of {len(pos)} PSF star candidates is usable")
+        fwhm = float(np.median([np.mean(half_max_fwhm(im)) for im in images]))
+        log.warning("only %d usable stars: the PSF is a Gaussian of their FWHM, %.2f px",
+                    len(images), fwhm)
+        return gaussian_psf(fwhm / FWHM_PER_SIGMA, size=final)
+    return _pixel_model(images, xy, fluxes, order, exposure.shape, final)
+
+
+def _psf_stars(exposure, snr_range, max_stars, backend) -> np.ndarray:
+    """Host (n, 2) positions of PSF star candidates."""
     bad = (backend.asarray(exposure.mask)
            & exposure.bit(*[p for p in KERNEL_FIT_EXCLUDED if p in exposure.mask_planes])) != 0
     guess = gaussian_psf(2.0, size=15).image
     cfg = SourceSelectionConfig(detectionThreshold=snr_range[0], maxSnr=snr_range[1],
                                 nStarPerCell=3, maxKernelSources=4 * max_stars, isolation=0.05,
                                 cleanCore=15)
+    return select_kernel_sources(backend.asarray(exposure.image),
+                                 backend.asarray(exposure.variance), bad, guess, cfg, 25,
+                                 backend=backend)
+
+
+def _sky_subtracted_stamps(exposure, pos, size, backend) -> np.ndarray:
+    """Host float64 stamps, less the median of their top and bottom rows; pixels beyond the
+    image are at the sky (0 once it is removed)."""
     image = backend.asarray(exposure.image)
-    pos = select_kernel_sources(image, backend.asarray(exposure.variance), bad, guess, cfg, 25,
-                                backend=backend)
-    if len(pos) < 5:
-        raise ValueError(f"only {len(pos)} usable stars to measure a PSF from")
-    big = 2 * ((size or 41) // 2) + 1 + 8
-    stamps = backend.to_host(gather_stamps(backend, image, pos, big))
-    stamps = stamps.astype(np.float64)
+    stamps = backend.to_host(gather_stamps(backend, image, pos, size, np.nan)).astype(np.float64)
     border = np.concatenate([stamps[:, :3].reshape(len(pos), -1),
                              stamps[:, -3:].reshape(len(pos), -1)], 1)
-    stamps -= np.median(border, axis=1)[:, None, None]
+    with np.errstate(all="ignore"):
+        sky = np.nanmedian(border, axis=1)
+    stamps -= np.where(np.isfinite(sky), sky, 0.0)[:, None, None]
+    return np.nan_to_num(stamps, nan=0.0)
+
+
+def _star_shapes(stamps):
+    """Each stamp's adaptive-moment size sqrt(sx sy) and centroid offset (x, y)."""
+    big = stamps.shape[-1]
+    y, x = np.mgrid[:big, :big] - big // 2
     sizes, shifts = [], []
     for st in stamps:
         sx, sy, _ = adaptive_moments(np.clip(st, 0, None) + 1e-12)
         sizes.append(np.sqrt(sx * sy))
-        y, x = np.mgrid[:big, :big] - big // 2
         w = np.exp(-0.5 * (x * x + y * y) / (sx * sy)) * st
         shifts.append((np.sum(w * x) / np.sum(w), np.sum(w * y) / np.sum(w)))
-    sizes = np.array(sizes)
-    locus = np.median(np.sort(sizes)[:max(5, len(sizes) // 2)])  # stars: the compact end
-    keep = np.abs(sizes / locus - 1) < 0.12
-    final = 2 * ((size or int(np.clip(8 * locus * FWHM_PER_SIGMA / 2.0, 15, 41))) // 2) + 1
-    cut = (big - final) // 2
+    return np.array(sizes), np.array(shifts).reshape(-1, 2)
+
+
+def _centred_stars(stamps, shifts, pos, final):
+    """Stars shifted onto their central pixel, cut to ``final``, normalised; with their
+    positions and fluxes (stars of no positive flux dropped)."""
+    cut = (stamps.shape[-1] - final) // 2
     images, xy, fluxes = [], [], []
-    for st, (dx, dy), ok, p in zip(stamps, shifts, keep, pos):
-        if not ok:
-            continue
+    for st, (dx, dy), p in zip(stamps, shifts, pos):
         centred = shift_image(st, -dx, -dy)[cut:cut + final, cut:cut + final]
         total = centred.sum()
         if total > 0:
             images.append(centred / total)
             xy.append(p[:2] + np.array([dx, dy]))
             fluxes.append(total)
-    images, xy = np.array(images), np.array(xy)
-    weight = np.sqrt(np.array(fluxes))[:, None]  # sky-limited: S/N per pixel grows with flux
+    return np.array(images), np.array(xy).reshape(-1, 2), np.array(fluxes)
+
+
+def _pixel_model(images, xy, fluxes, order, shape, final) -> PolynomialPsf:
+    """Each PSF pixel a polynomial in position, flux-weighted, stars far from the model
+    (neighbours, cosmic rays) dropped twice."""
+    ny, nx = shape
+    weight = np.sqrt(fluxes)[:, None]  # sky-limited: S/N per pixel grows with flux
     while order > 0 and len(images) < 3 * len(polynomial_terms(order)):
         order -= 1
     u, v = scaled_coords(xy[:, 0], xy[:, 1], (nx, ny))
@@ -249,7 +327,7 @@ def measure_psf(exposure, order: int = 2, size: int | None = None, snr_range=(50
     flat = images.reshape(len(images), -1)
     weight = weight / weight.max()
     coeffs = np.linalg.lstsq(design * weight, flat * weight, rcond=None)[0]
-    for _ in range(2):  # drop stars far from the model (neighbours, cosmic rays), refit
+    for _ in range(2):
         resid = np.sqrt(np.mean((design @ coeffs - flat) ** 2, axis=1)) * weight[:, 0]
         good = resid <= 3 * np.median(resid)
         coeffs = np.linalg.lstsq(design[good] * weight[good], flat[good] * weight[good],

@@ -212,6 +212,7 @@ def compute_exposure(repo, row, config: RunConfig, pair=None, on_device=None):
                        "n_kernel_sources": q["n_kernel_sources"],
                        "kernel_residual_std": q["kernel_residual_std"],
                        "difference_pull_sigma": q["difference_pull_sigma"],
+                       "variance_scale": q["variance_scale"],
                        # the kernel's own error that detection added near bright sources
                        "residual_scale": float(sources.meta.get("residual_scale", 0.0))})
     except KeyboardInterrupt:

@@ -6,14 +6,19 @@ subtraction's control flow and quality figures.
 
 from __future__ import annotations
 
-__all__ = ["good_sample", "median_where", "robust_sigma_where"]
+__all__ = ["good_sample", "sorted_subsample", "median_where", "robust_sigma_where",
+           "robust_sigma_of_sorted"]
 
 
 def good_sample(backend, values, good, max_n: int = 200_000):
     """Sorted values where ``good``, every k-th of them so that at most ~``max_n`` remain."""
     xp = backend.xp
-    sample = xp.reshape(values, (-1,))[xp.reshape(good, (-1,))]
-    return xp.sort(sample[::max(1, int(sample.shape[0] // max_n))])
+    return sorted_subsample(backend, xp.reshape(values, (-1,))[xp.reshape(good, (-1,))], max_n)
+
+
+def sorted_subsample(backend, sample, max_n: int = 200_000):
+    """A 1-D sample sorted, every k-th of it so that at most ~``max_n`` remain."""
+    return backend.xp.sort(sample[::max(1, int(sample.shape[0] // max_n))])
 
 
 def median_where(backend, values, good) -> float | None:
@@ -27,8 +32,12 @@ def median_where(backend, values, good) -> float | None:
 def robust_sigma_where(backend, values, good) -> float:
     """Robust standard deviation (MAD x 1.4826) of ``values`` where ``good``, on a
     subsample; NaN when no pixel is good."""
+    return robust_sigma_of_sorted(backend, good_sample(backend, values, good))
+
+
+def robust_sigma_of_sorted(backend, s) -> float:
+    """Robust standard deviation (MAD x 1.4826) of a sorted 1-D sample (NaN when empty)."""
     xp = backend.xp
-    s = good_sample(backend, values, good)
     if s.shape[0] == 0:
         return float("nan")
     dev = xp.sort(xp.abs(s - s[s.shape[0] // 2]))

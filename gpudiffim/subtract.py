@@ -32,7 +32,7 @@ from scipy.signal import fftconvolve
 
 from .arrayops import window_or
 from .backend import get_backend
-from .background import refit_sky_plane
+from .background import quiet_blocks, quiet_pixels, refit_sky_plane
 from .basis import BasisConfig, KernelBasis, alard_lupton_basis
 from .convolve import convolve_exposure, fft_convolve, grow_mask, kernel_core, kernel_reach
 from .decorrelate import decorrelation_kernel
@@ -48,16 +48,16 @@ from .exposure import (
 from .kernel_fit import KernelFitConfig, KernelSolution, fit_kernel, psf_flux_ratio
 from .noise import NoiseModel, decorrelated_variance, residual_power, score_variance
 from .options import configclass, option
-from .psf import ImagePsf, convolved_psf, kernel_convolved_psf
+from .psf import ImagePsf, convolved_psf, kernel_convolved_psf, measure_psf
 from .score import prefilter, score_norm, self_convolved
 from .sources import select_kernel_sources, source_snr_maps
-from .stats import median_where, robust_sigma_where
+from .stats import median_where, robust_sigma_of_sorted, sorted_subsample
 
 __all__ = ["MODES", "SubtractConfig", "SubtractionResult", "MatchingProblem", "subtract",
            "psf_centre", "choose_flavor", "matching_problem", "kernel_sources",
            "fit_matching_kernel", "matched_difference", "difference_mask", "difference_psf",
            "empty_sky_background", "decorrelation", "decorrelate", "input_variances",
-           "difference_variance", "noise_model"]
+           "difference_variance", "noise_model", "with_psf", "difference_pull", "variance_scale"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,9 @@ class SubtractConfig:
     refitBackground: bool = option(True, "re-fit the difference's background over empty sky")
     preconvolveByMatching: bool = option(True, "preconvolve with a sharper template: fit "
                                                "template -> science, then pre-filter")
+    doScaleVariance: bool = option(True, "rescale the difference's variance to its own "
+                                         "pixels' noise (ip_diffim)")
+    varianceScaleLimit: float = option(10.0, "largest variance rescaling applied, either way")
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -130,6 +133,8 @@ class SubtractionResult:
         Figures of the fit and the difference (JSON-ready).
     noise : NoiseModel
         How the inputs' noise and the kernel's error reach the difference.
+    science_psf, template_psf : PSF models
+        The inputs' PSFs, as given or as measured.
     """
 
     difference: Exposure
@@ -138,6 +143,8 @@ class SubtractionResult:
     is_score: bool
     quality: dict
     noise: NoiseModel
+    science_psf: object = None
+    template_psf: object = None
 
     def summary(self) -> dict:
         """JSON-ready description of the fit."""
@@ -171,7 +178,7 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | Non
     """
     config = config or SubtractConfig()
     backend = get_backend(backend)
-    sci, tmpl = _on_backend(science, template, backend)
+    sci, tmpl = (with_psf(e, backend) for e in _on_backend(science, template, backend))
     flavor = choose_flavor(sci, tmpl, config.mode)
     problem = matching_problem(sci, tmpl, flavor, config.preconvolveByMatching,
                                config.kernel.badMaskPlanes, backend)
@@ -185,7 +192,8 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | Non
     mask = difference_mask(problem, sci, tmpl, kernel, backend)
     good = (mask & mask_bits(*DETECTION_EXCLUDED)) == 0
     psf = difference_psf(problem, sci, solution)
-    diff, sky = empty_sky_background(diff, mask, good, snr_maps[1], solution, config, backend)
+    quiet = quiet_blocks(backend, snr_maps[1])
+    diff, sky = empty_sky_background(diff, mask, good, quiet, solution, config, backend)
     s_var, t_var = _median_variances(sci, tmpl, good, backend)
     phi = (decorrelation(problem, solution, kernel, s_var, t_var)
            if config.doDecorrelation else None)
@@ -193,12 +201,14 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | Non
     variances = input_variances(problem, backend)
     var = difference_variance(problem, sci, solution, kernel, phi, mask, variances, backend)
     diff, var = _in_flux_units(problem, sci, diff, var, phi, backend)
+    pull = difference_pull(diff, var, good, quiet, backend)
+    scale = variance_scale(pull, config) if config.doScaleVariance else 1.0
+    var, variances = var * scale, tuple(v * scale for v in variances)
     noise = noise_model(problem, solution, kernel, phi, good, positions, variances, backend)
-    quality = _quality(problem, solution, kernel, phi, sky, s_var, t_var, diff, var, good,
-                       backend)
+    quality = _quality(problem, solution, kernel, phi, sky, s_var, t_var, pull, scale)
     difference = sci.replace(image=diff, mask=mask, variance=var, psf=psf)
     return SubtractionResult(difference, solution, flavor, flavor == "preconvolve", quality,
-                             noise)
+                             noise, sci.psf, tmpl.psf)
 
 
 # ---------------------------------------------------------------------------- set-up
@@ -207,6 +217,20 @@ def _on_backend(science: Exposure, template: Exposure, backend):
         raise GpuDiffimError(f"template shape {template.shape} differs from science "
                              f"{science.shape}: resample the template onto the science grid")
     return science.to_backend(backend), template.to_backend(backend)
+
+
+def with_psf(exposure: Exposure, backend) -> Exposure:
+    """The exposure with a PSF model: its own, else one measured from its stars."""
+    if exposure.psf is not None:
+        return exposure
+    log.info("no PSF model given for %s: measuring one from its stars", _name(exposure))
+    return exposure.replace(psf=measure_psf(exposure, backend=backend))
+
+
+def _name(exposure: Exposure) -> str:
+    info = exposure.info
+    return (f"visit {info.visit} detector {info.detector}" if info.visit is not None
+            else "the exposure")
 
 
 def psf_centre(exposure: Exposure) -> np.ndarray:
@@ -392,16 +416,17 @@ def difference_psf(problem: MatchingProblem, sci: Exposure, solution: KernelSolu
     return sci.psf if problem.prefilter is None else convolved_psf(sci.psf, problem.prefilter)
 
 
-def empty_sky_background(diff, mask, good, snr, solution: KernelSolution,
+def empty_sky_background(diff, mask, good, sky, solution: KernelSolution,
                          config: SubtractConfig, backend):
-    """Zero the pixels with no value, then re-fit and subtract the background over empty
-    sky (when configured). Returns the difference and the re-fit's value at the centre."""
+    """Zero the pixels with no value, then re-fit and subtract the background over the
+    empty-sky blocks ``sky`` (when configured). Returns the difference and the re-fit's
+    value at the centre."""
     xp = backend.xp
     unusable = (mask & mask_bits(*UNUSABLE_PLANES)) != 0
     diff = xp.where(unusable, 0.0, diff)
     if not (config.refitBackground and config.doSubtractBackground):
         return diff, 0.0
-    plane, offset = refit_sky_plane(backend, diff, good, snr, solution.bbox,
+    plane, offset = refit_sky_plane(backend, diff, good, sky, solution.bbox,
                                     config.kernel.spatialBgOrder)
     return xp.where(unusable, 0.0, diff - plane), offset
 
@@ -504,12 +529,36 @@ def noise_model(problem: MatchingProblem, solution: KernelSolution, kernel: np.n
     return NoiseModel(paths, power, np.asarray(positions), solution.basis.size)
 
 
-def _quality(problem, solution, kernel, phi, sky_offset, s_var, t_var, diff, var, good,
-             backend) -> dict:
+def difference_pull(diff, var, good, quiet, backend, min_fraction: float = 0.05) -> float:
+    """Robust standard deviation of difference / sqrt(variance) over the empty-sky blocks
+    ``quiet`` (:func:`~gpudiffim.background.quiet_blocks`, as ip_diffim leaves the DETECTED
+    pixels out), or over all good pixels when empty sky is under ``min_fraction`` of the
+    detector (a crowded field): 1 when the variance plane describes the noise."""
     xp = backend.xp
+    z = xp.reshape(diff / xp.sqrt(xp.where(var > 0, var, 1.0)), (-1,))
+    use = good & (var > 0)
+    sample = z[xp.reshape(use & quiet_pixels(backend, quiet, diff.shape), (-1,))]
+    if sample.shape[0] < min_fraction * z.shape[0]:
+        sample = z[xp.reshape(use, (-1,))]
+    return robust_sigma_of_sorted(backend, sorted_subsample(backend, sample))
+
+
+def variance_scale(pull: float, config: SubtractConfig) -> float:
+    """The factor that makes the variance plane match the difference's pixels: the square
+    of their robust pull, within ``varianceScaleLimit`` either way (ip_diffim's
+    ``doScaleVariance``)."""
+    if not np.isfinite(pull) or pull <= 0:
+        log.warning("difference noise not measurable: variance left as it is")
+        return 1.0
+    scale = pull * pull
+    limit = config.varianceScaleLimit
+    if not 1.0 / limit <= scale <= limit:
+        log.warning("variance scale %.3g outside [1/%g, %g]: clipped", scale, limit, limit)
+    return float(np.clip(scale, 1.0 / limit, limit))
+
+
+def _quality(problem, solution, kernel, phi, sky_offset, s_var, t_var, pull, scale) -> dict:
     w, h = solution.bbox
-    pull = robust_sigma_where(backend, diff / xp.sqrt(xp.where(var > 0, var, 1.0)),
-                              good & (var > 0))
     return {
         "flavor": problem.flavor, "decorrelated": phi is not None,
         "preconvolve_by_matching": problem.by_matching,
@@ -521,6 +570,6 @@ def _quality(problem, solution, kernel, phi, sky_offset, s_var, t_var, diff, var
         "sky_refit_centre": sky_offset,
         "n_kernel_sources": solution.stats["n_used"],
         "kernel_residual_std": solution.stats["residual_std"],
-        "difference_pull_sigma": pull,
+        "difference_pull_sigma": pull, "variance_scale": scale,
         "science_variance": s_var, "template_variance": t_var,
     }

@@ -79,13 +79,34 @@ def test_plain_fits_with_gain(tmp_path, rng):
     assert np.count_nonzero(exp.mask) == 2 and exp.info.exptime == 30.0
 
 
-def test_plain_fits_without_gain_estimates_sky_noise(tmp_path, rng):
-    image = rng.normal(0.0, 7.0, size=(256, 256)).astype(np.float32)
-    image[100:110, 100:110] += 5000.0  # a bright source must not inflate the estimate
+def test_sky_subtracted_image_without_variance_gets_its_local_noise(tmp_path, rng):
+    """No variance, no gain, sky already subtracted: the variance map follows the sky noise
+    as it changes across the image (sigma 5 -> 10 along x), and a bright source does not
+    inflate it."""
+    ny, nx = 256, 384
+    sigma = np.broadcast_to(5.0 + 5.0 * np.arange(nx) / (nx - 1), (ny, nx))
+    image = (rng.normal(size=(ny, nx)) * sigma).astype(np.float32)
+    image[100:110, 100:110] += 5000.0
     fits.PrimaryHDU(image).writeto(tmp_path / "plain.fits")
     exp = read_exposure(tmp_path / "plain.fits")
-    assert abs(np.sqrt(exp.variance[0, 0]) / 7.0 - 1) < 0.03
-    assert np.ptp(exp.variance) == 0 and exp.wcs is None
+    ratio = np.sqrt(exp.variance) / sigma
+    inner = ratio[16:-16, 16:-16]
+    assert np.abs(np.median(inner) - 1) < 0.02 and np.percentile(np.abs(inner - 1), 99) < 0.08
+    assert abs(ratio[105, 105] - 1) < 0.1 and exp.wcs is None
+
+
+def test_integer_pixels_become_scaled_float32(tmp_path):
+    """int16 with BZERO/BSCALE (as the Liverpool Telescope writes) and uint16 (an Apogee
+    camera) read as the physical values in float32."""
+    values = np.arange(100, dtype=np.float64).reshape(10, 10) * 7.0 + 30000.0
+    hdu = fits.PrimaryHDU(values.astype(np.float32))
+    hdu.scale("int16", bzero=32768, bscale=1)
+    hdu.writeto(tmp_path / "i16.fits")
+    fits.PrimaryHDU(values.astype(np.uint16)).writeto(tmp_path / "u16.fits")
+    for name in ("i16.fits", "u16.fits"):
+        exp = read_exposure(tmp_path / name)
+        assert exp.image.dtype == np.float32
+        np.testing.assert_array_equal(exp.image, values)
 
 
 def test_psf_file_roundtrip(tmp_path, rng):
@@ -147,9 +168,9 @@ def test_shape_mismatch(tmp_path):
     _check(tmp_path / "s.fits", "plane shapes differ")
 
 
-def test_non_float_data(tmp_path):
-    fits.PrimaryHDU(np.ones((10, 10), np.int16)).writeto(tmp_path / "i.fits")
-    _check(tmp_path / "i.fits", "not floating point")
+def test_a_cube_is_no_image(tmp_path):
+    fits.PrimaryHDU(np.ones((3, 10, 10), np.float32)).writeto(tmp_path / "cube.fits")
+    _check(tmp_path / "cube.fits", "3-D array of shape (3, 10, 10), not a 2-D image")
 
 
 def test_all_nan_image(tmp_path):

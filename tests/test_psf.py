@@ -5,9 +5,29 @@ import dataclasses
 import numpy as np
 import pytest
 
+from gpudiffim.exposure import Exposure
 from gpudiffim.io import read_exposure
-from gpudiffim.psf import ImagePsf, gaussian_psf, measure_psf
+from gpudiffim.profiles import moffat
+from gpudiffim.psf import ImagePsf, PsfMeasurementError, gaussian_psf, measure_psf
 from gpudiffim.simulate import PRESETS, simulate
+
+FWHM, BETA = 4.5, 3.0
+
+
+def _moffat_field(rng, positions, shape=(256, 256), sky_sigma=5.0):
+    """Sky-subtracted noise with Moffat stars (FWHM 4.5 px, beta 3) of flux 2e4-1e5 at
+    ``positions`` (x, y); stars past the edges are drawn as far as they reach."""
+    ny, nx = shape
+    yy, xx = np.mgrid[:ny, :nx]
+    image = rng.normal(0.0, sky_sigma, shape)
+    for (x, y), flux in zip(positions, rng.uniform(2e4, 1e5, len(positions))):
+        image += flux * moffat(xx - x, yy - y, FWHM, BETA)
+    var = np.full(shape, sky_sigma**2) + np.maximum(image, 0) / 4.0
+    return Exposure.from_arrays(image, None, var)
+
+
+def _fwhm(psf, x=128, y=128):
+    return float(np.mean(psf.fwhm(x, y)))
 
 
 def test_fwhm_of_a_gaussian():
@@ -76,3 +96,30 @@ def test_kernel_convolved_psf_is_the_psf_through_the_kernel_everywhere():
         c = full.shape[0] // 2
         want = full[c - 12:c + 13, c - 12:c + 13]
         np.testing.assert_allclose(model.image_at(x, y), want / want.sum(), rtol=1e-8, atol=1e-12)
+
+
+def test_measured_fwhm_with_stars_touching_every_edge(rng):
+    """Stars centred on, just inside and just outside every edge and corner (their stamps
+    reach past the image) besides a few inside: the PSF's FWHM comes back to 3%."""
+    edge = [(0.3, 60.2), (2.6, 190.7), (255.4, 100.1), (253.2, 30.6), (80.5, 0.4), (170.2, 2.3),
+            (120.7, 255.2), (30.1, 253.6), (0.6, 0.2), (255.5, 255.3), (-1.5, 140.0),
+            (200.0, 257.0)]
+    inside = [(60.3, 70.6), (190.4, 60.2), (128.6, 128.1), (70.2, 190.7), (200.5, 180.4),
+              (120.2, 40.3), (40.4, 120.8), (160.6, 110.5)]
+    psf = measure_psf(_moffat_field(rng, edge + inside))
+    assert _fwhm(psf) == pytest.approx(FWHM, rel=0.03)
+
+
+def test_measured_fwhm_from_only_eight_stars(rng):
+    stars = [(50.3, 60.6), (190.4, 50.2), (128.6, 128.1), (60.2, 200.7), (210.5, 190.4),
+             (100.2, 90.3), (160.4, 170.8), (200.6, 110.5)]
+    psf = measure_psf(_moffat_field(rng, stars))
+    assert _fwhm(psf) == pytest.approx(FWHM, rel=0.03)
+
+
+def test_three_stars_give_a_gaussian_of_their_fwhm_and_none_an_error(rng, caplog):
+    psf = measure_psf(_moffat_field(rng, [(60.3, 70.6), (190.4, 60.2), (128.6, 180.1)]))
+    assert "Gaussian of their FWHM" in caplog.text
+    assert _fwhm(psf) == pytest.approx(FWHM, rel=0.05)
+    with pytest.raises(PsfMeasurementError, match="no star usable"):
+        measure_psf(_moffat_field(rng, []))

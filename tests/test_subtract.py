@@ -301,3 +301,22 @@ def test_no_kernel_sources_is_a_clear_error():
     for mode in ("convolveTemplate", "convolveScience"):
         with pytest.raises(KernelFitError, match="kernel sources"):
             subtract(science, template, SubtractConfig(mode=mode))
+
+
+@pytest.mark.parametrize("mode", ["convolveTemplate", "preconvolve"])
+def test_variance_is_rescaled_to_the_difference_noise(mode):
+    """Both inputs' variance planes understated 4x (as a reader's noise model can be): the
+    difference's variance is rescaled by the square of its measured pull (ip_diffim's
+    doScaleVariance), so its pixels are unit noise again and the factor is recorded."""
+    science, template = kernel_pair(shape=(512, 512), n_stars=200, seed=6)
+    low = [e.replace(variance=e.variance / 4.0) for e in (science, template)]
+    res = subtract(*low, SubtractConfig(mode=mode))
+    kept = subtract(*low, SubtractConfig(mode=mode, doScaleVariance=False))
+    d = res.difference
+    good = (d.mask == 0) & (d.variance > 0)
+    # within 10%: the understated noise doubles every S/N, so other kernel sources are chosen
+    assert res.quality["variance_scale"] == pytest.approx(4.0, rel=0.1)
+    assert mad_std(d.image[good] / np.sqrt(d.variance[good])) == pytest.approx(1.0, abs=0.03)
+    assert kept.quality["variance_scale"] == 1.0
+    np.testing.assert_allclose(d.variance, kept.difference.variance * res.quality[
+        "variance_scale"], rtol=1e-5)
