@@ -18,11 +18,13 @@ shape. Host-side NumPy: it runs while reading.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from astropy.stats import mad_std
 from scipy import ndimage
 
-__all__ = ["estimate_variance", "local_sky_noise", "robust_sigma"]
+__all__ = ["estimate_variance", "local_sky_noise", "source_pixels", "robust_sigma"]
 
 
 def robust_sigma(values: np.ndarray) -> float:
@@ -34,10 +36,30 @@ def robust_sigma(values: np.ndarray) -> float:
     return sigma if sigma > 0 else float(np.std(values))
 
 
+def source_pixels(image: np.ndarray, good: np.ndarray, smoothing: float = 2.0,
+                  threshold: float = 3.0, grow: int = 4) -> np.ndarray:
+    """Pixels on or near a source: where the image smoothed by a Gaussian of ``smoothing``
+    pixels rises ``threshold`` times its own (white-noise) scatter above the median, grown
+    by ``grow`` pixels (star wings would otherwise inflate a local noise estimate)."""
+    values = image[good]
+    level, sigma = float(np.median(values)), robust_sigma(values)
+    smooth = ndimage.gaussian_filter(np.where(good, image - level, 0.0), smoothing)
+    smooth_sigma = sigma / (2.0 * np.sqrt(np.pi) * smoothing)
+    return ndimage.binary_dilation(smooth > threshold * smooth_sigma, iterations=grow)
+
+
 def local_sky_noise(image: np.ndarray, good: np.ndarray, block: int = 32):
-    """Maps of the local sky level and its noise (robust, sources clipped), per ``block`` x
-    ``block`` block, median-smoothed over 3 x 3 blocks and interpolated bilinearly onto the
-    image. Returns ``(level, sigma)`` float64 arrays of the image's shape."""
+    """Maps of the local sky level and its noise (robust, sources left out: see
+    :func:`source_pixels`), per ``block`` x ``block`` block, median-smoothed over 3 x 3
+    blocks and interpolated bilinearly onto the image. Returns ``(level, sigma)`` float64
+    arrays of the image's shape."""
+    good = good & ~source_pixels(image, good)
+    with warnings.catch_warnings():  # blocks with no usable pixel are filled below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _block_maps(image, good, block)
+
+
+def _block_maps(image, good, block):
     ny, nx = image.shape
     block = int(max(8, min(block, ny // 4 or 1, nx // 4 or 1)))
     by, bx = -(-ny // block), -(-nx // block)

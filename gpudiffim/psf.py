@@ -90,6 +90,8 @@ def adaptive_moments(image: np.ndarray, n_iter: int = 50) -> tuple[float, float,
         new = (2 * mxx, 2 * myy, 2 * mxy)
         if np.allclose(new, (sxx, syy, sxy), rtol=1e-7, atol=1e-9):
             break
+        if not (new[0] > 1e-6 and new[1] > 1e-6 and new[0] * new[1] - new[2] ** 2 > 1e-12):
+            break  # collapsed onto one pixel (a cosmic ray, a hot pixel): keep the last
         sxx, syy, sxy = new
     return float(np.sqrt(sxx)), float(np.sqrt(syy)), float(sxy / np.sqrt(sxx * syy))
 
@@ -229,18 +231,18 @@ def measure_psf(exposure, order: int = 2, size: int | None = None, snr_range=(50
                 max_stars: int = 200, backend=None) -> ImagePsf:
     """Measure a spatially varying PSF from the exposure's stars (PSFEx-like).
 
-    Bright (S/N in ``snr_range``; down to 20 when fewer than 5 are found), isolated,
-    unmasked peaks are found with a Gaussian matched filter on the backend; the compact ones
-    (the stellar locus of adaptive-moment sizes) are cut out, their local sky removed,
-    recentred by Fourier shifts and normalised; each pixel of the PSF is then fitted as a
-    polynomial of ``order`` in detector position (lowered while there are too few stars).
+    Bright (S/N in ``snr_range``; from 20 up, without limit, when fewer than 5 are found),
+    isolated, unmasked peaks are found with a Gaussian matched filter on the backend; the
+    compact ones (the stellar locus of adaptive-moment sizes) are cut out, their local sky
+    removed, recentred by Fourier shifts and normalised; each pixel of the PSF is then a
+    fitted polynomial of ``order`` in detector position (lowered while there are too few stars).
     With fewer than 5 usable stars the PSF is a round Gaussian of their measured FWHM, with
     a warning; with none, :class:`PsfMeasurementError`.
     """
     backend = get_backend(backend)
     pos = _psf_stars(exposure, snr_range, max_stars, backend)
-    if len(pos) < MIN_MODEL_STARS:  # a sparse or shallow field: fainter stars too
-        pos = _psf_stars(exposure, (min(20.0, snr_range[0]), snr_range[1]), max_stars, backend)
+    if len(pos) < MIN_MODEL_STARS:  # a sparse, shallow or very deep field: any star
+        pos = _psf_stars(exposure, (min(20.0, snr_range[0]), np.inf), max_stars, backend)
     if not len(pos):
         raise PsfMeasurementError("no star usable to measure a PSF from (S/N >= 20, isolated, "
                                   "unmasked, away from the edges)")

@@ -8,7 +8,10 @@ from astropy.wcs import WCS
 from gpudiffim.errors import InputError
 from gpudiffim.exposure import Exposure, ExposureInfo, mask_bits
 from gpudiffim.io import read_exposure, read_psf, write_exposure, write_psf
+from gpudiffim.profiles import moffat
 from gpudiffim.psf import PolynomialPsf, gaussian_psf
+
+from layouts import HEADERS, LAYOUTS, write_layout_pair
 
 
 def _wcs(crval=(150.1, 2.2)):
@@ -182,3 +185,37 @@ def test_unparseable_wcs(tmp_path):
     hdr = fits.Header({"CTYPE1": "RA---FOO", "CTYPE2": "DEC--FOO", "CRVAL1": 1.0})
     fits.PrimaryHDU(np.ones((10, 10), np.float32), header=hdr).writeto(tmp_path / "w.fits")
     _check(tmp_path / "w.fits", "unparseable WCS")
+
+
+# -- real instruments' layouts (headers as written, pixels simulated) --------------------
+@pytest.mark.skipif(not HEADERS.is_dir(), reason=f"no header dumps at {HEADERS}")
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_real_layouts_read_with_their_metadata_and_noise(tmp_path, name):
+    sci, _, _, stars = write_layout_pair(name, tmp_path)
+    exp = read_exposure(sci)
+    spec = LAYOUTS[name]
+    assert exp.image.dtype == np.float32 and exp.variance.dtype == np.float32
+    # the noise model against the noise the pixels were drawn with, on empty sky
+    yy, xx = np.mgrid[:exp.shape[0], :exp.shape[1]]
+    far = np.ones(exp.shape, bool)
+    for x, y in stars:
+        far[max(int(y) - 20, 0):int(y) + 21, max(int(x) - 20, 0):int(x) + 21] = False
+    far &= (exp.mask == 0) & (xx > 10) & (yy > 10)
+    if spec["sky_sigma"] is None:
+        true_var = (spec["sky"] * spec["gain"]) / spec["gain"] ** 2 + 9.0
+    else:
+        true_var = (spec["sky_sigma"] * spec["unit"]) ** 2
+    assert np.median(exp.variance[far]) == pytest.approx(true_var, rel=0.1), name
+    if name == "decam":
+        assert exp.info.detector == 37 and exp.info.extra["DETECTOR"] == "S3-177_107419-14-1"
+        assert exp.wcs is not None
+    if name == "jwst":
+        assert exp.info.units == "MJy/sr"
+        assert exp.mask[0, 0] & exp.bit("NO_DATA") and exp.image[0, 0] == 0.0
+    if name == "apogee":
+        assert exp.wcs is None
+    if name == "lsst":  # the afw PSF is read, not measured
+        yy, xx = np.mgrid[-12:13, -12:13]
+        kernel = moffat(xx, yy, spec["fwhm"], 3.0)
+        np.testing.assert_allclose(exp.psf.image, kernel / kernel.sum(), rtol=1e-12)
+        assert exp.mask[5, 0] & exp.bit("EDGE") and exp.info.exptime == 0.0
