@@ -13,13 +13,14 @@ import numpy as np
 
 from . import __version__
 from .backend import BACKEND_NAMES, get_backend, gpu_unavailable_reason
-from .errors import GpuDiffimError
+from .errors import GpuDiffimError, InputError
 from .io import atomic_path, read_exposure, read_psf, write_exposure
 from .measure import write_dia_sources
 from .pipeline import PipelineConfig, process_pair
 from .runner import run
 from .simulate import simulate
 from .subtract import MODES, SubtractConfig
+from .warp import template_on_science_grid
 
 __all__ = ["main", "build_parser"]
 
@@ -59,12 +60,14 @@ def _cmd_simulate(args) -> int:
 
 def _cmd_subtract(args) -> int:
     backend = get_backend(args.backend)
-    science, template = read_exposure(args.science), read_exposure(args.template)
-    if args.science_psf:
-        science = science.replace(psf=read_psf(args.science_psf))
-    if args.template_psf:
-        template = template.replace(psf=read_psf(args.template_psf))
+    science, template = (_read_input(args, which) for which in ("science", "template"))
     start = time.perf_counter()
+    fraction = 1.0
+    if not args.no_warp:
+        try:
+            template, fraction = template_on_science_grid(science, template, backend)
+        except GpuDiffimError as exc:  # name the file
+            raise InputError(args.template, str(exc)) from exc
     config = PipelineConfig(subtract=SubtractConfig(mode=args.flavor))
     result, sources, _ = process_pair(science, template, config, backend)
     elapsed = time.perf_counter() - start
@@ -74,6 +77,7 @@ def _cmd_subtract(args) -> int:
     summary = result.summary()
     summary["seconds"] = elapsed
     summary["backend"] = backend.name
+    summary["template_fraction"] = fraction
     with atomic_path(out / "fit.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1, default=lambda o: o.item()))
     q = result.quality
@@ -83,6 +87,15 @@ def _cmd_subtract(args) -> int:
           f"{int((~sources['sky_source']).sum())} diaSources, {elapsed:.2f} s on {backend.name} "
           f"-> {out}/difference.fits, {out}/diaSources.parquet")
     return 0
+
+
+def _read_input(args, which: str):
+    """The science or template exposure with the PSF, noise and mask files given for it."""
+    exposure = read_exposure(getattr(args, which), noise=getattr(args, f"{which}_noise"),
+                             noise_kind=args.noise_kind, mask=getattr(args, f"{which}_mask"),
+                             saturation=args.saturation)
+    psf = getattr(args, f"{which}_psf")
+    return exposure if psf is None else exposure.replace(psf=read_psf(psf))
 
 
 def _cmd_run(args) -> int:
@@ -115,12 +128,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub_p = sub.add_parser("subtract",
                            help="PSF-match and subtract a template from a science image")
     sub_p.add_argument("science")
-    sub_p.add_argument("template", help="already on the science pixel grid")
+    sub_p.add_argument("template", help="resampled onto the science grid when their WCSs differ")
     sub_p.add_argument("-o", "--output", required=True, help="output directory")
     sub_p.add_argument("--flavor", default="convolveTemplate",
                        choices=MODES)
-    sub_p.add_argument("--science-psf", help="FITS PSF model for the science image")
-    sub_p.add_argument("--template-psf", help="FITS PSF model for the template")
+    for which in ("science", "template"):
+        sub_p.add_argument(f"--{which}-psf", help=f"FITS PSF model for the {which} (default: "
+                                                  "the file's own, else measured)")
+        sub_p.add_argument(f"--{which}-noise", help=f"the {which}'s noise: a sigma, variance "
+                                                    "or inverse-variance image")
+        sub_p.add_argument(f"--{which}-mask", help=f"the {which}'s mask (MP_* planes, or "
+                                                   "non-zero = BAD)")
+    sub_p.add_argument("--noise-kind", choices=("sigma", "variance", "inverse variance"),
+                       help="what the noise files hold, when their HDU names do not say")
+    sub_p.add_argument("--saturation", type=float,
+                       help="saturation level of both images (default: their headers')")
+    sub_p.add_argument("--no-warp", action="store_true",
+                       help="do not resample the template (it is on the science grid)")
     sub_p.add_argument("--backend", choices=BACKEND_NAMES, default=None)
     sub_p.set_defaults(func=_cmd_subtract)
     run_p = sub.add_parser("run", help="process every exposure of a repository (resumable)")

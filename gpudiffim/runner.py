@@ -1,7 +1,8 @@
 """The batch runner: every (visit, detector) of a repository through the engine.
 
 ``run(repo, outdir, ...)`` reads a manifest (``manifest.ecsv``: visit, detector, band,
-science, template; optional science_psf, template_psf; paths relative to the repo),
+science, template; optional science_psf, template_psf, science_noise, template_noise,
+science_mask, template_mask; paths relative to the repo),
 and for each exposure: reads it (a reader thread pool works ahead of the device, at most
 ``prefetch`` exposures in flight, so memory stays flat, and uploads them to the device —
 on GPU through pinned memory on a non-blocking stream, overlapping the compute; a
@@ -39,16 +40,13 @@ from .measure import write_dia_sources
 from .options import configclass, option
 from .pipeline import PipelineConfig, process_pair
 from .subtract import SubtractConfig
-from .warp import same_grid, warp_exposure
+from .warp import template_on_science_grid
 
-__all__ = ["REQUIRED_TEMPLATE_FRACTION", "RunConfig", "run", "read_manifest", "exposure_dir",
+__all__ = ["RunConfig", "run", "read_manifest", "exposure_dir",
            "run_table", "process_exposure", "compute_exposure", "write_outputs",
            "TemplateCache"]
 
 log = logging.getLogger(__name__)
-
-REQUIRED_TEMPLATE_FRACTION = 0.1  # ip_diffim's requiredTemplateFraction
-
 
 @configclass
 class RunConfig:
@@ -99,11 +97,12 @@ class TemplateCache:
         self._loading: dict = {}
         self.hits = self.misses = 0
 
-    def get(self, path: Path, psf_path: Path | None):
+    def get(self, path: Path, *others):
+        """The exposure at ``path`` read with its PSF, noise and mask files (``others``)."""
         if self.size <= 0:
-            return _read_with_psf(path, psf_path)
+            return _read_input(path, *others)
         st = path.stat() if path.exists() else None
-        key = (str(path.resolve()), str(psf_path), st and (st.st_size, st.st_mtime_ns))
+        key = (str(path.resolve()), *map(str, others), st and (st.st_size, st.st_mtime_ns))
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
@@ -115,7 +114,7 @@ class TemplateCache:
                 if key in self._items:
                     self.hits += 1
                     return self._items[key]
-            exposure = _read_with_psf(path, psf_path)
+            exposure = _read_input(path, *others)
             for plane in (exposure.image, exposure.mask, exposure.variance):
                 plane.flags.writeable = False
             with self._lock:
@@ -127,38 +126,42 @@ class TemplateCache:
         return exposure
 
 
-def _read_with_psf(path: Path, psf_path: Path | None):
-    exposure = read_exposure(path)
-    return exposure if psf_path is None else exposure.replace(psf=read_psf(psf_path))
+#: optional manifest columns of each input, beside ``science`` and ``template`` themselves
+INPUT_COLUMNS = ("psf", "noise", "mask")
 
 
-def _psf_path(repo: Path, row, key: str) -> Path | None:
-    return repo / row[key] if key in row.colnames and row[key] else None
+def _inputs(repo: Path, row, which: str) -> tuple:
+    """(path, psf, noise, mask) of the science or template: repo-relative paths, None where
+    the manifest has no such column or leaves it empty."""
+    extra = []
+    for kind in INPUT_COLUMNS:
+        key = f"{which}_{kind}"
+        value = row[key] if key in row.colnames else None
+        extra.append(repo / str(value) if value is not None and str(value).strip() else None)
+    return (repo / row[which], *extra)
+
+
+def _read_input(path: Path, psf: Path | None = None, noise: Path | None = None,
+                mask: Path | None = None):
+    exposure = read_exposure(path, noise=noise, mask=mask)
+    return exposure if psf is None else exposure.replace(psf=read_psf(psf))
 
 
 def _read_pair(repo, row, templates: TemplateCache | None = None):
     repo = Path(repo)
     t0 = time.perf_counter()
-    science = _read_with_psf(repo / row["science"], _psf_path(repo, row, "science_psf"))
-    template_path, template_psf = repo / row["template"], _psf_path(repo, row, "template_psf")
-    template = (templates.get(template_path, template_psf) if templates is not None
-                else _read_with_psf(template_path, template_psf))
+    science = _read_input(*_inputs(repo, row, "science"))
+    template_inputs = _inputs(repo, row, "template")
+    template = (templates.get(*template_inputs) if templates is not None
+                else _read_input(*template_inputs))
     return science, template, time.perf_counter() - t0
 
 
 def _process(science, template, config: RunConfig, backend):
     """Warp, subtract, detect and measure one exposure; returns outputs and timings."""
-    timings = {}
     t = time.perf_counter()
-    fraction = 1.0
-    if not same_grid(science.wcs, template.wcs, science.shape) or template.shape != science.shape:
-        if science.wcs is None or template.wcs is None:
-            raise GpuDiffimError("template and science grids differ and a WCS is missing")
-        template, fraction = warp_exposure(template, science.wcs, science.shape, backend)
-    timings["warp"] = time.perf_counter() - t
-    if fraction < REQUIRED_TEMPLATE_FRACTION:
-        raise GpuDiffimError(f"template covers {100 * fraction:.1f}% of the science image "
-                             f"(< {100 * REQUIRED_TEMPLATE_FRACTION:.0f}% required)")
+    template, fraction = template_on_science_grid(science, template, backend)
+    timings = {"warp": time.perf_counter() - t}
     result, sources, stage_timings = process_pair(science, template, config.pipeline, backend)
     timings.update(stage_timings)
     return result, sources, timings, fraction

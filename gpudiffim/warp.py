@@ -12,9 +12,13 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import get_backend
+from .errors import GpuDiffimError
 from .exposure import Exposure, mask_bits
 
-__all__ = ["LANCZOS_A", "lanczos", "pixel_mapping", "warp_exposure", "same_grid"]
+__all__ = ["LANCZOS_A", "REQUIRED_TEMPLATE_FRACTION", "lanczos", "pixel_mapping",
+           "warp_exposure", "same_grid", "template_on_science_grid"]
+
+REQUIRED_TEMPLATE_FRACTION = 0.1  # ip_diffim's requiredTemplateFraction
 
 LANCZOS_A = 3
 #: taps x pixels per chunk of the general warp (2 MB of float32: cache-sized on the CPU)
@@ -195,3 +199,26 @@ def same_grid(wcs_a, wcs_b, shape, tol: float = 1e-3) -> bool:
     ra, dec = wcs_a.pixel_to_world_values(x, y)
     xb, yb = wcs_b.world_to_pixel_values(ra, dec)
     return bool(np.all(np.abs(xb - x) < tol) and np.all(np.abs(yb - y) < tol))
+
+
+def template_on_science_grid(science: Exposure, template: Exposure, backend=None,
+                             required: float = REQUIRED_TEMPLATE_FRACTION):
+    """``template`` resampled onto the science's pixel grid when the two differ (their WCSs
+    or their shapes), with the fraction of the science it covers.
+
+    Raises :class:`~gpudiffim.errors.GpuDiffimError` when the grids differ and a WCS is
+    missing, or when the template covers less than ``required`` of the science (ip_diffim's
+    ``requiredTemplateFraction``).
+    """
+    if same_grid(science.wcs, template.wcs, science.shape) and template.shape == science.shape:
+        return template, 1.0
+    if science.wcs is None or template.wcs is None:
+        raise GpuDiffimError(f"template ({template.shape[1]} x {template.shape[0]}) and science "
+                             f"({science.shape[1]} x {science.shape[0]}) grids differ and "
+                             f"{'the science' if science.wcs is None else 'the template'} has "
+                             "no WCS to resample with")
+    warped, fraction = warp_exposure(template, science.wcs, science.shape, backend)
+    if fraction < required:
+        raise GpuDiffimError(f"template covers {100 * fraction:.1f}% of the science image "
+                             f"(< {100 * required:.0f}% required)")
+    return warped, fraction

@@ -1,15 +1,18 @@
 """The command line."""
 
+import dataclasses
 import json
 import sys
 
 import numpy as np
 import pytest
+from astropy.io import fits
 from astropy.stats import mad_std
 from astropy.table import Table
 
 from gpudiffim.cli import main
-from gpudiffim.io import read_exposure, write_exposure
+from gpudiffim.io import read_exposure, write_exposure, write_psf
+from gpudiffim.simulate import PRESETS, simulate
 
 from layouts import HEADERS, LAYOUTS, write_layout_pair
 from pairs import kernel_pair
@@ -109,3 +112,64 @@ def test_every_decam_epoch_pair_finds_the_transient(tmp_path):
                     & _far_from(d.shape, zip(real["x"], real["y"]), 10))
             pull = mad_std(d.image[good] / np.sqrt(d.variance[good]))
             assert 0.9 < pull < 1.1, (a, b, pull)
+
+
+def test_cli_resamples_a_template_on_another_grid(tmp_path):
+    """The simulator's templates sit a few pixels off each visit's grid (their WCSs say by
+    how much): the CLI resamples them, covering what the offset leaves, and the difference
+    is noise; --no-warp leaves the template alone."""
+    cfg = dataclasses.replace(PRESETS["ci"], visits={"g": (11692,)})
+    manifest = simulate(tmp_path / "repo", cfg, seed=2, workers=1)
+    row = manifest[0]
+    sci, tmpl = tmp_path / "repo" / row["science"], tmp_path / "repo" / row["template"]
+    assert main(["subtract", str(sci), str(tmpl), "-o", str(tmp_path / "warp")]) == 0
+    fit = json.loads((tmp_path / "warp" / "fit.json").read_text())
+    ny, nx = cfg.shape
+    expected = (1 - abs(row["offset_x"]) / nx) * (1 - abs(row["offset_y"]) / ny)
+    assert fit["template_fraction"] == pytest.approx(expected, abs=2.0 / nx)
+    assert fit["template_fraction"] < 1 and abs(fit["quality"]["difference_pull_sigma"] - 1) < 0.05
+    assert main(["subtract", str(sci), str(tmpl), "-o", str(tmp_path / "nowarp"),
+                 "--no-warp"]) == 0
+    assert json.loads((tmp_path / "nowarp" / "fit.json").read_text())["template_fraction"] == 1
+
+
+def test_cli_reads_separate_noise_and_mask_files(tmp_path):
+    """Images alone, their noise as sigma maps in ERR files and a mask with a bad block: the
+    variance is the sigma squared and the bad block is BAD."""
+    science, template = kernel_pair(shape=(256, 256), n_stars=80, seed=2)
+    args = ["subtract"]
+    for name, exp in (("sci", science), ("tmpl", template)):
+        fits.PrimaryHDU(exp.image).writeto(tmp_path / f"{name}.fits")
+        fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(np.sqrt(exp.variance), name="ERR")]
+                     ).writeto(tmp_path / f"{name}_err.fits")
+        args.append(str(tmp_path / f"{name}.fits"))
+    bad = np.zeros((256, 256), np.uint8)
+    bad[100:110, 40:50] = 1
+    fits.PrimaryHDU(bad).writeto(tmp_path / "mask.fits")
+    out = tmp_path / "out"
+    assert main(args + ["-o", str(out), "--science-noise", str(tmp_path / "sci_err.fits"),
+                        "--template-noise", str(tmp_path / "tmpl_err.fits"),
+                        "--science-mask", str(tmp_path / "mask.fits"),
+                        "--science-psf", _psf_file(tmp_path, science, "sci"),
+                        "--template-psf", _psf_file(tmp_path, template, "tmpl")]) == 0
+    read = read_exposure(tmp_path / "sci.fits", noise=tmp_path / "sci_err.fits")
+    np.testing.assert_allclose(read.variance, science.variance, rtol=1e-6)
+    fit = json.loads((out / "fit.json").read_text())
+    assert 0.9 < fit["quality"]["variance_scale"] < 1.1  # 1.075, as the pair gives in memory
+    d = read_exposure(out / "difference.fits")
+    assert np.all(d.mask[100:110, 40:50] & d.bit("BAD"))
+
+
+def _psf_file(tmp_path, exposure, name):
+    return str(write_psf(exposure.psf, tmp_path / f"{name}_psf.fits"))
+
+
+def test_cli_names_the_file_when_grids_differ_without_a_wcs(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    fits.PrimaryHDU(rng.normal(size=(64, 64)).astype(np.float32)).writeto(tmp_path / "a.fits")
+    fits.PrimaryHDU(rng.normal(size=(64, 80)).astype(np.float32)).writeto(tmp_path / "b.fits")
+    assert main(["subtract", str(tmp_path / "a.fits"), str(tmp_path / "b.fits"),
+                 "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "b.fits") in err and "no WCS" in err
+    assert not (tmp_path / "out").exists()  # nothing half-written

@@ -1,5 +1,6 @@
 """The batch runner: outputs, resume, failure isolation, interruption, Dask."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -13,8 +14,9 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
+from gpudiffim.io import read_exposure
 from gpudiffim.runner import TemplateCache, exposure_dir, run
-from gpudiffim.simulate import simulate
+from gpudiffim.simulate import PRESETS, simulate
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +160,27 @@ def test_strict_device_run_matches_the_cpu_run(tmp_path):
     for key in a:
         assert len(a[key]) == len(b[key]) > 0
         np.testing.assert_allclose(b[key]["psfFlux"], a[key]["psfFlux"], rtol=1e-3, atol=0.5)
+
+
+def test_manifest_noise_and_mask_columns_reach_the_readers(tmp_path):
+    """``science_mask`` and ``template_noise`` columns: the science's bad block is BAD in
+    the difference, and the template's variance read from a separate VAR file describes the
+    difference's noise as its own plane did."""
+    repo = tmp_path / "repo"
+    manifest = simulate(repo, dataclasses.replace(PRESETS["ci"], visits={"g": (11692,)}),
+                        seed=3, workers=1)
+    row = manifest[0]
+    mask = np.zeros(PRESETS["ci"].shape, np.uint8)
+    mask[200:220, 300:320] = 1
+    fits.PrimaryHDU(mask).writeto(repo / "bad.fits")
+    template = read_exposure(repo / row["template"])
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(template.variance, name="VAR")]).writeto(
+        repo / "tvar.fits")
+    manifest["science_mask"] = ["bad.fits"]
+    manifest["template_noise"] = ["tvar.fits"]
+    manifest.write(repo / "manifest.ecsv", overwrite=True)
+    table = run(repo, tmp_path / "out", progress=False)
+    assert list(table["status"]) == ["done"], table["error"]
+    assert abs(table["variance_scale"][0] - 1) < 0.1
+    diff = read_exposure(exposure_dir(tmp_path / "out", row) / "difference.fits")
+    assert np.all(diff.mask[200:220, 300:320] & diff.bit("BAD"))
