@@ -13,10 +13,10 @@ import numpy as np
 
 from .arrayops import window_or
 from .backend import get_backend, next_fast_len
-from .exposure import MASK_PLANES, mask_bits
+from .exposure import INTERPOLATED_PLANES, MASK_PLANES, mask_bits
 
 __all__ = ["padded_shape", "fft_convolve", "fft_convolve_weighted_sum", "edge_mask",
-           "grow_mask", "convolve_exposure", "kernel_reach", "kernel_core"]
+           "grow_mask", "grow_convolved_mask", "convolve_exposure", "kernel_reach", "kernel_core"]
 
 
 def padded_shape(image_shape, kernel_shape) -> tuple[int, int]:
@@ -100,6 +100,22 @@ def grow_mask(mask, kernel_shape, backend=None, planes=MASK_PLANES):
     return xp.where(edge_mask(mask.shape, (kh, kw), backend), grown | edge, grown)
 
 
+def grow_convolved_mask(mask, kernel, backend=None, planes=MASK_PLANES,
+                        bulk: float = 0.9):
+    """The mask of an image convolved with ``kernel``: every plane grows by the kernel's box
+    (:func:`grow_mask`), except the interpolated ones (CR, INTRP: their pixels hold an
+    estimate), which grow only by the box holding ``bulk`` of the kernel's weight, as far
+    as their error matters."""
+    backend = get_backend(backend)
+    interp = mask_bits(*[p for p in INTERPOLATED_PLANES if p in planes], planes=planes)
+    kernel = np.asarray(kernel)
+    full = grow_mask(mask & ~interp, kernel.shape, backend, planes)
+    r = kernel_reach(kernel, bulk)
+    box = (min(2 * r + 1, kernel.shape[0]), min(2 * r + 1, kernel.shape[1]))
+    start = (-(box[0] // 2), -(box[1] // 2))
+    return full | window_or(backend, mask & interp, box, start, interp)
+
+
 def convolve_exposure(image, mask, variance, kernel, backend=None, planes=MASK_PLANES):
     """Convolve image, mask and variance planes with one kernel.
 
@@ -110,18 +126,20 @@ def convolve_exposure(image, mask, variance, kernel, backend=None, planes=MASK_P
     xp = backend.xp
     image, variance = backend.asarray(image), backend.asarray(variance)
     mask = backend.asarray(mask)
+    host_kernel = kernel if isinstance(kernel, np.ndarray) else backend.to_host(kernel)
     kernel = _like(backend, kernel, image)
     good = (mask & mask_bits("NO_DATA", planes=planes)) == 0
     planes_in = xp.stack([xp.where(good, image, 0.0), xp.where(good, variance, 0.0)])
     kernels = xp.stack([kernel, kernel * kernel])
     out = fft_convolve(planes_in, kernels, backend)
-    return out[0, ...], grow_mask(mask, kernel.shape, backend, planes), out[1, ...]
+    return out[0, ...], grow_convolved_mask(mask, host_kernel, backend, planes), out[1, ...]
 
 
 def kernel_reach(kernel: np.ndarray, fraction: float = 0.999) -> int:
-    """Radius (pixels) holding ``fraction`` of a centred kernel's absolute weight."""
-    h = kernel.shape[0] // 2
-    y, x = np.mgrid[-h:h + 1, -h:h + 1]
+    """Radius (pixels, the larger axis offset) holding ``fraction`` of a centred kernel's
+    absolute weight."""
+    hy, hx = kernel.shape[0] // 2, kernel.shape[1] // 2
+    y, x = np.mgrid[-hy:kernel.shape[0] - hy, -hx:kernel.shape[1] - hx]
     r = np.maximum(np.abs(x), np.abs(y)).ravel()
     w = np.abs(kernel).ravel()
     order = np.argsort(r)

@@ -24,11 +24,15 @@ MEASUREMENT_EXCLUDED = UNUSABLE_PLANES + ("EDGE",)
 DETECTION_EXCLUDED = MEASUREMENT_EXCLUDED + ("CR",)
 #: pixels the kernel fit and PSF measurement give no weight: injected fakes too
 KERNEL_FIT_EXCLUDED = DETECTION_EXCLUDED + ("INJECTED",)
+#: pixels that hold an estimate (interpolated): a convolution spreads their error only as far
+#: as the bulk of its kernel
+INTERPOLATED_PLANES = ("CR", "INTRP")
 #: template planes carried into a difference (its SAT becomes SAT_TEMPLATE)
 TEMPLATE_PLANES = ("BAD", "NO_DATA", "EDGE", "CR", "INTRP", "SUSPECT", "INJECTED")
 
 __all__ = ["MASK_PLANES", "UNUSABLE_PLANES", "MEASUREMENT_EXCLUDED", "DETECTION_EXCLUDED",
-           "KERNEL_FIT_EXCLUDED", "TEMPLATE_PLANES", "mask_bits", "ExposureInfo", "Exposure"]
+           "KERNEL_FIT_EXCLUDED", "INTERPOLATED_PLANES", "TEMPLATE_PLANES", "mask_bits",
+           "ExposureInfo", "Exposure"]
 
 
 def mask_bits(*names: str, planes: Mapping[str, int] = MASK_PLANES) -> int:

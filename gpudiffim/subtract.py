@@ -34,7 +34,14 @@ from .arrayops import window_or
 from .backend import get_backend
 from .background import quiet_blocks, quiet_pixels, refit_sky_plane
 from .basis import BasisConfig, KernelBasis, alard_lupton_basis
-from .convolve import convolve_exposure, fft_convolve, grow_mask, kernel_core, kernel_reach
+from .convolve import (
+    convolve_exposure,
+    fft_convolve,
+    grow_convolved_mask,
+    kernel_core,
+    kernel_reach,
+)
+from .cosmic import CosmicRayConfig, repair_cosmic_rays
 from .decorrelate import decorrelation_kernel
 from .errors import GpuDiffimError
 from .exposure import (
@@ -74,6 +81,8 @@ class SubtractConfig:
                                               "(ip_diffim's default is False)")
     basis: BasisConfig = option(factory=BasisConfig, doc="the Alard-Lupton kernel basis")
     kernel: KernelFitConfig = option(factory=KernelFitConfig, doc="the kernel fit")
+    cosmicRays: CosmicRayConfig = option(factory=CosmicRayConfig,
+                                         doc="cosmic rays in inputs that have none masked")
     refitBackground: bool = option(True, "re-fit the difference's background over empty sky")
     preconvolveByMatching: bool = option(True, "preconvolve with a sharper template: fit "
                                                "template -> science, then pre-filter")
@@ -178,7 +187,7 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | Non
     """
     config = config or SubtractConfig()
     backend = get_backend(backend)
-    sci, tmpl = (with_psf(e, backend) for e in _on_backend(science, template, backend))
+    sci, tmpl = (_prepared(e, config, backend) for e in _on_backend(science, template, backend))
     flavor = choose_flavor(sci, tmpl, config.mode)
     problem = matching_problem(sci, tmpl, flavor, config.preconvolveByMatching,
                                config.kernel.badMaskPlanes, backend)
@@ -217,6 +226,14 @@ def _on_backend(science: Exposure, template: Exposure, backend):
         raise GpuDiffimError(f"template shape {template.shape} differs from science "
                              f"{science.shape}: resample the template onto the science grid")
     return science.to_backend(backend), template.to_backend(backend)
+
+
+def _prepared(exposure: Exposure, config: SubtractConfig, backend) -> Exposure:
+    """An input with a PSF model and, when configured, its cosmic rays repaired."""
+    exposure = with_psf(exposure, backend)
+    if not config.cosmicRays.doFindCosmicRays:
+        return exposure
+    return repair_cosmic_rays(exposure, psf_centre(exposure), config.cosmicRays, backend)
 
 
 def with_psf(exposure: Exposure, backend) -> Exposure:
@@ -279,11 +296,11 @@ def matching_problem(sci: Exposure, tmpl: Exposure, flavor: str, by_matching: bo
         pre = prefilter(psf_s)
         by_matching = by_matching and wide_t < wide_s
         if by_matching:  # the science itself is fitted: only its mask is pre-convolved
-            n_mask = grow_mask(sci.mask, pre.shape, backend, sci.mask_planes)
+            n_mask = grow_convolved_mask(sci.mask, pre, backend, sci.mask_planes)
             parts = (tmpl.image, tmpl.variance, psf_t, sci.image, sci.variance, psf_s, n_mask)
         else:
             image, n_mask, var = convolve_exposure(sci.image, sci.mask, sci.variance,
-                                                   backend.to_device(pre, np.float32), backend,
+                                                   pre.astype(np.float32), backend,
                                                    sci.mask_planes)
             target_psf = self_convolved(psf_s)
             fwhm["target"] = ImagePsf(target_psf).fwhm()
@@ -388,21 +405,23 @@ def _template_mask_bits(template: Exposure, backend):
 
 
 def difference_mask(problem: MatchingProblem, sci, tmpl, kernel: np.ndarray, backend):
-    """The difference's mask: the convolved side's planes grown by the kernel, the other's
-    as they are (the score's pre-filtered); saturated stars' wings reach past the kernel, so
-    SAT and SAT_TEMPLATE grow once more by it; detections are not carried."""
+    """The difference's mask: the convolved side's planes grown by the kernel (interpolated
+    ones by its bulk), the other's as they are (the score's pre-filtered); saturated stars'
+    wings reach past the kernel, so SAT and SAT_TEMPLATE grow once more by it; detections
+    are not carried."""
     xp = backend.xp
     if problem.science_is_convolved:
-        mask = (grow_mask(sci.mask, kernel.shape, backend, sci.mask_planes)
+        mask = (grow_convolved_mask(sci.mask, kernel, backend, sci.mask_planes)
                 | _template_mask_bits(tmpl, backend))
     else:
-        mask = problem.target_mask | grow_mask(_template_mask_bits(tmpl, backend), kernel.shape,
-                                               backend, tmpl.mask_planes)
+        mask = problem.target_mask | grow_convolved_mask(_template_mask_bits(tmpl, backend),
+                                                         kernel, backend, tmpl.mask_planes)
     mask = mask & ~mask_bits("DETECTED", "DETECTED_NEGATIVE")
     sat = mask & mask_bits("SAT", "SAT_TEMPLATE")
     if backend.scalar(xp.any(sat != 0)):
         h = kernel.shape[0]
-        mask = mask | window_or(backend, sat, (h, h), (-(h // 2), -(h // 2)))
+        top = mask_bits("SAT", "SAT_TEMPLATE")
+        mask = mask | window_or(backend, sat, (h, h), (-(h // 2), -(h // 2)), top)
     return mask
 
 
@@ -461,7 +480,8 @@ def decorrelate(diff, mask, psf, phi, backend):
     reach = kernel_reach(phi)
     if reach > 0:
         edge = mask & mask_bits("EDGE")
-        mask = mask | window_or(backend, edge, (2 * reach + 1, 2 * reach + 1), (-reach, -reach))
+        box = (2 * reach + 1, 2 * reach + 1)
+        mask = mask | window_or(backend, edge, box, (-reach, -reach), mask_bits("EDGE"))
     return diff, mask, convolved_psf(psf, phi)
 
 

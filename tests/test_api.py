@@ -177,7 +177,8 @@ def test_a_run_config_reaches_subtract_unchanged(tmp_path, monkeypatch):
 
 # device reads (to_host and scalar reads, each a sync on CuPy) of one 512^2 subtraction
 # with detection and measurement, as counted on the strict backend: a budget, not a goal
-READ_BUDGET = {"convolveTemplate": 47, "convolveScience": 75, "preconvolve": 48}
+# (cosmic-ray finding costs 3 per input with no CR pixel: are there any, the sky, any found)
+READ_BUDGET = {"convolveTemplate": 52, "convolveScience": 80, "preconvolve": 53}
 
 
 @pytest.mark.parametrize("mode", sorted(READ_BUDGET))

@@ -1,0 +1,119 @@
+"""Cosmic rays in single exposures that come without a CR mask: found, masked, interpolated.
+
+A cosmic ray deposits its charge in a pixel or a short track, sharper than any source the
+optics could image. As in LSST's ``findCosmicRays``, a pixel is a cosmic ray when it stands
+``minSigma`` above the sky *and*, along at least one of the four directions through it
+(rows, columns, both diagonals), it is ``cond3Fac`` times more peaked over its two
+neighbours than the PSF allows (the PSF's own centre-to-neighbour ratio), even with
+``noiseMargin`` sigmas taken off it and added to them (so a faint star's noisy neighbours
+do not make it one); a track's other
+pixels join it while they stand ``neighbourSigma`` above the sky and are sharper than the
+PSF allows at all (so a track does not swallow a star it crosses). The pixels are then
+flagged CR | INTRP and replaced by the mean of the clean pixels around them, so a template's
+cosmic rays are not spread by the matching kernel and a science's are not taken for changes.
+Exposures whose mask already has CR pixels (an ISR that did this) are left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from .arrayops import window_or
+from .exposure import Exposure
+from .options import configclass, option
+from .stats import median_where
+
+__all__ = ["CosmicRayConfig", "psf_neighbour_ratios", "find_cosmic_rays", "repair_cosmic_rays"]
+
+log = logging.getLogger(__name__)
+
+#: the four directions through a pixel, as (dy, dx) of one neighbour (the other mirrored)
+DIRECTIONS = ((0, 1), (1, 0), (1, 1), (1, -1))
+
+
+@configclass
+class CosmicRayConfig:
+    """Cosmic-ray finding (LSST ``findCosmicRays`` names where it has them)."""
+
+    doFindCosmicRays: bool = option(True, "find cosmic rays in inputs with none masked")
+    minSigma: float = option(6.0, "a cosmic ray stands this many sigma above the sky")
+    cond3Fac: float = option(2.5, "and is this much more peaked than the PSF in one direction")
+    noiseMargin: float = option(1.5, "sigmas taken off the centre and added to its neighbours "
+                                     "in that comparison")
+    neighbourSigma: float = option(3.0, "a track's pixels join it above this significance")
+    grow: int = option(1, "the mask grows by this many pixels")
+    repairBox: int = option(5, "cosmic-ray pixels take the mean of the clean ones in this box")
+
+
+def psf_neighbour_ratios(psf: np.ndarray) -> np.ndarray:
+    """Per direction, the PSF's centre over the mean of its two neighbours there."""
+    c = psf.shape[0] // 2
+    return np.array([psf[c, c] / (0.5 * (psf[c + dy, c + dx] + psf[c - dy, c - dx]))
+                     for dy, dx in DIRECTIONS])
+
+
+def _shifted(backend, a, dy, dx):
+    """``a[y + dy, x + dx]``, edge values repeated past the border."""
+    xp = backend.xp
+    ny, nx = a.shape
+    ys = xp.clip(backend.arange(ny) + dy, 0, ny - 1)
+    xs = xp.clip(backend.arange(nx) + dx, 0, nx - 1)
+    return xp.take(xp.take(a, ys, axis=0), xs, axis=1)
+
+
+def find_cosmic_rays(exposure: Exposure, psf: np.ndarray, config: CosmicRayConfig,
+                     backend, sky: float = 0.0):
+    """Device boolean map of the exposure's cosmic-ray pixels, None when there is none
+    (``sky``: the level the image's sources stand on)."""
+    xp = backend.xp
+    image = backend.asarray(exposure.image) - sky
+    sigma = xp.sqrt(xp.where(exposure.variance > 0, exposure.variance, xp.inf))
+    usable = (exposure.mask & exposure.bit("NO_DATA", "SAT", "BAD")) == 0
+    significant = usable & (image > config.minSigma * sigma)
+    sharp = loose = None  # more peaked than cond3Fac x the PSF allows; than it allows at all
+    centre = image - config.noiseMargin * sigma
+    margin = config.noiseMargin * sigma * 0.5**0.5  # on the mean of two neighbours
+    for (dy, dx), ratio in zip(DIRECTIONS, psf_neighbour_ratios(psf)):
+        mean = 0.5 * (_shifted(backend, image, dy, dx) + _shifted(backend, image, -dy, -dx))
+        expected = float(ratio) * (xp.clip(mean, 0.0, None) + margin)
+        # only where both neighbours hold a value (not beside NO_DATA or a bad column)
+        both = _shifted(backend, usable, dy, dx) & _shifted(backend, usable, -dy, -dx)
+        peaked, above = both & (centre > config.cond3Fac * expected), both & (centre > expected)
+        sharp = peaked if sharp is None else sharp | peaked
+        loose = above if loose is None else loose | above
+    cr = significant & sharp
+    if not backend.scalar(xp.any(cr)):
+        return None
+    # a track's pixels: significant, and sharper than the PSF (not a star it crosses)
+    neighbours = usable & loose & (image > config.neighbourSigma * sigma)
+    for _ in range(2):  # along the track
+        near = window_or(backend, xp.astype(cr, xp.uint8), (3, 3), (-1, -1), 1) > 0
+        cr = cr | (near & neighbours)
+    g = 2 * config.grow + 1
+    return window_or(backend, xp.astype(cr, xp.uint8), (g, g), (-config.grow, -config.grow),
+                     1) > 0
+
+
+def repair_cosmic_rays(exposure: Exposure, psf: np.ndarray, config: CosmicRayConfig, backend):
+    """The exposure (on the backend) with its cosmic rays found, flagged CR | INTRP and
+    interpolated; as it is when its mask already has cosmic rays or none are found."""
+    xp = backend.xp
+    if "CR" not in exposure.mask_planes or backend.scalar(
+            xp.any((exposure.mask & exposure.bit("CR")) != 0)):
+        return exposure
+    good = (exposure.mask & exposure.bit("NO_DATA", "SAT", "BAD")) == 0
+    sky = median_where(backend, exposure.image, good)
+    cr = find_cosmic_rays(exposure, psf, config, backend, 0.0 if sky is None else sky)
+    if cr is None:
+        return exposure
+    clean = xp.astype(~cr & good, xp.float32)
+    box = config.repairBox
+    total = backend.uniform_filter(xp.where(cr, 0.0, exposure.image) * clean, box)
+    weight = backend.uniform_filter(clean, box)
+    fill = xp.where(weight > 0, total / xp.where(weight > 0, weight, 1.0), sky or 0.0)
+    image = xp.astype(xp.where(cr, fill, exposure.image), xp.float32)
+    mask = xp.where(cr, exposure.mask | exposure.bit("CR", "INTRP"), exposure.mask)
+    log.info("cosmic rays found, masked and interpolated")
+    return exposure.replace(image=image, mask=mask)
