@@ -63,29 +63,52 @@ def _shifted(backend, a, dy, dx):
     return xp.take(xp.take(a, ys, axis=0), xs, axis=1)
 
 
+def _sharpness(xp, value, sigma, neighbour, usable, ratios, config: CosmicRayConfig):
+    """Per pixel (full frame or a list of candidates): (more peaked than ``cond3Fac`` x the
+    PSF allows in some direction, more peaked than it allows at all). ``neighbour(dy, dx)``
+    and ``usable(dy, dx)`` give the image values and usability at an offset."""
+    sharp = loose = None
+    centre = value - config.noiseMargin * sigma
+    margin = config.noiseMargin * sigma * 0.5**0.5  # on the mean of two neighbours
+    for (dy, dx), ratio in zip(DIRECTIONS, ratios):
+        mean = 0.5 * (neighbour(dy, dx) + neighbour(-dy, -dx))
+        expected = float(ratio) * (xp.clip(mean, 0.0, None) + margin)
+        # only where both neighbours hold a value (not beside NO_DATA or a bad column)
+        both = usable(dy, dx) & usable(-dy, -dx)
+        peaked, above = both & (centre > config.cond3Fac * expected), both & (centre > expected)
+        sharp = peaked if sharp is None else sharp | peaked
+        loose = above if loose is None else loose | above
+    return sharp, loose
+
+
 def find_cosmic_rays(exposure: Exposure, psf: np.ndarray, config: CosmicRayConfig,
                      backend, sky: float = 0.0):
     """Device boolean map of the exposure's cosmic-ray pixels, None when there is none
-    (``sky``: the level the image's sources stand on)."""
+    (``sky``: the level the image's sources stand on). The test runs first on the
+    significant pixels alone (a clean coadd costs little), then, when one is a cosmic ray,
+    over the frame for the tracks."""
     xp = backend.xp
+    ny, nx = exposure.shape
     image = backend.asarray(exposure.image) - sky
     sigma = xp.sqrt(xp.where(exposure.variance > 0, exposure.variance, xp.inf))
     usable = (exposure.mask & exposure.bit("NO_DATA", "SAT", "BAD")) == 0
     significant = usable & (image > config.minSigma * sigma)
-    sharp = loose = None  # more peaked than cond3Fac x the PSF allows; than it allows at all
-    centre = image - config.noiseMargin * sigma
-    margin = config.noiseMargin * sigma * 0.5**0.5  # on the mean of two neighbours
-    for (dy, dx), ratio in zip(DIRECTIONS, psf_neighbour_ratios(psf)):
-        mean = 0.5 * (_shifted(backend, image, dy, dx) + _shifted(backend, image, -dy, -dx))
-        expected = float(ratio) * (xp.clip(mean, 0.0, None) + margin)
-        # only where both neighbours hold a value (not beside NO_DATA or a bad column)
-        both = _shifted(backend, usable, dy, dx) & _shifted(backend, usable, -dy, -dx)
-        peaked, above = both & (centre > config.cond3Fac * expected), both & (centre > expected)
-        sharp = peaked if sharp is None else sharp | peaked
-        loose = above if loose is None else loose | above
-    cr = significant & sharp
-    if not backend.scalar(xp.any(cr)):
+    ratios = psf_neighbour_ratios(psf)
+    idx = xp.nonzero(xp.reshape(significant, (-1,)))[0]
+    ys, xs = idx // nx, idx % nx
+
+    def at(a):
+        flat = xp.reshape(a, (-1,))
+        return lambda dy, dx: xp.take(flat, xp.clip(ys + dy, 0, ny - 1) * nx
+                                      + xp.clip(xs + dx, 0, nx - 1))
+
+    seeds, _ = _sharpness(xp, at(image)(0, 0), at(sigma)(0, 0), at(image), at(usable), ratios,
+                          config)
+    if idx.shape[0] == 0 or not backend.scalar(xp.any(seeds)):
         return None
+    sharp, loose = _sharpness(xp, image, sigma, lambda dy, dx: _shifted(backend, image, dy, dx),
+                              lambda dy, dx: _shifted(backend, usable, dy, dx), ratios, config)
+    cr = significant & sharp
     # a track's pixels: significant, and sharper than the PSF (not a star it crosses)
     neighbours = usable & loose & (image > config.neighbourSigma * sigma)
     for _ in range(2):  # along the track

@@ -20,7 +20,8 @@ from .sources import SourceSelectionConfig, select_kernel_sources
 from .spatial import monomial_terms, polynomial_terms, scaled_coords
 from .stamps import gather_stamps
 
-__all__ = ["FWHM_PER_SIGMA", "ImagePsf", "PolynomialPsf", "adaptive_moments", "half_max_fwhm",
+__all__ = ["FWHM_PER_SIGMA", "ImagePsf", "PolynomialPsf", "adaptive_moments",
+           "adaptive_moments_batch", "half_max_fwhm",
            "centred_psf_image", "convolved_psf", "kernel_convolved_psf", "gaussian_psf",
            "measure_psf", "PsfMeasurementError"]
 
@@ -94,6 +95,41 @@ def adaptive_moments(image: np.ndarray, n_iter: int = 50) -> tuple[float, float,
             break  # collapsed onto one pixel (a cosmic ray, a hot pixel): keep the last
         sxx, syy, sxy = new
     return float(np.sqrt(sxx)), float(np.sqrt(syy)), float(sxy / np.sqrt(sxx * syy))
+
+
+def adaptive_moments_batch(images: np.ndarray, n_iter: int = 50):
+    """:func:`adaptive_moments` of a stack of centred stamps (n, h, w) at once: arrays
+    ``(sigma_x, sigma_y, rho)``. Each stamp stops where the single-stamp iteration would."""
+    n, h, w = images.shape
+    y, x = np.mgrid[:h, :w]
+    x = (x - (w - 1) / 2.0)[None]
+    y = (y - (h - 1) / 2.0)[None]
+    sxx, syy, sxy = np.full(n, 2.0), np.full(n, 2.0), np.zeros(n)
+    cx, cy = np.zeros(n), np.zeros(n)
+    active = np.ones(n, bool)
+    for _ in range(n_iter):
+        if not active.any():
+            break
+        i = np.flatnonzero(active)
+        det = sxx[i] * syy[i] - sxy[i] ** 2
+        ixx, iyy, ixy = (syy[i] / det)[:, None, None], (sxx[i] / det)[:, None, None], \
+            (-sxy[i] / det)[:, None, None]
+        dx, dy = x - cx[i, None, None], y - cy[i, None, None]
+        wgt = np.exp(-0.5 * (ixx * dx * dx + iyy * dy * dy + 2 * ixy * dx * dy)) * images[i]
+        norm = wgt.sum(axis=(1, 2))
+        cx[i] += (wgt * dx).sum(axis=(1, 2)) / norm
+        cy[i] += (wgt * dy).sum(axis=(1, 2)) / norm
+        dx, dy = x - cx[i, None, None], y - cy[i, None, None]
+        new = np.stack([2 * (wgt * dx * dx).sum(axis=(1, 2)) / norm,
+                        2 * (wgt * dy * dy).sum(axis=(1, 2)) / norm,
+                        2 * (wgt * dx * dy).sum(axis=(1, 2)) / norm])
+        old = np.stack([sxx[i], syy[i], sxy[i]])
+        done = np.all(np.isclose(new, old, rtol=1e-7, atol=1e-9), axis=0)
+        collapsed = ~((new[0] > 1e-6) & (new[1] > 1e-6) & (new[0] * new[1] - new[2] ** 2 > 1e-12))
+        update = ~done & ~collapsed
+        sxx[i[update]], syy[i[update]], sxy[i[update]] = new[:, update]
+        active[i[~update]] = False
+    return np.sqrt(sxx), np.sqrt(syy), sxy / np.sqrt(sxx * syy)
 
 
 def half_max_fwhm(image: np.ndarray, upsample: int = 4) -> tuple[float, float]:
@@ -290,16 +326,16 @@ def _sky_subtracted_stamps(exposure, pos, size, backend) -> np.ndarray:
 
 
 def _star_shapes(stamps):
-    """Each stamp's adaptive-moment size sqrt(sx sy) and centroid offset (x, y)."""
+    """Each stamp's adaptive-moment size sqrt(sx sy) and centroid offset (x, y), all stamps
+    iterated at once (:func:`adaptive_moments_batch`)."""
     big = stamps.shape[-1]
     y, x = np.mgrid[:big, :big] - big // 2
-    sizes, shifts = [], []
-    for st in stamps:
-        sx, sy, _ = adaptive_moments(np.clip(st, 0, None) + 1e-12)
-        sizes.append(np.sqrt(sx * sy))
-        w = np.exp(-0.5 * (x * x + y * y) / (sx * sy)) * st
-        shifts.append((np.sum(w * x) / np.sum(w), np.sum(w * y) / np.sum(w)))
-    return np.array(sizes), np.array(shifts).reshape(-1, 2)
+    sx, sy, _ = adaptive_moments_batch(np.clip(stamps, 0, None) + 1e-12)
+    w = np.exp(-0.5 * (x * x + y * y)[None] / (sx * sy)[:, None, None]) * stamps
+    total = np.sum(w, axis=(1, 2))
+    shifts = np.column_stack([np.sum(w * x, axis=(1, 2)) / total,
+                              np.sum(w * y, axis=(1, 2)) / total])
+    return np.sqrt(sx * sy), shifts
 
 
 def _centred_stars(stamps, shifts, pos, final):
