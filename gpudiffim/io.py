@@ -34,11 +34,13 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
+from scipy import ndimage
 
 from .errors import InputError
 from .exposure import MASK_PLANES, Exposure, ExposureInfo, mask_bits
 from .imagenoise import estimate_variance
 from .psf import ImagePsf, PolynomialPsf, centred_psf_image
+from .spatial import monomial_terms, scaled_coords
 
 __all__ = ["atomic_path", "read_exposure", "read_noise_plane", "read_mask_plane",
            "write_exposure", "read_psf", "write_psf", "SATURATION_CARDS", "ZERO_POINT_CARDS"]
@@ -417,13 +419,57 @@ def _psf_from_hdu(path, hdu):
         raise InputError(path, f"bad PSF model ({exc})") from exc
 
 
+def _psfex_psf(path, hdu) -> PolynomialPsf:
+    """A PSFEx model (a ``PSF_DATA`` table: ``PSF_MASK`` components of a polynomial in
+    ``(X_IMAGE - POLZERO) / POLSCAL``, 1-based pixels, terms ``x^i y^j`` with ``i`` fastest,
+    each component sampled every ``PSF_SAMP`` image pixels) as a :class:`PolynomialPsf` of
+    the same degree: the two span the same polynomials, so the conversion, fitted on a
+    grid of positions, is exact; components sampled off the pixel grid are resampled."""
+    h = hdu.header
+    try:
+        if int(h.get("POLNAXIS", 0)) not in (0, 2):
+            raise InputError(path, f"PSFEx model in {h['POLNAXIS']} variables, not x and y")
+        degree = int(h.get("POLDEG1", 0)) if int(h.get("POLNAXIS", 0)) else 0
+        zero = (float(h.get("POLZERO1", 0.0)), float(h.get("POLZERO2", 0.0)))
+        scale = (float(h.get("POLSCAL1", 1.0)), float(h.get("POLSCAL2", 1.0)))
+        comps = np.asarray(hdu.data["PSF_MASK"][0], dtype=np.float64)
+        samp = float(h.get("PSF_SAMP", 1.0))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(path, f"unreadable PSFEx model ({exc})") from exc
+    comps = comps.reshape((-1,) + comps.shape[-2:])
+    powers = [(i, j) for j in range(degree + 1) for i in range(degree + 1 - j)]
+    if len(comps) != len(powers):
+        raise InputError(path, f"PSFEx model of degree {degree} needs {len(powers)} "
+                               f"components, has {len(comps)}")
+    if abs(samp - 1.0) > 1e-3:  # onto image pixels, centre kept
+        comps = np.array([ndimage.zoom(c, samp, order=3) for c in comps])
+    comps = np.array([centred_psf_image(c) for c in comps])
+    bbox = (max(2, int(round(zero[0] + scale[0] / 2))), max(2, int(round(zero[1] + scale[1] / 2))))
+    order = degree
+    n = order + 3
+    xs, ys = np.meshgrid(np.linspace(0, bbox[0] - 1, n), np.linspace(0, bbox[1] - 1, n))
+    rows, images = [], []
+    for x, y in zip(xs.ravel(), ys.ravel()):
+        dx, dy = (x + 1 - zero[0]) / scale[0], (y + 1 - zero[1]) / scale[1]
+        images.append(np.tensordot([dx**i * dy**j for i, j in powers], comps, axes=1).ravel())
+        rows.append(monomial_terms(*scaled_coords(x, y, bbox), order))
+    coeffs, *_ = np.linalg.lstsq(np.array(rows), np.array(images), rcond=None)
+    return PolynomialPsf(coeffs.reshape((len(powers),) + comps.shape[1:]), order=order,
+                         bbox=bbox)
+
+
 def read_psf(path):
-    """Read a PSF model: a FITS file whose first image HDU (or ``PSF`` extension) is the PSF."""
+    """Read a PSF model: gpudiffim's (a ``PSF`` extension), a PSFEx ``.psf`` file (a
+    ``PSF_DATA`` table), or any image (its first 2-D or 3-D HDU; any size, centred and
+    normalised on reading)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "file not found")
     try:
         with fits.open(path, memmap=False) as hdul:
+            table = _find(hdul, ("PSF_DATA",))
+            if isinstance(table, fits.BinTableHDU) and "PSF_MASK" in table.columns.names:
+                return _psfex_psf(path, table)
             hdu = hdul["PSF"] if "PSF" in hdul else next(
                 (h for h in hdul if h.data is not None and h.data.ndim in (2, 3)), None)
             if hdu is None:

@@ -9,7 +9,7 @@ from gpudiffim.errors import InputError
 from gpudiffim.exposure import Exposure, ExposureInfo, mask_bits
 from gpudiffim.io import read_exposure, read_psf, write_exposure, write_psf
 from gpudiffim.profiles import moffat
-from gpudiffim.psf import PolynomialPsf, gaussian_psf
+from gpudiffim.psf import PolynomialPsf, adaptive_moments, gaussian_psf
 
 from layouts import HEADERS, LAYOUTS, write_layout_pair
 
@@ -219,3 +219,43 @@ def test_real_layouts_read_with_their_metadata_and_noise(tmp_path, name):
         kernel = moffat(xx, yy, spec["fwhm"], 3.0)
         np.testing.assert_allclose(exp.psf.image, kernel / kernel.sum(), rtol=1e-12)
         assert exp.mask[5, 0] & exp.bit("EDGE") and exp.info.exptime == 0.0
+
+
+def _psfex_file(path, comps, degree, zero, scale, samp=1.0):
+    """A PSFEx .psf file: the PSF_DATA table as PSFEx writes it."""
+    col = fits.Column("PSF_MASK", format=f"{comps.size}E", dim=str(comps.shape[::-1]),
+                      array=comps[None].astype(np.float32))
+    hdu = fits.BinTableHDU.from_columns([col], name="PSF_DATA")
+    h = hdu.header
+    h["LOADED"], h["ACCEPTED"], h["POLNAXIS"] = 40, 38, 2
+    h["POLGRP1"], h["POLNAME1"], h["POLZERO1"], h["POLSCAL1"] = 1, "X_IMAGE", zero[0], scale[0]
+    h["POLGRP2"], h["POLNAME2"], h["POLZERO2"], h["POLSCAL2"] = 1, "Y_IMAGE", zero[1], scale[1]
+    h["POLNGRP"], h["POLDEG1"], h["PSF_FWHM"], h["PSF_SAMP"] = 1, degree, 3.0, samp
+    h["PSFNAXIS"] = 3
+    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(path)
+    return path
+
+
+def test_psfex_model_reads_exactly(tmp_path):
+    """A PSFEx model of degree 2 (components in x^i y^j of (X_IMAGE - POLZERO) / POLSCAL,
+    1-based) becomes a polynomial PSF equal to it at every position."""
+    rng = np.random.default_rng(3)
+    g = gaussian_psf(1.6, size=25).image
+    comps = np.array([g] + [rng.normal(0, 0.02, g.shape) * g.max() for _ in range(5)])
+    zero, scale = (1024.5, 512.5), (2048.0, 1024.0)
+    psf = read_psf(_psfex_file(tmp_path / "x.psf", comps, 2, zero, scale))
+    powers = [(i, j) for j in range(3) for i in range(3 - j)]
+    for x, y in [(0, 0), (2047, 1023), (300, 800), (1500, 100)]:
+        dx, dy = (x + 1 - zero[0]) / scale[0], (y + 1 - zero[1]) / scale[1]
+        want = np.tensordot([dx**i * dy**j for i, j in powers], comps, axes=1)
+        np.testing.assert_allclose(psf.image_at(x, y), want / want.sum(), atol=1e-6)
+
+
+def test_psfex_model_sampled_off_the_pixel_grid(tmp_path):
+    """PSF_SAMP 0.5 (the model sampled every half pixel): its width in image pixels is half
+    the grid's."""
+    g = gaussian_psf(3.0, size=51).image
+    psf = read_psf(_psfex_file(tmp_path / "s.psf", g[None], 0, (100.0, 100.0), (200.0, 200.0),
+                               samp=0.5))
+    sx, sy, _ = adaptive_moments(psf.image_at(10, 10))
+    assert sx == pytest.approx(1.5, rel=0.01) and sy == pytest.approx(1.5, rel=0.01)
