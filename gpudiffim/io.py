@@ -498,8 +498,9 @@ def _primary_header(exposure: Exposure) -> fits.Header:
                        ("MAGZERO", exposure.zero_point), ("BUNIT", info.units)):
         if value is not None:
             header[key] = value
-    for key, value in info.extra.items():
-        header[key[:8].upper()] = value
+    for key, value in info.extra.items():  # the typed values above win a clash
+        if key[:8].upper() not in header:
+            header[key[:8].upper()] = value
     return header
 
 

@@ -209,6 +209,8 @@ def test_real_layouts_read_with_their_metadata_and_noise(tmp_path, name):
     if name == "decam":
         assert exp.info.detector == 37 and exp.info.extra["DETECTOR"] == "S3-177_107419-14-1"
         assert exp.wcs is not None
+        back = read_exposure(write_exposure(exp, tmp_path / "back.fits"))
+        assert back.info.detector == 37  # the typed value, not the text, is written back
     if name == "jwst":
         assert exp.info.units == "MJy/sr"
         assert exp.mask[0, 0] & exp.bit("NO_DATA") and exp.image[0, 0] == 0.0
