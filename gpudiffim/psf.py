@@ -284,7 +284,8 @@ def measure_psf(exposure, order: int = 2, size: int | None = None, snr_range=(50
                                   "unmasked, away from the edges)")
     big = 2 * ((size or 41) // 2) + 1 + 8
     stamps = _sky_subtracted_stamps(exposure, pos, big, backend)
-    sizes, shifts = _star_shapes(stamps)
+    core = (big - 25) // 2 if big > 25 else 0  # the core fixes the moments (4x less work)
+    sizes, shifts = _star_shapes(stamps[:, core:big - core, core:big - core])
     locus = np.median(np.sort(sizes)[:max(5, len(sizes) // 2)])  # stars: the compact end
     keep = np.abs(sizes / locus - 1) < 0.12
     final = 2 * ((size or int(np.clip(8 * locus * FWHM_PER_SIGMA / 2.0, 15, 41))) // 2) + 1
