@@ -108,7 +108,7 @@ def _cmd_run(args) -> int:
     for row in failed:
         print(f"  failed {row['band']} {row['visit']} {row['detector']}: {row['error']}")
     print(f"outputs: {args.output}/<band>/<visit>/<detector>/   run table: {args.output}/run.ecsv")
-    return 0 if done + len(failed) == len(table) else 1
+    return 0 if done == len(table) else 1  # 2 (unusable input) comes from main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="do not resample the template (it is on the science grid)")
     sub_p.add_argument("--backend", choices=BACKEND_NAMES, default=None)
     sub_p.set_defaults(func=_cmd_subtract)
-    run_p = sub.add_parser("run", help="process every exposure of a repository (resumable)")
+    run_p = sub.add_parser("run", help="process every exposure of a repository (resumable); "
+                                       "exit 0 when all are done, 1 when some failed, 2 when "
+                                       "the input is unusable")
     run_p.add_argument("repo", help="directory with manifest.ecsv (e.g. from gpudiffim simulate)")
     run_p.add_argument("-o", "--output", required=True)
     run_p.add_argument("--flavor", default="convolveTemplate",

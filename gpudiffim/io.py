@@ -62,12 +62,28 @@ _META_CARDS = {"visit": ("VISIT", "EXPNUM"), "detector": ("DETECTOR", "CCDNUM", 
 _META_TYPES = {"visit": int, "detector": int, "band": str, "exptime": float}
 
 
+def _umask() -> int:
+    """The process's file-creation mask (read without changing it where /proc says it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path):
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success. The
+    file gets the permissions the user's umask gives a new file (a temporary file's own are
+    owner-only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     tmp = Path(tmp)
     try:

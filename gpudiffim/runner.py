@@ -62,21 +62,59 @@ class RunConfig:
     dask: str | None = option(None, "a Dask scheduler address, or local:N; None: in process")
 
 
+KEYS = ("band", "visit", "detector")  # one exposure; each a directory level of the outputs
+
+
 def read_manifest(repo) -> Table:
-    """The repository's manifest, with the columns the runner needs checked."""
+    """The repository's manifest, checked before anything runs: a readable table with rows,
+    the columns the runner needs, identifiers that are safe as directory names, and no
+    (band, visit, detector) twice. Any problem is an InputError naming the manifest."""
     repo = Path(repo)
     path = repo / "manifest.ecsv"
     if not path.is_file():
         raise InputError(path, "no manifest.ecsv in the repository")
-    manifest = Table.read(path)
+    try:
+        manifest = Table.read(path, format="ascii.ecsv")
+    except Exception as exc:
+        raise InputError(path, f"not a readable ECSV table ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
     missing = {"visit", "detector", "band", "science", "template"} - set(manifest.colnames)
     if missing:
         raise InputError(path, f"manifest lacks columns {sorted(missing)}")
+    if len(manifest) == 0:
+        raise InputError(path, "manifest has no rows")
+    seen = {}
+    for i, row in enumerate(manifest):
+        key = tuple(_path_component(path, i, name, row[name]) for name in KEYS)
+        if key in seen:
+            raise InputError(path, f"rows {seen[key]} and {i} are both band {key[0]}, visit "
+                                   f"{key[1]}, detector {key[2]}")
+        seen[key] = i
     return manifest
 
 
+def _path_component(path, index: int, column: str, value) -> str:
+    """An identifier as a directory name: text, not empty, no separator, not . or .."""
+    text = str(value).strip()
+    if not text or text in (".", "..") or any(c in text for c in "/\\\0"):
+        raise InputError(path, f"row {index}: {column} {value!r} cannot name a directory")
+    return text
+
+
+def _identifier(value):
+    """A manifest identifier as an int when it is one, else as text."""
+    try:
+        as_int = int(value)
+    except (TypeError, ValueError):
+        return str(value).strip()
+    return as_int if str(as_int) == str(value).strip() else str(value).strip()
+
+
 def exposure_dir(outdir, row) -> Path:
-    return Path(outdir) / str(row["band"]) / str(row["visit"]) / f"{int(row['detector']):03d}"
+    """``outdir/<band>/<visit>/<detector>`` (a numeric detector as three digits)."""
+    detector = _identifier(row["detector"])
+    detector = f"{detector:03d}" if isinstance(detector, int) else detector
+    return Path(outdir) / str(row["band"]).strip() / str(_identifier(row["visit"])) / detector
 
 
 def _status(outdir, row) -> dict | None:
@@ -278,7 +316,8 @@ def run_table(outdir, manifest) -> Table:
     """The run table from the status rows on disk (one row per manifest row)."""
     rows = []
     for row in manifest:
-        st = _status(outdir, row) or {"visit": int(row["visit"]), "detector": int(row["detector"]),
+        st = _status(outdir, row) or {"visit": _identifier(row["visit"]),
+                                      "detector": _identifier(row["detector"]),
                                       "band": str(row["band"]), "status": "pending"}
         rows.append(st)
     keys = []
@@ -417,7 +456,8 @@ def _read_or_error(repo, row, config: RunConfig, templates: TemplateCache):
 
 def _status_row(row, error: str = "") -> dict:
     """A manifest row's status, failed until proven done."""
-    return {"visit": int(row["visit"]), "detector": int(row["detector"]), "band": str(row["band"]),
+    return {"visit": _identifier(row["visit"]), "detector": _identifier(row["detector"]),
+            "band": str(row["band"]),
             "status": "failed", "flavor": "", "error": error, "n_dia_sources": 0,
             "template_fraction": 0.0}
 

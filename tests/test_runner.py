@@ -12,9 +12,10 @@ import time
 import numpy as np
 import pytest
 from astropy.io import fits
-from astropy.table import Table
+from astropy.table import Table, vstack
 
-from gpudiffim.io import read_exposure
+from gpudiffim.cli import main
+from gpudiffim.io import atomic_path, read_exposure
 from gpudiffim.runner import TemplateCache, exposure_dir, run
 from gpudiffim.simulate import PRESETS, simulate
 
@@ -184,3 +185,70 @@ def test_manifest_noise_and_mask_columns_reach_the_readers(tmp_path):
     assert abs(table["variance_scale"][0] - 1) < 0.1
     diff = read_exposure(exposure_dir(tmp_path / "out", row) / "difference.fits")
     assert np.all(diff.mask[200:220, 300:320] & diff.bit("BAD"))
+
+
+def _repo_with(tmp_path, edit):
+    """The ci preset's repository with its manifest changed by ``edit(table) -> table``."""
+    repo = tmp_path / "repo"
+    manifest = simulate(repo, "ci", seed=4, workers=1)
+    edit(manifest).write(repo / "manifest.ecsv", format="ascii.ecsv", overwrite=True)
+    return repo
+
+
+@pytest.mark.parametrize("case,fragment", [
+    ("no rows", "manifest has no rows"),
+    ("duplicate", "are both band g"),
+    ("unsafe band", "cannot name a directory"),
+    ("not a table", "not a readable ECSV table"),
+])
+def test_unusable_manifests_are_named_errors_before_anything_runs(tmp_path, case, fragment,
+                                                                  capsys):
+    def edit(m):
+        if case == "no rows":
+            return m[:0]
+        if case == "duplicate":
+            return vstack([m, m[:1]])
+        if case == "unsafe band":
+            m["band"] = m["band"].astype("U8")
+            m["band"][0] = "../../x"
+        return m
+
+    repo = _repo_with(tmp_path, edit)
+    if case == "not a table":
+        (repo / "manifest.ecsv").write_text("visit,detector,band\n1,2,g\n")
+    out = tmp_path / "out"
+    assert main(["run", str(repo), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(repo / "manifest.ecsv") in err and fragment in err, err
+    assert not out.exists()  # nothing ran, nothing written (outside the output least of all)
+    assert not (tmp_path / "x").exists()
+
+
+def test_run_exit_codes_and_string_detectors(tmp_path):
+    """Exit 0 when every exposure is done, 1 when some failed; a detector named by a string
+    (as DECam's DETECTOR is) names its output directory as it is."""
+    def edit(m):
+        m["detector"] = m["detector"].astype(str)
+        m["detector"][1] = "S3-177"
+        return m
+
+    repo = _repo_with(tmp_path, edit)
+    manifest = Table.read(repo / "manifest.ecsv")
+    assert main(["run", str(repo), "-o", str(tmp_path / "ok")]) == 0
+    assert (exposure_dir(tmp_path / "ok", manifest[1]) / "status.json").is_file()
+    assert exposure_dir(tmp_path / "ok", manifest[1]).name == "S3-177"
+    assert exposure_dir(tmp_path / "ok", manifest[0]).name == "049"
+    bad = repo / manifest[0]["science"]
+    bad.write_bytes(bad.read_bytes()[:4000])
+    assert main(["run", str(repo), "-o", str(tmp_path / "some"), "--force"]) == 1
+
+
+def test_outputs_take_the_users_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "x.json"
+        with atomic_path(path) as tmp:
+            tmp.write_text("{}")
+        assert path.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
