@@ -20,13 +20,17 @@ out of memory — retried once on the CPU) is recorded with its reason and the r
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import hashlib
 import json
 import logging
+import os
 import sys
 import threading
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +48,7 @@ from .warp import template_on_science_grid
 
 __all__ = ["RunConfig", "run", "read_manifest", "exposure_dir",
            "run_table", "process_exposure", "compute_exposure", "write_outputs",
-           "TemplateCache"]
+           "TemplateCache", "config_key", "output_lock", "remove_stale_temporaries"]
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +228,7 @@ def compute_exposure(repo, row, config: RunConfig, pair=None, on_device=None):
     ``on_device``: the pair already uploaded to the backend's device (the host ``pair`` is
     still needed for the CPU retry)."""
     status = _status_row(row)
+    status["config"] = config_key(config)
     start = time.perf_counter()
     outputs = None
     try:
@@ -363,21 +368,76 @@ def run(repo, outdir, config: RunConfig | None = None, *, flavor: str | None = N
                          force=force)
     repo, outdir = Path(repo), Path(outdir)
     manifest = read_manifest(repo)
-    todo = [r for r in manifest
-            if config.force or (_status(outdir, r) or {}).get("status") != "done"]
-    log.info("%d of %d exposures to process (%d already done)", len(todo), len(manifest),
-             len(manifest) - len(todo))
-    bar = _Progress(len(todo)) if progress else None
-    try:
-        if config.dask:
-            _run_dask(repo, outdir, todo, config, config.dask, bar)
-        else:
-            _run_local(repo, outdir, todo, config, bar)
-    finally:
-        table = run_table(outdir, manifest)
-        with atomic_path(outdir / "run.ecsv") as tmp:
-            table.write(tmp, format="ascii.ecsv", overwrite=True)
+    with output_lock(outdir):
+        removed = remove_stale_temporaries(outdir)
+        if removed:
+            log.info("removed %d temporary files an interrupted run left", removed)
+        key = config_key(config)
+        todo = [r for r in manifest if config.force or not _done_with(_status(outdir, r), key)]
+        log.info("%d of %d exposures to process (%d already done)", len(todo), len(manifest),
+                 len(manifest) - len(todo))
+        bar = _Progress(len(todo)) if progress else None
+        try:
+            if config.dask:
+                _run_dask(repo, outdir, todo, config, config.dask, bar)
+            else:
+                _run_local(repo, outdir, todo, config, bar)
+        finally:
+            table = run_table(outdir, manifest)
+            with atomic_path(outdir / "run.ecsv") as tmp:
+                table.write(tmp, format="ascii.ecsv", overwrite=True)
     return table
+
+
+LOCK_NAME = ".gpudiffim.lock"
+
+
+@contextmanager
+def output_lock(outdir: Path):
+    """Hold the output directory for one run at a time: an exclusive ``flock`` on
+    ``outdir/.gpudiffim.lock``, which the system releases when the process ends, however it
+    ends (a crashed run leaves nothing stuck). Another run there is a named error."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    path = outdir / LOCK_NAME
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise GpuDiffimError(f"{outdir}: another run is writing there ({holder}); wait "
+                                 "for it, or give another output directory") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def remove_stale_temporaries(outdir: Path) -> int:
+    """Delete the temporary files (``.<name>.<random>.tmp``, :func:`~gpudiffim.io.atomic_path`)
+    an interrupted run left under ``outdir``; call it holding :func:`output_lock`."""
+    removed = 0
+    for path in outdir.rglob(".*.tmp"):
+        if path.is_file():
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def config_key(config: RunConfig) -> str:
+    """A short digest of everything that shapes an exposure's outputs (the pipeline's
+    settings; not the backend, whose results are the same)."""
+    return hashlib.sha1(repr(config.pipeline).encode()).hexdigest()[:12]
+
+
+def _done_with(status: dict | None, key: str) -> bool:
+    """Whether an exposure's status row says it was done with the settings of ``key``
+    (outputs of other settings are recomputed, never reused)."""
+    return bool(status) and status.get("status") == "done" and status.get("config") == key
 
 
 def _run_config(config: RunConfig | None, **settings) -> RunConfig:

@@ -252,3 +252,45 @@ def test_outputs_take_the_users_umask(tmp_path):
         assert path.stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(old)
+
+
+def test_a_changed_config_recomputes_instead_of_reusing(tmp_path, caplog):
+    """Outputs are keyed by the settings that made them: a rerun with another flavor redoes
+    every exposure (it once said '0 to process' and kept the old outputs); the same
+    settings again redo none."""
+    repo = tmp_path / "repo"
+    simulate(repo, "ci", seed=5, workers=1)
+    out = tmp_path / "out"
+    first = run(repo, out, flavor="convolveTemplate", progress=False)
+    assert set(first["flavor"]) == {"convolveTemplate"}
+    again = run(repo, out, flavor="preconvolve", progress=False)
+    assert set(again["flavor"]) == {"preconvolve"}
+    assert len(set(first["config"]) | set(again["config"])) == 2
+    caplog.clear()
+    with caplog.at_level("INFO", logger="gpudiffim.runner"):
+        run(repo, out, flavor="preconvolve", progress=False)
+    assert "0 of 2 exposures to process" in caplog.text
+
+
+def test_one_run_per_output_directory_and_no_stale_temporaries(tmp_path):
+    """A second run on an output directory that a run holds is a named error (the lock is
+    the system's, so a killed run leaves nothing stuck); a run removes the temporary files an
+    interrupted one left."""
+    import fcntl
+
+    from gpudiffim.errors import GpuDiffimError
+    from gpudiffim.runner import LOCK_NAME
+
+    repo = tmp_path / "repo"
+    simulate(repo, "ci", seed=6, workers=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / LOCK_NAME, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(GpuDiffimError, match="another run is writing there"):
+            run(repo, out, progress=False)
+    stale = out / "g" / "11690" / "049" / ".difference.fits.x1y2z3.tmp"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"\0" * 1000)
+    table = run(repo, out, progress=False)
+    assert list(table["status"]) == ["done", "done"] and not stale.exists()
