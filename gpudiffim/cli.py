@@ -14,7 +14,7 @@ import numpy as np
 from . import __version__
 from .backend import BACKEND_NAMES, get_backend, gpu_unavailable_reason
 from .errors import GpuDiffimError, InputError
-from .io import atomic_path, read_exposure, read_psf, write_exposure
+from .io import atomic_path, read_exposure, write_exposure
 from .measure import write_dia_sources
 from .pipeline import PipelineConfig, process_pair
 from .runner import run
@@ -91,11 +91,9 @@ def _cmd_subtract(args) -> int:
 
 def _read_input(args, which: str):
     """The science or template exposure with the PSF, noise and mask files given for it."""
-    exposure = read_exposure(getattr(args, which), noise=getattr(args, f"{which}_noise"),
-                             noise_kind=args.noise_kind, mask=getattr(args, f"{which}_mask"),
-                             saturation=args.saturation)
-    psf = getattr(args, f"{which}_psf")
-    return exposure if psf is None else exposure.replace(psf=read_psf(psf))
+    return read_exposure(getattr(args, which), psf=getattr(args, f"{which}_psf"),
+                         noise=getattr(args, f"{which}_noise"), noise_kind=args.noise_kind,
+                         mask=getattr(args, f"{which}_mask"), saturation=args.saturation)
 
 
 def _cmd_run(args) -> int:

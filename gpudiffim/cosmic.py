@@ -54,6 +54,11 @@ def psf_neighbour_ratios(psf: np.ndarray) -> np.ndarray:
                      for dy, dx in DIRECTIONS])
 
 
+def _usable(exposure: Exposure):
+    """Pixels that hold a value a cosmic ray could be found in (not NO_DATA, SAT, BAD)."""
+    return (exposure.mask & exposure.bit("NO_DATA", "SAT", "BAD")) == 0
+
+
 def _shifted(backend, a, dy, dx):
     """``a[y + dy, x + dx]``, edge values repeated past the border."""
     xp = backend.xp
@@ -82,16 +87,18 @@ def _sharpness(xp, value, sigma, neighbour, usable, ratios, config: CosmicRayCon
 
 
 def find_cosmic_rays(exposure: Exposure, psf: np.ndarray, config: CosmicRayConfig,
-                     backend, sky: float = 0.0):
+                     backend, sky: float = 0.0, usable=None):
     """Device boolean map of the exposure's cosmic-ray pixels, None when there is none
-    (``sky``: the level the image's sources stand on). The test runs first on the
+    (``sky``: the level the image's sources stand on; ``usable``: its pixels with a value,
+    when already at hand). The test runs first on the
     significant pixels alone (a clean coadd costs little), then, when one is a cosmic ray,
     over the frame for the tracks."""
     xp = backend.xp
     ny, nx = exposure.shape
     image = backend.asarray(exposure.image) - sky
     sigma = xp.sqrt(xp.where(exposure.variance > 0, exposure.variance, xp.inf))
-    usable = (exposure.mask & exposure.bit("NO_DATA", "SAT", "BAD")) == 0
+    if usable is None:
+        usable = _usable(exposure)
     significant = usable & (image > config.minSigma * sigma)
     ratios = psf_neighbour_ratios(psf)
     idx = xp.nonzero(xp.reshape(significant, (-1,)))[0]
@@ -126,9 +133,9 @@ def repair_cosmic_rays(exposure: Exposure, psf: np.ndarray, config: CosmicRayCon
     if "CR" not in exposure.mask_planes or backend.scalar(
             xp.any((exposure.mask & exposure.bit("CR")) != 0)):
         return exposure
-    good = (exposure.mask & exposure.bit("NO_DATA", "SAT", "BAD")) == 0
+    good = _usable(exposure)
     sky = median_where(backend, exposure.image, good)
-    cr = find_cosmic_rays(exposure, psf, config, backend, 0.0 if sky is None else sky)
+    cr = find_cosmic_rays(exposure, psf, config, backend, 0.0 if sky is None else sky, good)
     if cr is None:
         return exposure
     clean = xp.astype(~cr & good, xp.float32)

@@ -95,7 +95,7 @@ def atomic_path(path):
 
 
 # ---------------------------------------------------------------------------- reading
-def read_exposure(path, *, noise=None, noise_kind: str | None = None, mask=None,
+def read_exposure(path, *, psf=None, noise=None, noise_kind: str | None = None, mask=None,
                   saturation: float | None = None) -> Exposure:
     """Read a FITS exposure onto the host.
 
@@ -103,6 +103,8 @@ def read_exposure(path, *, noise=None, noise_kind: str | None = None, mask=None,
     ----------
     path : path
         The FITS file (any layout described in :mod:`gpudiffim.io`).
+    psf : path, optional
+        A PSF file (:func:`read_psf`); it replaces any PSF in ``path``.
     noise : path, optional
         A separate file holding the image's noise (sigma, variance or inverse variance, told
         apart by its HDU name or ``noise_kind``); it replaces any noise in ``path``.
@@ -127,6 +129,8 @@ def read_exposure(path, *, noise=None, noise_kind: str | None = None, mask=None,
         planes = dict(exposure.mask_planes)
         extra = read_mask_plane(mask, exposure.shape, planes)
         exposure = exposure.replace(mask=exposure.mask | extra, mask_planes=planes)
+    if psf is not None:
+        exposure = exposure.replace(psf=read_psf(psf))
     return exposure
 
 

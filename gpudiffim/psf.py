@@ -69,37 +69,14 @@ def adaptive_moments(image: np.ndarray, n_iter: int = 50) -> tuple[float, float,
     The weight is iterated to the best-matching elliptical Gaussian, as HSM does, so the
     Moffat wings do not inflate the width the way unweighted moments would.
     """
-    h, w = image.shape
-    y, x = np.mgrid[:h, :w]
-    x = x - (w - 1) / 2.0
-    y = y - (h - 1) / 2.0
-    sxx = syy = 2.0
-    sxy = 0.0
-    cx = cy = 0.0
-    for _ in range(n_iter):
-        det = sxx * syy - sxy**2
-        ixx, iyy, ixy = syy / det, sxx / det, -sxy / det
-        dx, dy = x - cx, y - cy
-        wgt = np.exp(-0.5 * (ixx * dx * dx + iyy * dy * dy + 2 * ixy * dx * dy)) * image
-        norm = wgt.sum()
-        cx += (wgt * dx).sum() / norm
-        cy += (wgt * dy).sum() / norm
-        dx, dy = x - cx, y - cy
-        mxx = (wgt * dx * dx).sum() / norm
-        myy = (wgt * dy * dy).sum() / norm
-        mxy = (wgt * dx * dy).sum() / norm
-        new = (2 * mxx, 2 * myy, 2 * mxy)
-        if np.allclose(new, (sxx, syy, sxy), rtol=1e-7, atol=1e-9):
-            break
-        if not (new[0] > 1e-6 and new[1] > 1e-6 and new[0] * new[1] - new[2] ** 2 > 1e-12):
-            break  # collapsed onto one pixel (a cosmic ray, a hot pixel): keep the last
-        sxx, syy, sxy = new
-    return float(np.sqrt(sxx)), float(np.sqrt(syy)), float(sxy / np.sqrt(sxx * syy))
+    sx, sy, rho = adaptive_moments_batch(np.asarray(image, dtype=np.float64)[None], n_iter)
+    return float(sx[0]), float(sy[0]), float(rho[0])
 
 
 def adaptive_moments_batch(images: np.ndarray, n_iter: int = 50):
     """:func:`adaptive_moments` of a stack of centred stamps (n, h, w) at once: arrays
-    ``(sigma_x, sigma_y, rho)``. Each stamp stops where the single-stamp iteration would."""
+    ``(sigma_x, sigma_y, rho)``. Each stamp stops iterating when its moments converge, or
+    when they collapse onto one pixel (a cosmic ray, a hot pixel: the last are kept)."""
     n, h, w = images.shape
     y, x = np.mgrid[:h, :w]
     x = (x - (w - 1) / 2.0)[None]

@@ -39,7 +39,7 @@ from astropy.table import Table
 from .backend import get_backend
 from .errors import GpuDiffimError, InputError
 from .hostmem import release_freed_memory
-from .io import atomic_path, read_exposure, read_psf, write_exposure
+from .io import atomic_path, read_exposure, write_exposure
 from .measure import write_dia_sources
 from .options import configclass, option
 from .pipeline import PipelineConfig, process_pair
@@ -185,8 +185,7 @@ def _inputs(repo: Path, row, which: str) -> tuple:
 
 def _read_input(path: Path, psf: Path | None = None, noise: Path | None = None,
                 mask: Path | None = None):
-    exposure = read_exposure(path, noise=noise, mask=mask)
-    return exposure if psf is None else exposure.replace(psf=read_psf(psf))
+    return read_exposure(path, psf=psf, noise=noise, mask=mask)
 
 
 def _read_pair(repo, row, templates: TemplateCache | None = None):
