@@ -70,6 +70,8 @@ class KernelBasis:
     deconvolution: bool
     factors: tuple  # per Gaussian: (degree + 1, size) host float64
     transform: np.ndarray  # (n, n): raw separable kernels -> kernels
+    expected_sigma: float | None = None  # the Gaussian kernel the PSF widths predict (pixels;
+    # near 0 for equal PSFs: a delta); None when the basis is not sized from the PSFs
 
     @property
     def size(self) -> int:
@@ -144,4 +146,7 @@ def alard_lupton_basis(fwhm_source: float | None = None, fwhm_target: float | No
         norm = np.sqrt(np.sum(kernels[k] ** 2))
         kernels[k] /= norm
         transform[k] /= norm
-    return KernelBasis(kernels, sigmas, degrees, deconv, tuple(factors), transform)
+    expected = None
+    if config.scaleByFwhm and fwhm_source is not None and fwhm_target is not None:
+        expected = float(np.sqrt(abs(fwhm_target**2 - fwhm_source**2)) / FWHM_PER_SIGMA)
+    return KernelBasis(kernels, sigmas, degrees, deconv, tuple(factors), transform, expected)

@@ -81,6 +81,9 @@ def _cmd_subtract(args) -> int:
     with atomic_path(out / "fit.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1, default=lambda o: o.item()))
     q = result.quality
+    if q["rejected_models"]:
+        print(f"quality gates: {len(q['rejected_models'])} model(s) rejected, "
+              f"{q['model']} kept (fit.json lists why)")
     print(f"{result.flavor}: kernel sum {q['kernel_sum_centre']:.4f} from "
           f"{q['n_kernel_sources']} sources, difference/sigma {q['difference_pull_sigma']:.3f} "
           f"(variance x {q['variance_scale']:.3f}), "

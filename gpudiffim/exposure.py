@@ -53,6 +53,15 @@ class ExposureInfo:
     exptime: float | None = None
     units: str | None = None  # BUNIT
     extra: Mapping[str, Any] = field(default_factory=dict)  # other header values, as text
+    path: str | None = None  # the file it was read from (named in errors)
+
+    def describe(self) -> str:
+        """How messages name the exposure: its file, else its visit and detector."""
+        if self.path is not None:
+            return self.path
+        if self.visit is not None:
+            return f"visit {self.visit} detector {self.detector}"
+        return "the exposure"
 
 
 @dataclass(frozen=True, eq=False)

@@ -29,6 +29,7 @@ import os
 import tempfile
 import warnings
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +40,12 @@ from scipy import ndimage
 from .errors import InputError
 from .exposure import MASK_PLANES, Exposure, ExposureInfo, mask_bits
 from .imagenoise import estimate_variance
-from .psf import ImagePsf, PolynomialPsf, centred_psf_image
+from .psf import ImagePsf, PolynomialPsf, centred_psf_image, psf_image_problem
 from .spatial import monomial_terms, scaled_coords
 
 __all__ = ["atomic_path", "read_exposure", "read_noise_plane", "read_mask_plane",
-           "write_exposure", "read_psf", "write_psf", "SATURATION_CARDS", "ZERO_POINT_CARDS"]
+           "write_exposure", "read_psf", "write_psf", "checked_psf", "SATURATION_CARDS",
+           "ZERO_POINT_CARDS"]
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +133,9 @@ def read_exposure(path, *, psf=None, noise=None, noise_kind: str | None = None, 
         exposure = exposure.replace(mask=exposure.mask | extra, mask_planes=planes)
     if psf is not None:
         exposure = exposure.replace(psf=read_psf(psf))
-    return exposure
+    elif exposure.psf is not None:
+        checked_psf(exposure.psf, path)
+    return exposure.replace(info=replace(exposure.info, path=str(path)))
 
 
 def _with_fits(path: Path, read):
@@ -478,6 +482,16 @@ def _psfex_psf(path, hdu) -> PolynomialPsf:
                          bbox=bbox)
 
 
+def checked_psf(psf, where):
+    """``psf``, refused with an InputError naming ``where`` when its image at the centre of
+    its bounding box is not a PSF (:func:`~gpudiffim.psf.psf_image_problem`)."""
+    bbox = getattr(psf, "bbox", (1, 1))
+    problem = psf_image_problem(psf.image_at((bbox[0] - 1) / 2, (bbox[1] - 1) / 2))
+    if problem:
+        raise InputError(where, f"the PSF {problem}")
+    return psf
+
+
 def read_psf(path):
     """Read a PSF model: gpudiffim's (a ``PSF`` extension), a PSFEx ``.psf`` file (a
     ``PSF_DATA`` table), or any image (its first 2-D or 3-D HDU; any size, centred and
@@ -489,12 +503,13 @@ def read_psf(path):
         with fits.open(path, memmap=False) as hdul:
             table = _find(hdul, ("PSF_DATA",))
             if isinstance(table, fits.BinTableHDU) and "PSF_MASK" in table.columns.names:
-                return _psfex_psf(path, table)
+                return checked_psf(_psfex_psf(path, table), path)
             hdu = hdul["PSF"] if "PSF" in hdul else next(
                 (h for h in hdul if h.data is not None and h.data.ndim in (2, 3)), None)
             if hdu is None:
                 raise InputError(path, "no HDU holds a PSF image")
-            return _psf_from_hdu(path, hdu)
+            psf = _psf_from_hdu(path, hdu)
+        return checked_psf(psf, path)
     except InputError:
         raise
     except Exception as exc:

@@ -38,7 +38,7 @@ from .stamps import gather_stamps
 
 __all__ = ["KernelFitConfig", "KernelFitError", "KernelSolution", "KernelStamps",
            "build_stamps", "fit_kernel", "roughness_matrix", "centred_on_gaussian",
-           "psf_flux_ratio"]
+           "psf_flux_ratio", "aperture_fluxes", "flux_ratio"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,9 @@ class KernelFitConfig:
                                                "shifts and changes of width and ellipticity")
     errorsInVariables: bool = option(True, "remove the convolved image's noise from the "
                                            "normal equations")
+    kernelSumFromZeroPoints: bool = option(False, "impose the kernel sum the exposures' zero "
+                                                  "points give (a fallback when the stars "
+                                                  "leave it poorly determined)")
 
 
 @dataclass(frozen=True, eq=False)
@@ -159,6 +162,7 @@ class KernelStamps:
     normal: object  # (n, nb + 1, nb + 1)
     rhs: object  # (n, nb + 1)
     noise: object  # (n, nb + 1, nb + 1) the source noise's share of ``normal``, or None
+    rhs_noise: object  # (n, nb + 1) the noise the inputs share, its share of ``rhs``, or None
     pos: np.ndarray  # host (n, 2)
     roughness: np.ndarray | None = None  # host (nb + 1, nb + 1) penalty matrix, or None
     penalty_scale: np.ndarray | None = None  # host (n,): its weight in each stamp's ``normal``
@@ -166,14 +170,17 @@ class KernelStamps:
 
 def build_stamps(source, target, variance, bad, positions, basis: KernelBasis,
                  config: KernelFitConfig, backend=None, source_psf=None,
-                 source_var=None) -> KernelStamps:
+                 source_var=None, shared_var=None) -> KernelStamps:
     """Design matrices and normal equations for every stamp, in float64 on the backend.
 
     With ``source_var`` each stamp also gets the expected contribution of the convolved
     image's noise to its normal matrix (errors in variables), ``sum_i w_i cov(B_j*n,
     B_l*n)(i) = sum_m B_j(m) B_l(m) G(m)`` with ``G`` the correlation of the stamp's weights
     with the source variance; the spatial fit subtracts it, so noise no longer drags the
-    kernel towards smoothing.
+    kernel towards smoothing. With ``shared_var`` (the covariance of the two inputs' noise
+    at each pixel, when they share exposures) the right-hand side gets its expected share,
+    ``sum_i w_i B_j(0) c(i)``, removed as well: an image fitted to itself then gives the
+    delta kernel.
     """
     backend = get_backend(backend)
     xp = backend.xp
@@ -210,6 +217,12 @@ def build_stamps(source, target, variance, bad, positions, basis: KernelBasis,
                                        products, nb, S, K, F))
     normal = xp.concat(normals, axis=0)
     rhs = xp.concat(rhss, axis=0)
+    rhs_noise = None
+    if shared_var is not None:  # B_j at the kernel's centre times sum_i w_i c(i); 0 for bg
+        c = xp.reshape(xp.astype(gather_stamps(backend, shared_var, positions, S), f64),
+                       (-1, S * S))
+        centre = np.append(basis.kernels[:, K // 2, K // 2], 0.0)
+        rhs_noise = xp.sum(weight * c, axis=1)[:, None] * backend.to_device(centre)[None, :]
     noise_normal = None
     if noise:  # (n, nb, nb), bordered with zeros for the background column
         noise_normal = xp.concat(noise, axis=0)
@@ -221,8 +234,9 @@ def build_stamps(source, target, variance, bad, positions, basis: KernelBasis,
         scale = (xp.sum(xp.reshape(normal, (normal.shape[0], -1))[:, ::nb + 2][:, :nb], axis=1)
                  * config.regularization / float(np.trace(rough)))
         if config.regularizeTowardsPsfKernel and not basis.deconvolution:
-            rough = centred_on_gaussian(rough, basis, basis.sigmas[min(1, len(basis.sigmas) - 1)],
-                                        config.psfKernelShapePenalty)
+            sigma = (basis.sigmas[min(1, len(basis.sigmas) - 1)] if basis.expected_sigma is None
+                     else basis.expected_sigma)
+            rough = centred_on_gaussian(rough, basis, sigma, config.psfKernelShapePenalty)
         normal = normal + scale[:, None, None] * backend.to_device(rough)[None, ...]
         scale = backend.to_host(scale)
     else:
@@ -232,8 +246,8 @@ def build_stamps(source, target, variance, bad, positions, basis: KernelBasis,
     eye = xp.astype(xp.reshape(backend.arange(normal.shape[-1] ** 2), normal.shape[1:])
                     % (normal.shape[-1] + 1) == 0, normal.dtype)
     normal = normal + (1e-10 * diag / normal.shape[-1] + 1e-30)[:, None, None] * eye[None, ...]
-    return KernelStamps(designs, tgt, weight, normal, rhs, noise_normal, np.asarray(positions),
-                   rough, scale)
+    return KernelStamps(designs, tgt, weight, normal, rhs, noise_normal, rhs_noise,
+                        np.asarray(positions), rough, scale)
 
 
 def _convolution_matrix(factors: np.ndarray, S: int) -> np.ndarray:
@@ -313,12 +327,16 @@ def centred_on_gaussian(penalty: np.ndarray, basis: KernelBasis, sigma: float,
     k = basis.kernels
     nb, half = len(k), basis.size // 2
     y, x = np.mgrid[-half:half + 1, -half:half + 1].astype(float)
-    g = np.exp(-0.5 * (x * x + y * y) / sigma**2)
-    g /= g.sum()
+    def gaussian(s):
+        g = np.exp(-0.5 * (x * x + y * y) / s**2)
+        return g / g.sum()
+
+    g = gaussian(max(sigma, 1e-3))  # sigma -> 0: a delta
     flat = k.reshape(nb, -1).T
     c, *_ = np.linalg.lstsq(flat, g.ravel(), rcond=None)
-    if shape_weight < 1:
-        modes = np.stack([g * p for p in (x, y, x * x, x * y, y * y)]).reshape(5, -1).T
+    if shape_weight < 1:  # a delta has no such modes on the pixel grid: take a 0.5 px one's
+        gm = gaussian(max(sigma, 0.5))
+        modes = np.stack([gm * p for p in (x, y, x * x, x * y, y * y)]).reshape(5, -1).T
         d = np.vstack([np.linalg.lstsq(flat, modes, rcond=None)[0], np.zeros((1, 5))])
         rd = penalty @ d
         penalty = penalty - (1 - shape_weight) * rd @ np.linalg.solve(d.T @ rd, rd.T)
@@ -355,8 +373,11 @@ def roughness_matrix(basis: KernelBasis, source_psf=None) -> np.ndarray:
     return out
 
 
-def _residual_stats(backend, stamps: KernelStamps, coeffs):
-    """Per-stamp mean and std of the residual in units of the noise (host arrays)."""
+def _residual_stats(backend, stamps: KernelStamps, coeffs, unexplained: bool = False):
+    """Per-stamp mean and std of the residual in units of the noise (host arrays); with
+    ``unexplained``, also the fraction of each stamp's own variation (weighted, about its
+    mean) the model leaves in the residual: near 1 for noise or a source the other image
+    lacks, small for a bright source matched to the noise."""
     xp = backend.xp
     model, start = [], 0
     for rows in stamps.design:
@@ -369,7 +390,13 @@ def _residual_stats(backend, stamps: KernelStamps, coeffs):
     n = xp.sum(xp.astype(good, xp.float64), axis=1)
     mean = xp.sum(chi, axis=1) / n
     std = xp.sqrt(xp.sum(chi * chi, axis=1) / n - mean * mean)
-    return backend.to_host(mean), backend.to_host(std)
+    if not unexplained:
+        return backend.to_host(mean), backend.to_host(std)
+    w = stamps.weight
+    t_mean = xp.sum(w * stamps.target, axis=1) / xp.sum(w, axis=1)
+    spread = xp.sum(w * (stamps.target - t_mean[:, None]) ** 2, axis=1)
+    out = backend.to_host(xp.stack([mean, std, xp.sum(chi * chi, axis=1) / spread]))
+    return out[0], out[1], out[2]
 
 
 def _residual_ok(mean, std, among, config: KernelFitConfig):
@@ -384,6 +411,17 @@ def _residual_ok(mean, std, among, config: KernelFitConfig):
     std_max = max(config.candidateResidualStdMax, 1.5 * med_s)
     mean_max = max(config.candidateResidualMeanMax, 3.0 * med_m)
     return (np.abs(mean) <= mean_max) & (std <= std_max)
+
+
+def _centre_sum_error(backend, gram, orders, bbox) -> float:
+    """Standard error of the spatial fit's kernel sum at the detector's centre, from the
+    inverse of its normal matrix ``gram`` (the sum's terms come first)."""
+    m = len(polynomial_terms(orders[0]))
+    cov = np.linalg.pinv(backend.to_host(gram))[:m, :m]
+    w, h = bbox
+    u, v = scaled_coords(np.asarray((w - 1) / 2), np.asarray((h - 1) / 2), bbox)
+    t = chebyshev_terms(np, u, v, orders[0]).ravel()
+    return float(np.sqrt(max(t @ cov @ t, 0.0)))
 
 
 def _ksum_error(backend, normal):
@@ -455,16 +493,16 @@ def _unpack(theta, orders, nb):
     return kc, theta[col:]
 
 
-def psf_flux_ratio(source, target, source_psf, target_psf, positions,
-                   backend=None) -> float | None:
-    """Photometric scale target/source from aperture-corrected fluxes of the kernel sources.
+def aperture_fluxes(source, target, source_psf, target_psf, positions, backend=None,
+                    variances=None):
+    """Aperture-corrected fluxes of the sources at ``positions`` in two images.
 
     Each image gets a wide circular aperture (2.5 x the larger FWHM) around each source,
     the stamp's border median removed, and the aperture correction of its own PSF model
     (so differing wings do not bias the ratio, and sub-pixel centring hardly matters).
-    The ratio of the summed fluxes has no first-order noise bias, unlike a least-squares
-    kernel sum when the convolved image is the noisier one. None when no source is usable
-    (too near the edges, or none at all): the kernel sum is then left to the fit.
+    Returns host (source fluxes, target fluxes), NaN-free, for the sources clear of the
+    edges (empty arrays when none is); with ``variances`` (the source's and the target's
+    variance planes), their variances too.
     """
     backend = get_backend(backend)
     xp = backend.xp
@@ -481,10 +519,10 @@ def psf_flux_ratio(source, target, source_psf, target_psf, positions,
     inside = ((positions[:, 0] >= c) & (positions[:, 0] < nx - c)
               & (positions[:, 1] >= c) & (positions[:, 1] < ny - c))
     if not inside.any():
-        return None
+        return (np.zeros(0),) * (2 if variances is None else 4)
     pos = positions[inside]
 
-    def fluxes(image, psf):
+    def fluxes(image, psf, var=None):
         st = xp.astype(gather_stamps(backend, image, pos, size), xp.float64)
         ring = xp.take(xp.reshape(st, (st.shape[0], -1)), annulus, axis=1)  # sky past the wings
         sky = xp.sort(ring, axis=1)[:, ring.shape[1] // 2]
@@ -494,23 +532,77 @@ def psf_flux_ratio(source, target, source_psf, target_psf, positions,
         p[c - m:c + m + 1, c - m:c + m + 1] = psf[h - m:h + m + 1, h - m:h + m + 1]
         enclosed = float(np.sum(p[aperture]) / np.sum(psf))
         ap = backend.to_device(aperture.astype(np.float64))
-        return backend.to_host(xp.sum((st - sky[:, None, None]) * ap, axis=(1, 2))) / enclosed
+        flux = xp.sum((st - sky[:, None, None]) * ap, axis=(1, 2)) / enclosed
+        if var is None:
+            return backend.to_host(flux), None
+        v = xp.astype(gather_stamps(backend, var, pos, size), xp.float64)
+        both = backend.to_host(xp.stack([flux, xp.sum(v * ap, axis=(1, 2)) / enclosed**2]))
+        return both[0], both[1]
 
-    fs, ft = fluxes(source, np.asarray(source_psf)), fluxes(target, np.asarray(target_psf))
+    vs, vt = (None, None) if variances is None else variances
+    fs, es = fluxes(source, np.asarray(source_psf), vs)
+    ft, et = fluxes(target, np.asarray(target_psf), vt)
     ok = np.isfinite(fs) & np.isfinite(ft)
-    if not ok.any() or np.sum(fs[ok]) <= 0:
+    if variances is None:
+        return fs[ok], ft[ok]
+    return fs[ok], ft[ok], es[ok], et[ok]
+
+
+def psf_flux_ratio(source, target, source_psf, target_psf, positions,
+                   backend=None) -> float | None:
+    """Photometric scale target/source from the summed :func:`aperture_fluxes` of the kernel
+    sources: no first-order noise bias, unlike a least-squares kernel sum when the
+    convolved image is the noisier one. None when no source is usable (too near the edges,
+    or none at all): the kernel sum is then left to the fit."""
+    fs, ft = aperture_fluxes(source, target, source_psf, target_psf, positions, backend)
+    if not len(fs) or np.sum(fs) <= 0:
         return None
-    return float(np.sum(ft[ok]) / np.sum(fs[ok]))
+    return float(np.sum(ft) / np.sum(fs))
+
+
+def flux_ratio(source, target, source_psf, target_psf, positions, source_var, target_var,
+               backend=None, clip: float = 3.0) -> tuple[float, float] | tuple[None, None]:
+    """The photometric ratio target/source of the sources at ``positions`` from their
+    :func:`aperture_fluxes`, and its standard error: the weighted mean of each source's
+    ratio (errors from the variance planes, to first order), ``clip``-sigma outliers (a
+    variable star, a blend) rejected, the error scaled by the scatter when that exceeds the
+    noise. (None, None) without a usable source."""
+    fs, ft, vs, vt = aperture_fluxes(source, target, source_psf, target_psf, positions,
+                                     backend, (source_var, target_var))
+    use = (fs > 0) & (vs >= 0) & (vt >= 0)
+    if not use.any():
+        return None, None
+    fs, ft, vs, vt = fs[use], ft[use], vs[use], vt[use]
+    r = ft / fs
+    var = (vt + r * r * vs) / (fs * fs)
+    w = 1.0 / np.where(var > 0, var, np.inf)
+    keep = w > 0
+    if not keep.any():
+        return None, None
+    for _ in range(3):
+        mean = np.sum(w[keep] * r[keep]) / np.sum(w[keep])
+        chi2 = np.sum(w[keep] * (r[keep] - mean) ** 2) / max(keep.sum() - 1, 1)
+        scale = max(1.0, chi2)
+        new = (w > 0) & ((r - mean) ** 2 * w <= clip**2 * scale)
+        if new.sum() == 0 or np.array_equal(new, keep):
+            break
+        keep = new
+    mean = np.sum(w[keep] * r[keep]) / np.sum(w[keep])
+    chi2 = np.sum(w[keep] * (r[keep] - mean) ** 2) / max(keep.sum() - 1, 1)
+    return float(mean), float(np.sqrt(max(1.0, chi2) / np.sum(w[keep])))
 
 
 def fit_kernel(source, target, source_var, target_var, bad, basis: KernelBasis,
                positions, config: KernelFitConfig = KernelFitConfig(), backend=None,
-               bbox=None, source_psf=None, kernel_sum: float | None = None) -> KernelSolution:
+               bbox=None, source_psf=None, kernel_sum: float | None = None,
+               noise_correlation: float = 0.0) -> KernelSolution:
     """Fit the spatial kernel and background matching ``source`` onto ``target``.
 
     ``bad`` is a boolean image of pixels to ignore; ``positions`` host (n, 2) integer
     stamp centres (see :func:`select_kernel_sources`). A given ``kernel_sum`` is imposed
     (the first basis coefficient is pinned to it) instead of fitted.
+    ``noise_correlation``: of the two images' pixel noise
+    (:func:`~gpudiffim.noise.shared_noise_correlation`), 0 for independent exposures.
     """
     backend = get_backend(backend)
     xp = backend.xp
@@ -524,9 +616,13 @@ def fit_kernel(source, target, source_var, target_var, bad, basis: KernelBasis,
     # ~4 pi sigma_k^2 pixels: weight with the variance of the model's residual
     sigma_k = basis.sigmas[min(1, len(basis.sigmas) - 1)]  # the middle Alard-Lupton Gaussian
     spread = float(1.0 / (4.0 * np.pi * sigma_k**2))
+    eiv = config.errorsInVariables
+    shared = (noise_correlation
+              * xp.sqrt(xp.clip(source_var, min=0.0) * xp.clip(target_var, min=0.0))
+              if eiv and noise_correlation else None)
     stamps = build_stamps(source, target, target_var + spread * source_var, bad, positions,
                           basis, config, backend, source_psf,
-                          source_var=source_var if config.errorsInVariables else None)
+                          source_var=source_var if eiv else None, shared_var=shared)
     nb = len(basis)
     if kernel_sum is not None:  # pin coefficient 0 with a stiff quadratic penalty
         stiff = 1e8 * stamps.normal[:, 0, 0]
@@ -576,10 +672,11 @@ def fit_kernel(source, target, source_var, target_var, bad, basis: KernelBasis,
         if stamps.roughness is not None:
             gram = gram + float(np.sum(stamps.penalty_scale[ok])) * backend.to_device(
                 _penalty_over_detector(stamps.roughness, bbox, orders))
-        rhs = xp.matmul(backend.matrix_transpose(phi_ok), xp.reshape(stamps.rhs, (-1, 1)))[:, 0]
+        b = stamps.rhs if stamps.rhs_noise is None else stamps.rhs - stamps.rhs_noise
+        rhs = xp.matmul(backend.matrix_transpose(phi_ok), xp.reshape(b, (-1, 1)))[:, 0]
         theta = backend.solve(gram, rhs)
         per_stamp = xp.matmul(phi, theta[:, None])[..., 0]
-        mean, std = _residual_stats(backend, stamps, per_stamp)
+        mean, std, unexplained = _residual_stats(backend, stamps, per_stamp, True)
         bad_fit = ok & ~_residual_ok(mean, std, ok, config)
         if not bad_fit.any() or iteration == config.maxIter:
             break
@@ -589,5 +686,8 @@ def fit_kernel(source, target, source_var, target_var, bad, basis: KernelBasis,
     kc, bg = _unpack(backend.to_host(theta), orders, nb)
     stats.update({"n_used": int(ok.sum()), "kernel_order": kernel_order,
                   "residual_mean": float(np.median(mean[ok])),
-                  "residual_std": float(np.median(std[ok])), "iterations": iteration + 1})
+                  "residual_std": float(np.median(std[ok])),
+                  "residual_unexplained": float(np.median(unexplained[ok])),
+                  "kernel_sum_error": _centre_sum_error(backend, gram, orders, bbox),
+                  "iterations": iteration + 1})
     return KernelSolution(basis, kc, bg, kernel_order, config.spatialBgOrder, bbox, stats)

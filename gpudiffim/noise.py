@@ -39,7 +39,8 @@ from .spatial import quadratic_term_map
 from .stamps import gather_stamps
 
 __all__ = ["NoiseModel", "convolved_variance", "decorrelated_variance", "score_variance",
-           "filtered_variance", "residual_power", "residual_scale"]
+           "filtered_variance", "residual_power", "residual_scale",
+           "shared_noise_correlation"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -191,3 +192,21 @@ def residual_scale(backend, image, var, power, good, positions, box: int) -> flo
     order = np.argsort(ratio)
     cum = np.cumsum(weight[order])
     return max(0.0, float(ratio[order][np.searchsorted(cum, 0.5 * cum[-1])]))
+
+
+def shared_noise_correlation(backend, source, target, usable, nsigma: float = 5.0) -> float:
+    """Correlation of two images' pixel noise, from neighbouring-pixel differences (which
+    cancel the sky and most of the PSF-scale signal) over the ``usable`` pixels (empty sky
+    in both): 0 for independent exposures, 1 for an image and itself. Values within
+    ``nsigma`` of their own noise (``1 / sqrt(n)``) are returned as 0."""
+    xp = backend.xp
+    use = usable[:, 1:] & usable[:, :-1]
+    ha = xp.where(use, xp.astype(source[:, 1:] - source[:, :-1], xp.float64), 0.0)
+    hb = xp.where(use, xp.astype(target[:, 1:] - target[:, :-1], xp.float64), 0.0)
+    sums = backend.to_host(xp.stack([xp.sum(ha * hb), xp.sum(ha * ha), xp.sum(hb * hb),
+                                     xp.sum(xp.astype(use, xp.float64))]))
+    ab, aa, bb, n = (float(v) for v in sums)
+    if n < 100 or aa <= 0 or bb <= 0:
+        return 0.0
+    rho = ab / np.sqrt(aa * bb)
+    return float(rho) if abs(rho) > nsigma / np.sqrt(n) else 0.0

@@ -23,7 +23,7 @@ from .stamps import gather_stamps
 __all__ = ["FWHM_PER_SIGMA", "ImagePsf", "PolynomialPsf", "adaptive_moments",
            "adaptive_moments_batch", "half_max_fwhm",
            "centred_psf_image", "convolved_psf", "kernel_convolved_psf", "gaussian_psf",
-           "measure_psf", "PsfMeasurementError"]
+           "measure_psf", "PsfMeasurementError", "psf_image_problem"]
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,35 @@ def half_max_fwhm(image: np.ndarray, upsample: int = 4) -> tuple[float, float]:
     mean = 2.0 * np.sqrt(area / np.pi)
     sx, sy, _ = adaptive_moments(image)
     return mean * np.sqrt(sx / sy), mean * np.sqrt(sy / sx)
+
+
+def psf_image_problem(image) -> str | None:
+    """Why ``image`` is not a PSF (None when it is one): non-finite pixels, no positive
+    light, light spread over most of the image (flat: nothing peaked), or its light centred
+    far from the central pixel (more than 2 px and half the FWHM)."""
+    image = np.asarray(image, dtype=np.float64)
+    if image.ndim != 2 or not image.size:
+        return f"is not a 2-D image (shape {image.shape})"
+    if not np.all(np.isfinite(image)):
+        return f"holds {int(np.sum(~np.isfinite(image)))} non-finite pixels"
+    total = image.sum()
+    if not total > 0 or image.max() <= 0:
+        return f"holds no positive light (sum {total:.3g}, peak {image.max():.3g})"
+    spread = total**2 / np.sum(image**2) / image.size  # effective area / image area
+    if spread > 0.5:
+        return (f"is flat: its light spreads over {spread:.0%} of its {image.shape[1]}x"
+                f"{image.shape[0]} pixels, where a PSF is peaked")
+    core = image >= 0.5 * image.max()
+    ys, xs = np.nonzero(core)
+    w = image[core]
+    h, wd = image.shape
+    dx = float(np.sum(w * xs) / w.sum() - (wd - 1) / 2)
+    dy = float(np.sum(w * ys) / w.sum() - (h - 1) / 2)
+    half_width = np.sqrt(core.sum() / np.pi)  # half the FWHM
+    if np.hypot(dx, dy) > max(2.0, half_width):
+        return (f"is not centred: its core lies ({dx:+.1f}, {dy:+.1f}) px from the central "
+                "pixel")
+    return None
 
 
 @dataclass(frozen=True, eq=False)

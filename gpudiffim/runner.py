@@ -253,9 +253,14 @@ def compute_exposure(repo, row, config: RunConfig, pair=None, on_device=None):
         status.update({"status": "done", "flavor": result.flavor, "backend": backend.name,
                        "template_fraction": fraction,
                        "n_dia_sources": int((~sources["sky_source"]).sum()),
+                       "model": q["model"], "n_rejected_models": len(q["rejected_models"]),
                        "kernel_sum": q["kernel_sum_centre"],
+                       "kernel_sum_error": q["kernel_sum_error"],
+                       "aperture_flux_ratio": (np.nan if q["aperture_flux_ratio"] is None
+                                               else q["aperture_flux_ratio"]),
                        "n_kernel_sources": q["n_kernel_sources"],
                        "kernel_residual_std": q["kernel_residual_std"],
+                       "kernel_residual_unexplained": q["kernel_residual_unexplained"],
                        "difference_pull_sigma": q["difference_pull_sigma"],
                        "variance_scale": q["variance_scale"],
                        # the kernel's own error that detection added near bright sources

@@ -43,7 +43,7 @@ from .convolve import (
 )
 from .cosmic import CosmicRayConfig, repair_cosmic_rays
 from .decorrelate import decorrelation_kernel
-from .errors import GpuDiffimError
+from .errors import GpuDiffimError, InputError
 from .exposure import (
     DETECTION_EXCLUDED,
     KERNEL_FIT_EXCLUDED,
@@ -52,19 +52,36 @@ from .exposure import (
     Exposure,
     mask_bits,
 )
-from .kernel_fit import KernelFitConfig, KernelSolution, fit_kernel, psf_flux_ratio
-from .noise import NoiseModel, decorrelated_variance, residual_power, score_variance
+from .kernel_fit import (
+    KernelFitConfig,
+    KernelFitError,
+    KernelSolution,
+    fit_kernel,
+    flux_ratio,
+    psf_flux_ratio,
+)
+from .noise import (
+    NoiseModel,
+    decorrelated_variance,
+    residual_power,
+    score_variance,
+    shared_noise_correlation,
+)
 from .options import configclass, option
-from .psf import ImagePsf, convolved_psf, kernel_convolved_psf, measure_psf
+from .psf import ImagePsf, PsfMeasurementError, convolved_psf, kernel_convolved_psf, measure_psf
+from .quality import QualityConfig, SubtractionQualityError, quality_failures
 from .score import prefilter, score_norm, self_convolved
 from .sources import select_kernel_sources, source_snr_maps
 from .stats import median_where, robust_sigma_of_sorted, sorted_subsample
+from .validation import checked_psf_model, usable_exposure
 
 __all__ = ["MODES", "SubtractConfig", "SubtractionResult", "MatchingProblem", "subtract",
+           "subtract_prepared", "simpler_models", "photometric_ratios",
            "psf_centre", "choose_flavor", "matching_problem", "kernel_sources",
            "fit_matching_kernel", "matched_difference", "difference_mask", "difference_psf",
            "empty_sky_background", "decorrelation", "decorrelate", "input_variances",
-           "difference_variance", "noise_model", "with_psf", "difference_pull", "variance_scale"]
+           "difference_variance", "noise_model", "noise_correlation", "with_psf",
+           "difference_pull", "variance_scale"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +100,8 @@ class SubtractConfig:
     kernel: KernelFitConfig = option(factory=KernelFitConfig, doc="the kernel fit")
     cosmicRays: CosmicRayConfig = option(factory=CosmicRayConfig,
                                          doc="cosmic rays in inputs that have none masked")
+    quality: QualityConfig = option(factory=QualityConfig, doc="the quality gates every "
+                                                                "subtraction must pass")
     refitBackground: bool = option(True, "re-fit the difference's background over empty sky")
     preconvolveByMatching: bool = option(True, "preconvolve with a sharper template: fit "
                                                "template -> science, then pre-filter")
@@ -118,6 +137,7 @@ class MatchingProblem:
     fwhm: dict  # (x, y) FWHM of the science, template, source and target PSFs (pixels)
     prefilter: np.ndarray | None = None  # the score's pre-filter
     by_matching: bool = False  # the score fitted template -> science, then pre-filtered
+    selection_from: str = "the science"  # the exposure kernel sources are chosen on
 
     @property
     def science_is_convolved(self) -> bool:
@@ -187,21 +207,57 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | Non
     """
     config = config or SubtractConfig()
     backend = get_backend(backend)
-    sci, tmpl = (_prepared(e, config, backend) for e in _on_backend(science, template, backend))
-    flavor = choose_flavor(sci, tmpl, config.mode)
+    sci, tmpl = (_prepared(e, role, config, backend)
+                 for e, role in zip(_on_backend(science, template, backend),
+                                    ("science", "template")))
+    config = replace(config, mode=choose_flavor(sci, tmpl, config.mode))
+    rejected, last = [], None
+    zero_points = sci.zero_point is not None and tmpl.zero_point is not None
+    for model, attempt in simpler_models(config, zero_points):
+        if last is not None and _same_model(attempt, last):
+            continue  # the fit already fell back to a constant kernel
+        try:
+            result = subtract_prepared(sci, tmpl, attempt, backend)
+        except KernelFitError as err:
+            failures, figures = [str(err)], {}
+        else:
+            failures, figures = quality_failures(result.quality, config.quality), result.quality
+            if not failures:
+                return _accepted(result, model, rejected)
+            last = result
+        rejected.append({"model": model, "failures": failures, "figures": figures})
+        log.warning("%s: the %s subtraction fails its quality gates: %s", sci.info.describe(),
+                    model, "; ".join(failures))
+        if not config.quality.doRetry:
+            break
+    raise SubtractionQualityError(
+        f"{sci.info.describe()}: no subtraction passed the quality gates ("
+        + "; ".join(f"{r['model']}: {', '.join(r['failures'])}" for r in rejected) + ")",
+        rejected)
+
+
+def subtract_prepared(sci: Exposure, tmpl: Exposure, config: SubtractConfig,
+                      backend) -> SubtractionResult:
+    """One subtraction of inputs on the backend with PSF models, by one model (the flavor
+    of ``config.mode``, not ``auto``), without the quality gates: the stages in order."""
+    flavor = config.mode
     problem = matching_problem(sci, tmpl, flavor, config.preconvolveByMatching,
                                config.kernel.badMaskPlanes, backend)
     basis = alard_lupton_basis(_mean(problem.fwhm["source"]), _mean(problem.fwhm["target"]),
                                config.basis)
     snr_maps = source_snr_maps(*problem.selection, backend)
+    quiet = quiet_blocks(backend, snr_maps[1])
     positions = kernel_sources(problem, basis, snr_maps, config.kernel, backend)
-    solution = fit_matching_kernel(problem, basis, positions, config.kernel, backend)
+    rho = noise_correlation(problem, quiet, backend)
+    ratios = photometric_ratios(problem, sci, tmpl, positions, backend)
+    pinned = ratios["zero_point_ratio"] if config.kernel.kernelSumFromZeroPoints else None
+    solution = fit_matching_kernel(problem, basis, positions, config.kernel, backend, rho,
+                                   pinned)
     kernel = _centre_kernel(problem, solution)
     diff = matched_difference(problem, solution, config.doSubtractBackground, backend)
     mask = difference_mask(problem, sci, tmpl, kernel, backend)
     good = (mask & mask_bits(*DETECTION_EXCLUDED)) == 0
     psf = difference_psf(problem, sci, solution)
-    quiet = quiet_blocks(backend, snr_maps[1])
     diff, sky = empty_sky_background(diff, mask, good, quiet, solution, config, backend)
     s_var, t_var = _median_variances(sci, tmpl, good, backend)
     phi = (decorrelation(problem, solution, kernel, s_var, t_var)
@@ -214,10 +270,54 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | Non
     scale = variance_scale(pull, config) if config.doScaleVariance else 1.0
     var, variances = var * scale, tuple(v * scale for v in variances)
     noise = noise_model(problem, solution, kernel, phi, good, positions, variances, backend)
-    quality = _quality(problem, solution, kernel, phi, sky, s_var, t_var, pull, scale)
+    quality = {**_quality(problem, solution, kernel, phi, sky, s_var, t_var, pull, scale, rho),
+               **ratios, "kernel_sum_from_zero_points": pinned is not None}
     difference = sci.replace(image=diff, mask=mask, variance=var, psf=psf)
     return SubtractionResult(difference, solution, flavor, flavor == "preconvolve", quality,
                              noise, sci.psf, tmpl.psf)
+
+
+def simpler_models(config: SubtractConfig, zero_points: bool = False):
+    """(name, config) of the models a subtraction tries in turn until one passes its
+    quality gates: as configured; a constant kernel; with ``zero_points`` (both exposures
+    have one), a constant kernel whose sum they give; the other flavor (convolveTemplate
+    and convolveScience trade places; the score toggles ``preconvolveByMatching``)."""
+    k = config.kernel
+    yield f"{config.mode} (kernel order {k.spatialKernelOrder})", config
+    constant = replace(k, spatialKernelOrder=0)
+    if k.spatialKernelOrder > 0:
+        yield f"{config.mode} (constant kernel)", replace(config, kernel=constant)
+    if zero_points and not k.kernelSumFromZeroPoints:
+        yield (f"{config.mode} (constant kernel, sum from the zero points)",
+               replace(config, kernel=replace(constant, kernelSumFromZeroPoints=True)))
+    other = {"convolveTemplate": "convolveScience",
+             "convolveScience": "convolveTemplate"}.get(config.mode)
+    if other is not None:
+        yield f"{other} (kernel order {k.spatialKernelOrder})", replace(config, mode=other)
+    elif config.mode == "preconvolve":
+        by = not config.preconvolveByMatching
+        yield (f"preconvolve ({'by' if by else 'not by'} matching)",
+               replace(config, preconvolveByMatching=by))
+
+
+def _same_model(config: SubtractConfig, result: SubtractionResult) -> bool:
+    """Would ``config`` refit what ``result`` already is (a constant kernel the fit fell
+    back to)?"""
+    return (config.mode == result.flavor and config.kernel.spatialKernelOrder == 0
+            and result.kernel.kernel_order == 0
+            and config.kernel.kernelSumFromZeroPoints
+            == result.quality["kernel_sum_from_zero_points"])
+
+
+def _accepted(result: SubtractionResult, model: str, rejected: list) -> SubtractionResult:
+    """``result`` with the model that passed, and those that did not, in its figures."""
+    if rejected:
+        log.warning("%s passed the quality gates after %d rejected model%s", model,
+                    len(rejected), "s" * (len(rejected) > 1))
+    quality = {**result.quality, "model": model,
+               "rejected_models": [{"model": r["model"], "failures": r["failures"]}
+                                   for r in rejected]}
+    return replace(result, quality=quality)
 
 
 # ---------------------------------------------------------------------------- set-up
@@ -228,9 +328,11 @@ def _on_backend(science: Exposure, template: Exposure, backend):
     return science.to_backend(backend), template.to_backend(backend)
 
 
-def _prepared(exposure: Exposure, config: SubtractConfig, backend) -> Exposure:
-    """An input with a PSF model and, when configured, its cosmic rays repaired."""
-    exposure = with_psf(exposure, backend)
+def _prepared(exposure: Exposure, role: str, config: SubtractConfig, backend) -> Exposure:
+    """An input with its unusable pixels masked, a PSF model and, when configured, its
+    cosmic rays repaired (:mod:`gpudiffim.validation` refuses what cannot be used)."""
+    exposure = with_psf(usable_exposure(exposure, role, backend), backend)
+    checked_psf_model(exposure, role)
     if not config.cosmicRays.doFindCosmicRays:
         return exposure
     return repair_cosmic_rays(exposure, psf_centre(exposure), config.cosmicRays, backend)
@@ -240,14 +342,12 @@ def with_psf(exposure: Exposure, backend) -> Exposure:
     """The exposure with a PSF model: its own, else one measured from its stars."""
     if exposure.psf is not None:
         return exposure
-    log.info("no PSF model given for %s: measuring one from its stars", _name(exposure))
-    return exposure.replace(psf=measure_psf(exposure, backend=backend))
-
-
-def _name(exposure: Exposure) -> str:
-    info = exposure.info
-    return (f"visit {info.visit} detector {info.detector}" if info.visit is not None
-            else "the exposure")
+    where = exposure.info.describe()
+    log.info("no PSF model given for %s: measuring one from its stars", where)
+    try:
+        return exposure.replace(psf=measure_psf(exposure, backend=backend))
+    except PsfMeasurementError as err:
+        raise InputError(where, f"no PSF model given, and none can be measured: {err}") from err
 
 
 def psf_centre(exposure: Exposure) -> np.ndarray:
@@ -328,7 +428,8 @@ def matching_problem(sci: Exposure, tmpl: Exposure, flavor: str, by_matching: bo
                  else (target, target_var, target_psf))
     return MatchingProblem(flavor, source, source_var, source_psf, target, target_var,
                            target_psf, target_mask, nodata, selection, bad, psf_s, fwhm, pre,
-                           flavor == "preconvolve" and by_matching)
+                           flavor == "preconvolve" and by_matching,
+                           (tmpl if flavor == "convolveScience" else sci).info.describe())
 
 
 # ---------------------------------------------------------------------------- the kernel
@@ -347,27 +448,55 @@ def kernel_sources(problem: MatchingProblem, basis: KernelBasis, snr_maps,
                                        config.stampSize, basis.size, backend, snr_maps)
         if len(bright) >= config.minConvolvedScienceSources:
             positions = bright
+    if len(positions) < config.minKernelSources:
+        sel = config.sources
+        raise InputError(problem.selection_from,
+                         f"{'no' if not len(positions) else len(positions)} star"
+                         f"{'s' * (len(positions) != 1)} between S/N {sel.detectionThreshold:g} "
+                         f"and {sel.maxSnr:g} clear of masked pixels and the edges, where the "
+                         f"kernel fit needs {config.minKernelSources}")
     return positions
 
 
+def noise_correlation(problem: MatchingProblem, quiet, backend) -> float:
+    """Correlation of the matched images' pixel noise over empty sky
+    (:func:`~gpudiffim.noise.shared_noise_correlation`): 0 unless they share exposures."""
+    usable = quiet_pixels(backend, quiet, problem.target.shape) & ~problem.bad & ~problem.nodata
+    rho = shared_noise_correlation(backend, problem.source, problem.target, usable)
+    if rho:
+        log.warning("the science and the template share noise (correlation %.3f over empty "
+                    "sky): the template holds the science's own exposure%s", rho,
+                    " (it is the science itself)" if rho > 0.99 else "")
+    return rho
+
+
 def fit_matching_kernel(problem: MatchingProblem, basis: KernelBasis, positions,
-                        config: KernelFitConfig, backend) -> KernelSolution:
+                        config: KernelFitConfig, backend,
+                        noise_correlation: float = 0.0,
+                        kernel_sum: float | None = None) -> KernelSolution:
     """Fit the spatially varying kernel and background. When the science is convolved, its
     noise would bias a fitted kernel sum low (regression dilution): the photometric scale
-    then comes from aperture-corrected fluxes and is imposed, with a lighter penalty."""
+    then comes from aperture-corrected fluxes and is imposed, with a lighter penalty.
+    ``noise_correlation``: of the two images' noise (:func:`noise_correlation`);
+    ``kernel_sum``: a photometric scale to impose instead."""
     p = problem
     ny, nx = p.target.shape
-    pinned, fit_config = None, config
+    pinned, fit_config = kernel_sum, config
     if p.science_is_convolved:
-        pinned = psf_flux_ratio(p.source, p.target, p.source_psf, p.target_psf, positions,
-                                backend)
+        if pinned is None:
+            pinned = psf_flux_ratio(p.source, p.target, p.source_psf, p.target_psf,
+                                    positions, backend)
         fit_config = replace(config, regularization=config.convolvedScienceRegularization)
     solution = fit_kernel(p.source, p.target, p.source_var, p.target_var, p.bad, basis,
                           positions, fit_config, backend, bbox=(nx, ny), source_psf=p.source_psf,
-                          kernel_sum=pinned)
+                          kernel_sum=pinned, noise_correlation=noise_correlation)
+    ksum = float(solution.kernel_sum_at((nx - 1) / 2, (ny - 1) / 2))
     log.info("kernel: %d of %d stamps, size %d, sum %.4f at centre", solution.stats["n_used"],
-             solution.stats["n_candidates"], basis.size,
-             float(solution.kernel_sum_at((nx - 1) / 2, (ny - 1) / 2)))
+             solution.stats["n_candidates"], basis.size, ksum)
+    low = min(solution.kernel_sum_range())
+    if not (np.isfinite(ksum) and low > 0):
+        raise KernelFitError(f"the kernel sum is {ksum:.3g} at the centre and {low:.3g} at "
+                             "its least: not a photometric scale (do the images match?)")
     return solution
 
 
@@ -577,7 +706,24 @@ def variance_scale(pull: float, config: SubtractConfig) -> float:
     return float(np.clip(scale, 1.0 / limit, limit))
 
 
-def _quality(problem, solution, kernel, phi, sky_offset, s_var, t_var, pull, scale) -> dict:
+def photometric_ratios(problem: MatchingProblem, sci: Exposure, tmpl: Exposure, positions,
+                       backend) -> dict:
+    """The photometric scale source -> target the kernel sum should match: the kernel
+    sources' aperture-flux ratio and its error (None without a usable source) and the zero
+    points' (None unless both exposures have one)."""
+    ratio, error = flux_ratio(problem.source, problem.target, problem.source_psf,
+                              problem.target_psf, positions, problem.source_var,
+                              problem.target_var, backend)
+    zp = None
+    if sci.zero_point is not None and tmpl.zero_point is not None:
+        sign = -1.0 if problem.science_is_convolved else 1.0
+        zp = float(10 ** (0.4 * sign * (sci.zero_point - tmpl.zero_point)))
+    return {"aperture_flux_ratio": ratio, "aperture_flux_ratio_error": error,
+            "zero_point_ratio": zp}
+
+
+def _quality(problem, solution, kernel, phi, sky_offset, s_var, t_var, pull, scale,
+             rho) -> dict:
     w, h = solution.bbox
     return {
         "flavor": problem.flavor, "decorrelated": phi is not None,
@@ -585,11 +731,15 @@ def _quality(problem, solution, kernel, phi, sky_offset, s_var, t_var, pull, sca
         "science_fwhm": list(map(float, problem.fwhm["science"])),
         "template_fwhm": list(map(float, problem.fwhm["template"])),
         "kernel_sum_centre": float(kernel.sum()),
+        "kernel_sum_fitted": float(solution.kernel_sum_at((w - 1) / 2, (h - 1) / 2)),
+        "kernel_sum_error": solution.stats["kernel_sum_error"],
         "kernel_sum_range": list(solution.kernel_sum_range()),
         "background_centre": float(solution.background_at((w - 1) / 2, (h - 1) / 2)),
         "sky_refit_centre": sky_offset,
         "n_kernel_sources": solution.stats["n_used"],
+        "n_kernel_candidates": solution.stats["n_candidates"],
         "kernel_residual_std": solution.stats["residual_std"],
-        "difference_pull_sigma": pull, "variance_scale": scale,
+        "kernel_residual_unexplained": solution.stats["residual_unexplained"],
+        "difference_pull_sigma": pull, "variance_scale": scale, "noise_correlation": rho,
         "science_variance": s_var, "template_variance": t_var,
     }

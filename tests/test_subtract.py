@@ -292,14 +292,17 @@ def test_wider_template_paths_run_under_strict_backend(mode, decorrelate):
     assert np.max(np.abs(got - cpu.difference.image)) < 1e-3 * np.max(np.abs(cpu.difference.image))
 
 
-def test_no_kernel_sources_is_a_clear_error():
-    """An empty field: convolveScience's photometric scale has nothing to measure either,
-    and the fit says so (it raised a bare ValueError from an empty reshape)."""
-    from gpudiffim.kernel_fit import KernelFitError
+def test_no_kernel_sources_is_a_clear_error(tmp_path):
+    """An empty field: the error names the file the kernel sources were sought in and the
+    cause (it was 'only 0 kernel sources found', naming neither)."""
+    from gpudiffim.errors import InputError
+    from gpudiffim.io import write_exposure
 
     science, template = kernel_pair(shape=(256, 256), n_stars=0, seed=3)
-    for mode in ("convolveTemplate", "convolveScience"):
-        with pytest.raises(KernelFitError, match="kernel sources"):
+    science = read_exposure(write_exposure(science, tmp_path / "science.fits"))
+    template = read_exposure(write_exposure(template, tmp_path / "template.fits"))
+    for mode, name in (("convolveTemplate", "science.fits"), ("convolveScience", "template.fits")):
+        with pytest.raises(InputError, match=f"{name}: no stars between S/N 10 and 2000"):
             subtract(science, template, SubtractConfig(mode=mode))
 
 

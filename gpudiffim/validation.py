@@ -1,0 +1,70 @@
+"""Input checks before a subtraction: every pixel with no usable value or noise is masked,
+and an exposure that cannot be subtracted is refused, each with its cause and its file.
+
+* a non-finite image pixel becomes NO_DATA (its value zeroed);
+* a non-finite, zero or negative variance becomes BAD (its noise is unknown) and gets the
+  median variance, so that no filter spreads it;
+* an exposure with no pixel left, or whose variance plane is nowhere positive, is refused;
+* a PSF model whose image is not a PSF (:func:`~gpudiffim.psf.psf_image_problem`) is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .errors import InputError
+from .exposure import UNUSABLE_PLANES, Exposure
+from .psf import psf_image_problem
+from .stats import median_where
+
+__all__ = ["usable_exposure", "checked_psf_model"]
+
+log = logging.getLogger(__name__)
+
+
+def usable_exposure(exposure: Exposure, role: str, backend) -> Exposure:
+    """``exposure`` (on the backend) with its unusable pixels masked, or an InputError naming
+    its file (``role``: "science" or "template", for messages) and the cause."""
+    xp = backend.xp
+    where = exposure.info.describe()
+    image, var, mask = exposure.image, exposure.variance, exposure.mask
+    bad_image = ~xp.isfinite(image)
+    bad_var = ~(xp.isfinite(var) & (var > 0))
+    unusable = ((mask & exposure.bit(*[p for p in UNUSABLE_PLANES if p in exposure.mask_planes]))
+                != 0)
+    counts = backend.to_host(xp.stack([
+        xp.sum(xp.astype(bad_image & ~unusable, xp.int64)),
+        xp.sum(xp.astype(bad_var & ~unusable & ~bad_image, xp.int64)),
+        xp.sum(xp.astype(~(bad_image | bad_var | unusable), xp.int64)),
+        xp.sum(xp.astype(~bad_var, xp.int64))]))
+    n_image, n_var, n_good, n_var_ok = (int(c) for c in counts)
+    if n_var_ok == 0:
+        raise InputError(where, f"the {role}'s variance plane is nowhere positive and finite "
+                                "(is it a variance? give the noise with --science-noise or "
+                                "--template-noise)")
+    if n_good == 0:
+        raise InputError(where, f"the {role} has no usable pixel (every one is masked, "
+                                "non-finite or without a positive variance)")
+    if not (n_image or n_var):
+        return exposure
+    if n_image:
+        log.warning("%s: %d %s pixels are not finite: masked NO_DATA", where, n_image, role)
+    if n_var:
+        log.warning("%s: %d %s pixels have a zero, negative or non-finite variance: masked BAD",
+                    where, n_var, role)
+    typical = median_where(backend, var, ~bad_var) or 1.0
+    nodata = exposure.bit("NO_DATA") if "NO_DATA" in exposure.mask_planes else 0
+    badbit = exposure.bit("BAD") if "BAD" in exposure.mask_planes else 0
+    mask = xp.where(bad_image, mask | nodata, mask)
+    mask = xp.where(bad_var & ~bad_image, mask | badbit, mask)
+    return exposure.replace(image=xp.where(bad_image, 0.0, image),
+                            variance=xp.where(bad_var, float(typical), var), mask=mask)
+
+
+def checked_psf_model(exposure: Exposure, role: str) -> None:
+    """Refuse (InputError naming the file) an exposure whose PSF image at its centre is not
+    a PSF."""
+    ny, nx = exposure.shape
+    problem = psf_image_problem(exposure.psf.image_at((nx - 1) / 2, (ny - 1) / 2))
+    if problem:
+        raise InputError(exposure.info.describe(), f"the {role}'s PSF {problem}")
