@@ -26,6 +26,7 @@ from .kernel_fit import KernelFitConfig, KernelFitError  # noqa: E402
 from .measure import MeasureConfig, dia_sources, measure  # noqa: E402
 from .pipeline import PipelineConfig, process_pair  # noqa: E402
 from .psf import ImagePsf, PolynomialPsf, gaussian_psf, measure_psf  # noqa: E402
+from .quality import QualityConfig, SubtractionQualityError  # noqa: E402
 from .runner import RunConfig, run  # noqa: E402
 from .simulate import SimConfig, simulate  # noqa: E402
 from .subtract import SubtractConfig, SubtractionResult, subtract  # noqa: E402
@@ -40,6 +41,7 @@ __all__ = [
     "read_exposure", "write_exposure", "read_psf", "write_psf",
     # the stages
     "warp_exposure", "subtract", "SubtractConfig", "SubtractionResult", "KernelFitConfig",
+    "QualityConfig",
     "detect", "DetectionConfig", "measure", "MeasureConfig", "dia_sources",
     "process_pair", "PipelineConfig",
     # the batch runner
@@ -48,4 +50,5 @@ __all__ = [
     "simulate", "SimConfig", "inject",
     # backends and errors
     "get_backend", "GpuDiffimError", "InputError", "BackendError", "KernelFitError",
+    "SubtractionQualityError",
 ]

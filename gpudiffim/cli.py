@@ -14,7 +14,7 @@ import numpy as np
 from . import __version__
 from .backend import BACKEND_NAMES, get_backend, gpu_unavailable_reason
 from .errors import GpuDiffimError, InputError
-from .io import atomic_path, read_exposure, write_exposure
+from .io import atomic_path, check_output_space, output_bytes, read_exposure, write_exposure
 from .measure import write_dia_sources
 from .pipeline import PipelineConfig, process_pair
 from .runner import run
@@ -68,12 +68,17 @@ def _cmd_subtract(args) -> int:
             template, fraction = template_on_science_grid(science, template, backend)
         except GpuDiffimError as exc:  # name the file
             raise InputError(args.template, str(exc)) from exc
+    out = Path(args.output)
+    check_output_space(out, output_bytes(science.shape))
     config = PipelineConfig(subtract=SubtractConfig(mode=args.flavor))
     result, sources, _ = process_pair(science, template, config, backend)
     elapsed = time.perf_counter() - start
-    out = Path(args.output)
-    write_exposure(result.difference.to_host(backend), out / "difference.fits")
-    write_dia_sources(sources, out / "diaSources.parquet")
+    try:  # the difference and its catalogue as a set
+        write_exposure(result.difference.to_host(backend), out / "difference.fits")
+        write_dia_sources(sources, out / "diaSources.parquet")
+    except BaseException:
+        (out / "difference.fits").unlink(missing_ok=True)
+        raise
     summary = result.summary()
     summary["seconds"] = elapsed
     summary["backend"] = backend.name

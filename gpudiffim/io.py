@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -43,9 +44,9 @@ from .imagenoise import estimate_variance
 from .psf import ImagePsf, PolynomialPsf, centred_psf_image, psf_image_problem
 from .spatial import monomial_terms, scaled_coords
 
-__all__ = ["atomic_path", "read_exposure", "read_noise_plane", "read_mask_plane",
-           "write_exposure", "read_psf", "write_psf", "checked_psf", "SATURATION_CARDS",
-           "ZERO_POINT_CARDS"]
+__all__ = ["atomic_path", "check_output_space", "output_bytes", "read_exposure",
+           "read_noise_plane", "read_mask_plane", "write_exposure", "read_psf", "write_psf",
+           "checked_psf", "SATURATION_CARDS", "ZERO_POINT_CARDS"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,29 @@ def atomic_path(path):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def check_output_space(outdir, needed_bytes: int) -> None:
+    """Refuse, before any compute, an output directory that cannot be written (InputError
+    naming it: not creatable, not writable, or under ``needed_bytes`` free)."""
+    outdir = Path(outdir)
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=outdir, prefix=".gpudiffim-write-test."):
+            pass
+    except OSError as exc:
+        raise InputError(outdir, f"output directory not writable ({exc.strerror or exc})") from exc
+    free = shutil.disk_usage(outdir).free
+    if free < needed_bytes:
+        raise InputError(outdir, f"output directory has {free / 1e9:.2f} GB free; the outputs "
+                                 f"need about {needed_bytes / 1e9:.2f} GB")
+
+
+def output_bytes(shape) -> int:
+    """About what one exposure's outputs take on disk: a difference of ``shape`` (image,
+    mask and variance planes, 12 bytes a pixel) and its catalogue."""
+    ny, nx = shape
+    return int(12 * ny * nx * 1.05) + 2**20
 
 
 # ---------------------------------------------------------------------------- reading

@@ -82,6 +82,9 @@ class KernelFitConfig:
                                                "shifts and changes of width and ellipticity")
     errorsInVariables: bool = option(True, "remove the convolved image's noise from the "
                                            "normal equations")
+    maxNoiseShare: float = option(0.8, "errors in variables: largest share of the normal "
+                                       "equations, in any direction, taken as noise (bounds "
+                                       "the correction's gain at 1 / (1 - share))")
     kernelSumFromZeroPoints: bool = option(False, "impose the kernel sum the exposures' zero "
                                                   "points give (a fallback when the stars "
                                                   "leave it poorly determined)")
@@ -376,8 +379,9 @@ def roughness_matrix(basis: KernelBasis, source_psf=None) -> np.ndarray:
 def _residual_stats(backend, stamps: KernelStamps, coeffs, unexplained: bool = False):
     """Per-stamp mean and std of the residual in units of the noise (host arrays); with
     ``unexplained``, also the fraction of each stamp's own variation (weighted, about its
-    mean) the model leaves in the residual: near 1 for noise or a source the other image
-    lacks, small for a bright source matched to the noise."""
+    mean) the model leaves in the residual (near 1 for noise or a source the other image
+    lacks, small for a bright source matched to the noise) and the chi^2 the model removes
+    (about a source's S/N squared; about its number of parameters for noise alone)."""
     xp = backend.xp
     model, start = [], 0
     for rows in stamps.design:
@@ -395,8 +399,9 @@ def _residual_stats(backend, stamps: KernelStamps, coeffs, unexplained: bool = F
     w = stamps.weight
     t_mean = xp.sum(w * stamps.target, axis=1) / xp.sum(w, axis=1)
     spread = xp.sum(w * (stamps.target - t_mean[:, None]) ** 2, axis=1)
-    out = backend.to_host(xp.stack([mean, std, xp.sum(chi * chi, axis=1) / spread]))
-    return out[0], out[1], out[2]
+    chi2 = xp.sum(chi * chi, axis=1)
+    out = backend.to_host(xp.stack([mean, std, chi2 / spread, spread - chi2]))
+    return out[0], out[1], out[2], out[3]
 
 
 def _residual_ok(mean, std, among, config: KernelFitConfig):
@@ -592,6 +597,46 @@ def flux_ratio(source, target, source_psf, target_psf, positions, source_var, ta
     return float(mean), float(np.sqrt(max(1.0, chi2) / np.sum(w[keep])))
 
 
+def _over_stamps(backend, phi, phi_ok, per_stamp):
+    """Sum over the kept stamps of phi^T M phi for per-stamp matrices M (n, m, m), as one
+    product over (stamp, coefficient) rows instead of a stack of per-stamp products;
+    ``phi_ok`` is phi (n, m, p) with unkept stamps zeroed, as (p, n * m)."""
+    xp = backend.xp
+    return phi_ok @ xp.reshape(xp.matmul(per_stamp, phi), (-1, phi.shape[-1]))
+
+
+def errors_in_variables_solve(backend, normal, noise, rhs, rhs_noise=None,
+                              max_share: float = 0.5):
+    """Solve the normal equations with their expected noise removed, ``(N - E) x = r - e``,
+    the share of ``N`` taken as noise bounded in every direction.
+
+    ``N`` (n, n) holds the regressors' noise, whose expectation is ``E`` (positive
+    semi-definite); ``e`` is the noise the regressors share with the target (None: they
+    share none). In the basis where ``N`` is the identity, ``E`` has eigenvalues ``mu``
+    (the noise's share of each direction): directions where the data barely exceed the
+    noise (or, by chance, fall short of it) have ``mu`` near or above 1, where the exact
+    correction divides by nearly nothing. There ``mu`` is lowered to ``max_share`` (and
+    ``e`` with it, in proportion), so no direction gains more than ``1 / (1 - max_share)``;
+    where every ``mu`` is below it the solution is exact. Returns ``(x, N - E)`` with the
+    bounded ``E``.
+    """
+    xp = backend.xp
+    lower = xp.linalg.cholesky(normal)
+    inv_lower = xp.linalg.inv(lower)
+    share = xp.matmul(xp.matmul(inv_lower, noise), backend.matrix_transpose(inv_lower))
+    mu, vec = xp.linalg.eigh(0.5 * (share + backend.matrix_transpose(share)))
+    bounded = xp.clip(mu, max=max_share)
+    to_eigen = xp.matmul(backend.matrix_transpose(vec), inv_lower)  # U^T L^-1
+    z = xp.matmul(to_eigen, rhs[:, None])[:, 0]
+    if rhs_noise is not None:
+        f = xp.matmul(to_eigen, rhs_noise[:, None])[:, 0]
+        z = z - f * xp.where(mu > bounded, bounded / xp.where(mu > 0, mu, 1.0), 1.0)
+    x = xp.matmul(backend.matrix_transpose(to_eigen), (z / (1.0 - bounded))[:, None])[:, 0]
+    back = xp.matmul(lower, vec)  # N - E = L U (1 - mu) U^T L^T
+    corrected = xp.matmul(back * (1.0 - bounded)[None, :], backend.matrix_transpose(back))
+    return x, corrected
+
+
 def fit_kernel(source, target, source_var, target_var, bad, basis: KernelBasis,
                positions, config: KernelFitConfig = KernelFitConfig(), backend=None,
                bbox=None, source_psf=None, kernel_sum: float | None = None,
@@ -656,27 +701,30 @@ def fit_kernel(source, target, source_var, target_var, bad, basis: KernelBasis,
         orders = _term_layout(nb, config, kernel_order)
         phi = backend.to_device(_spatial_design(positions, bbox, orders))
         okd = backend.to_device(ok.astype(np.float64))
-        # the errors-in-variables correction acts on the sum over stamps (well conditioned);
-        # single stamps above are screened with their plain normal equations
-        normal = stamps.normal if stamps.noise is None else stamps.normal - stamps.noise
+        # the errors-in-variables correction acts on the sum over stamps, bounded
+        # (errors_in_variables_solve); single stamps above are screened without it
+        normal = stamps.normal
         if stamps.roughness is not None:  # the stamps' penalty, spread over the detector
             rough = backend.to_device(stamps.roughness)
             scale = backend.to_device(stamps.penalty_scale)
             normal = normal - scale[:, None, None] * rough[None, ...]
-        # sum over the kept stamps of phi^T N phi and phi^T b, each as one matrix product
-        # over (stamp, coefficient) rows instead of a stack of per-stamp products
-        n_par = phi.shape[-1]
-        phi_ok = xp.reshape(phi * okd[:, None, None], (-1, n_par))
-        m_phi = xp.reshape(xp.matmul(normal, phi), (-1, n_par))
-        gram = xp.matmul(backend.matrix_transpose(phi_ok), m_phi)
+        phi_ok = backend.matrix_transpose(xp.reshape(phi * okd[:, None, None],
+                                                     (-1, phi.shape[-1])))
+        gram, rhs = _over_stamps(backend, phi, phi_ok, normal), (phi_ok @ xp.reshape(
+            stamps.rhs, (-1, 1)))[:, 0]
         if stamps.roughness is not None:
             gram = gram + float(np.sum(stamps.penalty_scale[ok])) * backend.to_device(
                 _penalty_over_detector(stamps.roughness, bbox, orders))
-        b = stamps.rhs if stamps.rhs_noise is None else stamps.rhs - stamps.rhs_noise
-        rhs = xp.matmul(backend.matrix_transpose(phi_ok), xp.reshape(b, (-1, 1)))[:, 0]
-        theta = backend.solve(gram, rhs)
+        if stamps.noise is None:
+            theta = backend.solve(gram, rhs)
+        else:
+            rhs_noise = (None if stamps.rhs_noise is None
+                         else (phi_ok @ xp.reshape(stamps.rhs_noise, (-1, 1)))[:, 0])
+            theta, gram = errors_in_variables_solve(
+                backend, gram, _over_stamps(backend, phi, phi_ok, stamps.noise), rhs,
+                rhs_noise, config.maxNoiseShare)
         per_stamp = xp.matmul(phi, theta[:, None])[..., 0]
-        mean, std, unexplained = _residual_stats(backend, stamps, per_stamp, True)
+        mean, std, unexplained, explained = _residual_stats(backend, stamps, per_stamp, True)
         bad_fit = ok & ~_residual_ok(mean, std, ok, config)
         if not bad_fit.any() or iteration == config.maxIter:
             break
@@ -688,6 +736,7 @@ def fit_kernel(source, target, source_var, target_var, bad, basis: KernelBasis,
                   "residual_mean": float(np.median(mean[ok])),
                   "residual_std": float(np.median(std[ok])),
                   "residual_unexplained": float(np.median(unexplained[ok])),
+                  "explained_chi2": float(np.median(explained[ok])),
                   "kernel_sum_error": _centre_sum_error(backend, gram, orders, bbox),
                   "iterations": iteration + 1})
     return KernelSolution(basis, kc, bg, kernel_order, config.spatialBgOrder, bbox, stats)

@@ -34,12 +34,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from astropy.io import fits
 from astropy.table import Table
 
 from .backend import get_backend
 from .errors import GpuDiffimError, InputError
 from .hostmem import release_freed_memory
-from .io import atomic_path, read_exposure, write_exposure
+from .io import atomic_path, check_output_space, output_bytes, read_exposure, write_exposure
 from .measure import write_dia_sources
 from .options import configclass, option
 from .pipeline import PipelineConfig, process_pair
@@ -288,7 +289,8 @@ def write_outputs(outdir, row, status: dict, outputs) -> dict:
         try:
             write_exposure(outputs[0], here / "difference.fits")
             write_dia_sources(outputs[1], here / "diaSources.parquet")
-        except Exception as exc:
+        except Exception as exc:  # outputs as a set: no difference without its catalogue
+            (here / "difference.fits").unlink(missing_ok=True)
             status.update({"status": "failed", "error": f"writing: {type(exc).__name__}: {exc}"})
         status["t_write"] = time.perf_counter() - t
     with atomic_path(here / "status.json") as tmp:
@@ -372,6 +374,7 @@ def run(repo, outdir, config: RunConfig | None = None, *, flavor: str | None = N
                          force=force)
     repo, outdir = Path(repo), Path(outdir)
     manifest = read_manifest(repo)
+    check_output_space(outdir, 0)  # writable, before the lock file is made there
     with output_lock(outdir):
         removed = remove_stale_temporaries(outdir)
         if removed:
@@ -380,6 +383,7 @@ def run(repo, outdir, config: RunConfig | None = None, *, flavor: str | None = N
         todo = [r for r in manifest if config.force or not _done_with(_status(outdir, r), key)]
         log.info("%d of %d exposures to process (%d already done)", len(todo), len(manifest),
                  len(manifest) - len(todo))
+        check_output_space(outdir, len(todo) * _exposure_output_bytes(repo, todo))
         bar = _Progress(len(todo)) if progress else None
         try:
             if config.dask:
@@ -391,6 +395,20 @@ def run(repo, outdir, config: RunConfig | None = None, *, flavor: str | None = N
             with atomic_path(outdir / "run.ecsv") as tmp:
                 table.write(tmp, format="ascii.ecsv", overwrite=True)
     return table
+
+
+def _exposure_output_bytes(repo: Path, todo) -> int:
+    """About what one exposure's outputs take: from the first science file's image size
+    (its header only), else from its size on disk."""
+    if not todo:
+        return 0
+    path = repo / str(todo[0]["science"])
+    try:
+        with fits.open(path, memmap=True) as hdul:
+            hdu = next(h for h in hdul if h.header.get("NAXIS", 0) == 2)
+            return output_bytes((hdu.header["NAXIS2"], hdu.header["NAXIS1"]))
+    except Exception:  # unreadable files fail on their own, named, when processed
+        return path.stat().st_size if path.is_file() else 0
 
 
 LOCK_NAME = ".gpudiffim.lock"

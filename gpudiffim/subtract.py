@@ -740,6 +740,7 @@ def _quality(problem, solution, kernel, phi, sky_offset, s_var, t_var, pull, sca
         "n_kernel_candidates": solution.stats["n_candidates"],
         "kernel_residual_std": solution.stats["residual_std"],
         "kernel_residual_unexplained": solution.stats["residual_unexplained"],
+        "kernel_explained_chi2": solution.stats["explained_chi2"],
         "difference_pull_sigma": pull, "variance_scale": scale, "noise_correlation": rho,
         "science_variance": s_var, "template_variance": t_var,
     }

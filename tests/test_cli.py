@@ -182,3 +182,29 @@ def test_cli_names_the_file_when_grids_differ_without_a_wcs(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(tmp_path / "b.fits") in err and "no WCS" in err
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+@pytest.mark.skipif(not DECAM.is_dir(), reason=f"no DECam cutouts at {DECAM}")
+def test_a_misregistered_real_template_is_refused_and_itself_subtracts_to_nothing(tmp_path,
+                                                                                  capsys):
+    """A DECam template rolled by 100 px: every model fails its gates (convolveScience had
+    passed with kernel sum 0.0103, pinned to the flux ratio of stars the template lacks) and
+    the command exits 2 naming the file; a cutout minus itself has kernel sum 1 and no
+    diaSources."""
+    science = DECAM / "DEC-OBS04b.mini.fits"
+    with fits.open(DECAM / "DEC-OBS18b.mini.fits") as hdul:
+        rolled = fits.HDUList([h.copy() for h in hdul])
+    hdu = next(h for h in rolled if h.data is not None and h.data.ndim == 2)
+    hdu.data = np.roll(hdu.data, 100, axis=1)
+    rolled.writeto(tmp_path / "rolled.fits")
+    assert main(["subtract", str(science), str(tmp_path / "rolled.fits"), "-o",
+                 str(tmp_path / "out"), "--no-warp"]) == 2
+    err = capsys.readouterr().err
+    assert f"{science}: no subtraction passed the quality gates" in err
+    assert "do not hold the same stars" in err
+    assert not (tmp_path / "out" / "difference.fits").exists()
+    assert main(["subtract", str(science), str(science), "-o", str(tmp_path / "self")]) == 0
+    fit = json.loads((tmp_path / "self" / "fit.json").read_text())
+    assert fit["quality"]["kernel_sum_fitted"] == pytest.approx(1.0, abs=1e-3)
+    sources = Table.read(tmp_path / "self" / "diaSources.parquet")
+    assert (~sources["sky_source"]).sum() == 0

@@ -5,7 +5,7 @@ import pytest
 from scipy.signal import fftconvolve
 
 from gpudiffim.basis import alard_lupton_basis
-from gpudiffim.kernel_fit import KernelFitConfig, build_stamps
+from gpudiffim.kernel_fit import KernelFitConfig, build_stamps, errors_in_variables_solve
 from gpudiffim.subtract import SubtractConfig, subtract
 
 from pairs import gaussian_image, kernel_pair, true_kernel
@@ -92,3 +92,54 @@ def test_errors_in_variables_correction_unbiases_a_noisy_template_fit():
     # spares the Gaussian's shape; with the 160 more isolated ones and the full penalty,
     # 1.51% and 1.06%)
     assert errors[True] < 0.01 and errors[True] < 0.8 * errors[False], errors
+
+
+def _noise_problem(rng, n=12, weak=()):
+    """Normal equations N = S + E of regressors with noise: signal S, noise expectation E
+    (positive definite); the ``weak`` directions' signal is a millionth of their noise."""
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    signal = np.full(n, 50.0)
+    signal[list(weak)] = 1e-6
+    root = q * np.sqrt(signal)[None, :]
+    s = root @ root.T
+    a = rng.normal(size=(n, n))
+    e = a @ a.T / n + 0.1 * np.eye(n)
+    return s, e
+
+
+def test_errors_in_variables_solve_is_exact_where_the_data_exceed_their_noise(backend, rng):
+    """(N - E) x = r - e, as solved directly, wherever the noise's share of N stays below
+    maxNoiseShare."""
+    s, e = _noise_problem(rng)
+    x_true, d = rng.normal(size=12), rng.normal(size=12)
+    normal, rhs, rhs_noise = s + e, s @ x_true + e @ d, e @ d
+    x, corrected = errors_in_variables_solve(
+        backend, *(backend.to_device(a) for a in (normal, e, rhs, rhs_noise)), max_share=0.8)
+    np.testing.assert_allclose(backend.to_host(x), x_true, rtol=1e-8)
+    np.testing.assert_allclose(backend.to_host(corrected), s, rtol=1e-8, atol=1e-8)
+
+
+def test_errors_in_variables_solve_bounds_directions_the_noise_fills(backend, rng):
+    """A few faint kernel sources leave directions whose expected noise matches (or, by
+    chance, exceeds) what the data hold: there the exact correction divides by nearly
+    nothing (coefficients 10^5 times too large; a kernel sum of 0.99 with residuals 3.8
+    sigma on a simulated pair). Bounded, no direction gains more than 1 / (1 - share); the
+    delta an image fitted to itself gives stays exact."""
+    s, e = _noise_problem(rng, weak=(3, 7))
+    normal = s + 0.99 * e  # the noise drawn fell 1% short of its expectation
+    rhs = rng.normal(size=12)
+    exact = np.linalg.solve(normal - e, rhs)
+    dev = [backend.to_device(a) for a in (normal, e, rhs)]
+    x = backend.to_host(errors_in_variables_solve(backend, *dev, max_share=0.8)[0])
+    plain = np.linalg.solve(normal, rhs)
+    # whitened by N, the correction's gain over the plain solution is at most 1 / 0.2
+    lower = np.linalg.cholesky(normal)
+    gain = np.linalg.norm(lower.T @ x) / np.linalg.norm(lower.T @ plain)
+    assert gain <= 5.0 + 1e-9 and np.linalg.norm(lower.T @ exact) > 20 * np.linalg.norm(
+        lower.T @ plain)
+    # an image fitted to itself: r = N delta and e = E delta give delta, bounded or not
+    delta = np.zeros(12)
+    delta[0] = 1.0
+    same = errors_in_variables_solve(backend, dev[0], dev[1], backend.to_device(normal @ delta),
+                                     backend.to_device(e @ delta), max_share=0.8)[0]
+    np.testing.assert_allclose(backend.to_host(same), delta, atol=1e-9)

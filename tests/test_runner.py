@@ -294,3 +294,33 @@ def test_one_run_per_output_directory_and_no_stale_temporaries(tmp_path):
     stale.write_bytes(b"\0" * 1000)
     table = run(repo, out, progress=False)
     assert list(table["status"]) == ["done", "done"] and not stale.exists()
+
+
+def test_unwritable_or_full_output_is_refused_before_any_compute(tmp_path, monkeypatch,
+                                                                 capsys):
+    """A non-writable or full output directory was found only after the compute (and
+    `subtract` then left difference.fits without its catalogue): both commands now refuse
+    it up front, exit 2, naming the directory, and write nothing."""
+    import gpudiffim.io as io_module
+    import gpudiffim.pipeline as pipeline_module
+
+    repo = _repo_with(tmp_path, lambda m: m)
+    manifest = Table.read(repo / "manifest.ecsv")
+    science, template = (str(repo / manifest[0][k]) for k in ("science", "template"))
+    computed = []
+    real = pipeline_module.subtract
+    monkeypatch.setattr(pipeline_module, "subtract",
+                        lambda *a, **k: computed.append(1) or real(*a, **k))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    assert main(["run", str(repo), "-o", str(blocker / "out")]) == 2
+    assert main(["subtract", science, template, "-o", str(blocker / "out")]) == 2
+    assert "output directory not writable" in capsys.readouterr().err
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(io_module.shutil, "disk_usage",
+                        lambda p: usage._replace(free=1_000_000))
+    assert main(["run", str(repo), "-o", str(tmp_path / "full")]) == 2
+    assert main(["subtract", science, template, "-o", str(tmp_path / "full2")]) == 2
+    err = capsys.readouterr().err
+    assert "full: output directory has 0.00 GB free; the outputs need about 0.01 GB" in err
+    assert computed == [] and not list((tmp_path / "full").rglob("*.fits"))
