@@ -18,13 +18,17 @@ shape. Host-side NumPy: it runs while reading.
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import numpy as np
 from astropy.stats import mad_std
 from scipy import ndimage
 
-__all__ = ["estimate_variance", "local_sky_noise", "source_pixels", "robust_sigma"]
+log = logging.getLogger(__name__)
+
+__all__ = ["estimate_variance", "local_sky_noise", "plausible_gain", "gain_noise_model",
+           "source_pixels", "robust_sigma"]
 
 
 def robust_sigma(values: np.ndarray) -> float:
@@ -89,24 +93,58 @@ def _block_maps(image, good, block):
     return maps[0], maps[1]
 
 
+def plausible_gain(gain: float | None, limits=(1e-6, 1e7), where: str = "") -> float | None:
+    """``gain`` (counts per unit of variance) when it can be one (finite, within ``limits``),
+    else None, said in the log (``where``: the file)."""
+    if gain is not None and not (np.isfinite(gain) and limits[0] <= gain <= limits[1]):
+        log.warning("%sthe header's gain %.3g is not a gain: ignored", where, gain)
+        return None
+    return gain
+
+
+def gain_noise_model(sky: float, sigma: float, gain: float | None, read_noise: float = 0.0,
+                     factor: float = 2.0, where: str = "") -> tuple[float, float] | None:
+    """``(gain, read_sigma)`` (read noise in counts) when the header's gain and read noise
+    predict the sky's measured scatter ``sigma`` at level ``sky`` within ``factor`` in
+    variance, else None, said in the log (a gain for other units than the image's)."""
+    gain = plausible_gain(gain, where=where)
+    if gain is None:
+        return None
+    read_sigma = read_noise / gain
+    if not read_sigma <= sigma:  # the sky's scatter holds the read noise
+        log.warning("%sthe header's read noise %.3g is more than the sky's whole scatter "
+                    "(%.3g in its units): ignored", where, read_noise, sigma * gain)
+        read_sigma = 0.0
+    ratio = (sky / gain + read_sigma**2) / sigma**2
+    if not 1 / factor <= ratio <= factor:
+        log.warning("%sthe header's gain %.3g predicts %.3g times the sky's measured "
+                    "variance: ignored, the sky's own level and scatter set the noise", where,
+                    gain, ratio)
+        return None
+    return gain, read_sigma
+
+
 def estimate_variance(image: np.ndarray, good: np.ndarray, gain: float | None = None,
-                      read_noise: float = 0.0) -> tuple[np.ndarray, str]:
+                      read_noise: float = 0.0, where: str = "") -> tuple[np.ndarray, str]:
     """A float32 variance plane for ``image`` (``good``: finite, unmasked pixels) and the
-    name of the model used (``gain``, ``sky-gain`` or ``empirical``)."""
+    name of the model used (``gain``, ``sky-gain`` or ``empirical``); ``where`` (the file)
+    prefixes the log lines on header values it ignores."""
     values = image[good]
     sky = float(np.median(values)) if values.size else 0.0
     sigma = robust_sigma(values)
     positive = np.maximum(np.where(np.isfinite(image), image, 0.0), 0.0)
     if np.isfinite(sigma) and sigma > 0 and sky > 2 * sigma:  # the sky is still in
-        if gain is not None and gain > 0:
-            var = positive / gain + (read_noise / gain) ** 2
-            return var.astype(np.float32), "gain"
+        model = gain_noise_model(sky, sigma, gain, read_noise, where=where)
+        if model is not None:
+            gain, read_sigma = model
+            return (positive / gain + read_sigma**2).astype(np.float32), "gain"
         level, local = local_sky_noise(image, good)
         g = sky / sigma**2  # effective gain (counts per unit of variance) from the sky
         var = local**2 + np.maximum(positive - level, 0.0) / g
         return var.astype(np.float32), "sky-gain"
+    gain = plausible_gain(gain, where=where)
     level, local = local_sky_noise(image, good)
     var = local**2
-    if gain is not None and gain > 0:
+    if gain is not None:
         var = var + np.maximum(positive - level, 0.0) / gain
     return np.maximum(var, 1e-30).astype(np.float32), "empirical"

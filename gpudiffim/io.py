@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
+from astropy.utils.exceptions import AstropyUserWarning
 from astropy.wcs import WCS, FITSFixedWarning
 from scipy import ndimage
 
@@ -54,6 +55,9 @@ IMAGE_NAMES = ("IMAGE", "SCI")
 NOISE_KINDS = {**dict.fromkeys(("ERR", "SIGMA", "RMS", "NOISE", "STD"), "sigma"),
                **dict.fromkeys(("VARIANCE", "VAR"), "variance"),
                **dict.fromkeys(("WHT", "IVAR", "WEIGHT", "INVVAR"), "inverse variance")}
+#: a saturation level flagging more of the pixels than this is not one (``SATURATE = 0`` on
+#: sky-subtracted data would flag half of them)
+MAX_SATURATED_SHARE = 0.1
 #: header cards giving the saturation level, first found wins
 SATURATION_CARDS = ("SATURATE", "SATURATN", "SATLEVEL", "SATUR", "SATURLEV", "ESATUR", "TSATUR")
 #: header cards giving the AB magnitude of one count
@@ -170,12 +174,35 @@ def _with_fits(path: Path, read):
         with warnings.catch_warnings(), fits.open(path, memmap=False) as hdul:
             warnings.simplefilter("ignore", FITSFixedWarning)
             warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+            warnings.simplefilter("ignore", AstropyUserWarning)
+            for hdu in hdul:
+                _unparsable_cards_as_text(path, hdu.header)
             return read(hdul)
     except InputError:
         raise
     except Exception as exc:  # truncated, corrupt or not FITS at all
         raise InputError(path, f"not a readable FITS file ({exc.__class__.__name__}: "
                                f"{exc})") from exc
+
+
+def _unparsable_cards_as_text(path, header) -> None:
+    """Cards whose value no FITS parser reads (``MAGZERO = abc``, an unclosed quote) keep
+    their raw text as a string value, said in the log, instead of refusing the file; the
+    readers then treat them as any other value of an unexpected type."""
+    for index, card in enumerate(header.cards):
+        try:
+            _ = card.value
+        except Exception:  # astropy's VerifyError, or a ValueError from the parser
+            raw = card.image[10:].split(" /")[0] if card.image[8:10] == "= " else ""
+            text = raw.strip().strip("'").strip()
+            log.warning("%s: header card %s has an unparsable value %r: kept as text", path,
+                        card.image[:8].strip(), text)
+            header[index] = text
+    for key in ("BSCALE", "BZERO"):
+        value = header.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(path, f"{key} is {value!r}, not a number: the pixels cannot be "
+                                   "scaled")
 
 
 def _kind(hdu) -> str:
@@ -388,7 +415,13 @@ def _read(path, hdul, saturation) -> Exposure:
         raise InputError(path, "image has no finite pixels")
     sat_level = saturation if saturation is not None else _number(header, SATURATION_CARDS)
     if sat_level is not None and mask_hdu is None:
-        mask[finite & (image >= sat_level)] |= mask_bits("SAT", planes=planes)
+        saturated = finite & (image >= sat_level)
+        share = saturated.sum() / finite.sum()
+        if share > MAX_SATURATED_SHARE:
+            log.warning("%s: a saturation level of %.6g would flag %.0f%% of the pixels: not a "
+                        "saturation level, ignored", path, sat_level, 100 * share)
+        else:
+            mask[saturated] |= mask_bits("SAT", planes=planes)
     if noise_hdu is not None:
         variance = _float_plane(path, noise_hdu, "noise")
         if variance.shape == image.shape and noise_hdu is not var_hdu:
@@ -396,7 +429,8 @@ def _read(path, hdul, saturation) -> Exposure:
     else:
         good = finite & ((mask & mask_bits("SAT", "BAD", planes=planes)) == 0)
         variance, model = estimate_variance(image, good, _number(header, GAIN_CARDS),
-                                            _number(header, READ_NOISE_CARDS) or 0.0)
+                                            _number(header, READ_NOISE_CARDS) or 0.0,
+                                            where=f"{path}: ")
         log.info("%s: no variance plane; %s noise model", path, model)
     shapes = {"image": image.shape, "mask": mask.shape, "variance": variance.shape}
     if len(set(shapes.values())) != 1:

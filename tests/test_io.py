@@ -71,7 +71,9 @@ def test_foreign_mask_bits_are_remapped(tmp_path, rng):
 
 
 def test_plain_fits_with_gain(tmp_path, rng):
-    image = rng.uniform(500, 2000, size=(64, 80)).astype(np.float32)
+    """Sky 1000 counts, gain 2, read noise 6 e-: the gain model, whose sky variance the
+    image's own scatter confirms."""
+    image = rng.normal(1000.0, np.sqrt(1000.0 / 2 + 9.0), size=(64, 80)).astype(np.float32)
     image[3, 3] = np.nan
     image[30, 30] = 60000.0
     hdr = fits.Header({"GAIN": 2.0, "RDNOISE": 6.0, "SATURATE": 50000.0, "EXPTIME": 30.0})
