@@ -24,12 +24,12 @@ from .detect import DetectionConfig, Detections, detect
 from .exposure import MEASUREMENT_EXCLUDED, Exposure
 from .inject import shift_image
 from .io import atomic_path
-from .noise import NoiseModel, filtered_variance
+from .noise import NoiseModel, filtered_variance, position_residual_scale
 from .options import configclass, option
 from .stamps import gather_stamps, interpolate_stamps
 
 __all__ = ["PIXEL_FLAGS", "MeasureConfig", "SourceStamps", "measure", "dia_sources",
-           "write_dia_sources", "source_stamps", "psf_stack"]
+           "write_dia_sources", "source_stamps", "psf_stack", "forced_psf_flux"]
 
 #: (column suffix, mask plane) for the pixel flags
 PIXEL_FLAGS = (("edge", "EDGE"), ("bad", "BAD"), ("saturated", "SAT"),
@@ -57,7 +57,8 @@ class SourceStamps:
     ``xs``, ``ys`` are host integer peaks, ``dx``, ``dy`` host sub-pixel offsets of the
     centroid (0 for sky sources); the planes are device (n, S, S) stacks; ``good`` marks
     pixels a fit uses; ``xx``, ``yy`` are offsets from the centroid; ``sigma2`` is the
-    variance (pixels^2) of the Gaussian matched to the difference PSF's core.
+    variance (pixels^2) of the Gaussian matched to the difference PSF's core;
+    ``centroid_failed`` marks sources measured at their peak pixel.
     """
 
     n_det: int
@@ -74,6 +75,7 @@ class SourceStamps:
     xx: object
     yy: object
     sigma2: float
+    centroid_failed: np.ndarray
 
     @property
     def n(self) -> int:
@@ -124,19 +126,23 @@ def measure(difference: Exposure, detections: Detections, science: Exposure | No
     """
     config = config or MeasureConfig()
     backend = get_backend(backend)
-    st = source_stamps(difference, detections, config, backend)
+    st = source_stamps(difference, detections, config, backend, is_score)
     photometry = _photometry(st, is_score, config, noise, difference.shape, backend)
-    columns = {**_identifiers(difference, st.n), **_positions(st, photometry["snr"], difference),
+    moved = _residual_position_variance(st, difference, is_score, noise, backend)
+    columns = {**_identifiers(difference, st.n),
+               **_positions(st, photometry["snr"], moved / photometry["psfFlux"] ** 2,
+                            difference),
                **photometry, **_detection_values(st, detections, backend),
                **_moments(st, backend), **_dipoles(st, detections, difference, backend),
                **(_forced(st, science, backend) if science is not None else {}),
-               **_pixel_flags(st, detections, difference, backend),
+               **_footprints(st, detections, difference, backend),
                "sky_source": np.arange(st.n) >= st.n_det}
     return Table(columns)
 
 
 def source_stamps(difference: Exposure, detections: Detections,
-                  config: MeasureConfig = MeasureConfig(), backend=None) -> SourceStamps:
+                  config: MeasureConfig = MeasureConfig(), backend=None,
+                  is_score: bool = False) -> SourceStamps:
     """The :class:`SourceStamps` of every detection and of the blank sky positions."""
     backend = get_backend(backend)
     xp = backend.xp
@@ -151,18 +157,23 @@ def source_stamps(difference: Exposure, detections: Detections,
     mask = gather_stamps(backend, backend.asarray(difference.mask), pos, S,
                          difference.bit("NO_DATA"))
     snr = gather_stamps(backend, backend.asarray(detections.snr_image), pos, S, 0.0)
-    dx, dy = _centroid(backend, snr) if len(xs) else (np.zeros(0), np.zeros(0))
+    usable = (mask & difference.bit(*MEASUREMENT_EXCLUDED)) == 0
+    inverse_var = xp.where(usable & (var > 0), 1.0 / xp.where(var > 0, var, 1.0), 0.0)
+    dx, dy, failed = (_centroid(backend, xp.where(usable, image, 0.0), inverse_var,
+                                difference.psf.image_at(), is_score)
+                      if len(xs) else (np.zeros(0), np.zeros(0), np.zeros(0, bool)))
     dx[n_det:], dy[n_det:] = 0.0, 0.0  # sky sources are measured where they were placed
+    failed[n_det:] = False
     psf = backend.to_device(psf_stack(difference.psf, xs + dx, ys + dy, S), np.float32)
-    good = (mask & difference.bit(*MEASUREMENT_EXCLUDED)) == 0
-    good = good & (var > 0)
+    good = usable & (var > 0)
     off = backend.arange(S) - S // 2
     yy = (xp.astype(xp.reshape(off, (1, S, 1)), xp.float32)
           - backend.to_device(dy, np.float32)[:, None, None])
     xx = (xp.astype(xp.reshape(off, (1, 1, S)), xp.float32)
           - backend.to_device(dx, np.float32)[:, None, None])
     sigma2 = float((np.mean(difference.psf.fwhm()) / 2.3548) ** 2)
-    return SourceStamps(n_det, xs, ys, dx, dy, image, var, mask, snr, psf, good, xx, yy, sigma2)
+    return SourceStamps(n_det, xs, ys, dx, dy, image, var, mask, snr, psf, good, xx, yy, sigma2,
+                        failed)
 
 
 def psf_stack(psf, xs, ys, size):
@@ -182,16 +193,42 @@ def psf_stack(psf, xs, ys, size):
     return out
 
 
-def _centroid(backend, snr_stamps):
-    """Sub-pixel offsets of the peak by a quadratic fit to the central 3x3 (host arrays)."""
-    c = snr_stamps.shape[-1] // 2
-    s = backend.to_host(snr_stamps[:, c - 1:c + 2, c - 1:c + 2])
+def _centroid(backend, image, weight, psf_image, is_score: bool):
+    """Sub-pixel offsets (host arrays) of each stamp's peak, and where that failed (no
+    maximum among the nine values below, or one beyond them: the peak pixel is kept).
+
+    At the central 3x3 offsets, the square root of the chi^2 a PSF placed there explains,
+    ``(sum w P D)^2 / sum w P^2`` with ``weight`` w the inverse variance (0 on masked
+    pixels), whose maximum is the likelihood's; then a Gaussian (log-quadratic) through
+    those nine values, exact for a Gaussian peak at any sampling. A score image is
+    already filtered: its own nine values are used. A plain correlation would be pulled
+    away from masked pixels (an edge, a bad column), and the S/N image's peak is
+    flattened by a bright source's own photon noise."""
+    xp = backend.xp
+    c = image.shape[-1] // 2
+    if is_score:
+        s = backend.to_host(image[:, c - 1:c + 2, c - 1:c + 2])
+    else:
+        h = psf_image.shape[0] // 2
+        r = min(h, c - 1)
+        kernel = backend.to_device(psf_image[h - r:h + r + 1, h - r:h + r + 1], np.float32)
+        values = []
+        for oy in (-1, 0, 1):
+            for ox in (-1, 0, 1):
+                window = (slice(None), slice(c + oy - r, c + oy + r + 1),
+                          slice(c + ox - r, c + ox + r + 1))
+                w = kernel * weight[window]
+                values.append(xp.sum(image[window] * w, axis=(1, 2))
+                              / xp.sqrt(xp.maximum(xp.sum(w * kernel, axis=(1, 2)), 1e-30)))
+        s = np.reshape(backend.to_host(xp.stack(values, axis=1)), (-1, 3, 3))
     s = np.abs(s)
-    dx = 0.5 * (s[:, 1, 0] - s[:, 1, 2]) / np.where(
-        (d := s[:, 1, 0] - 2 * s[:, 1, 1] + s[:, 1, 2]) != 0, d, -1e-12)
-    dy = 0.5 * (s[:, 0, 1] - s[:, 2, 1]) / np.where(
-        (e := s[:, 0, 1] - 2 * s[:, 1, 1] + s[:, 2, 1]) != 0, e, -1e-12)
-    return np.clip(dx, -0.5, 0.5), np.clip(dy, -0.5, 0.5)
+    s = np.log(np.maximum(s, 1e-3 * s[:, 1:2, 1:2] + 1e-30))
+    d = s[:, 1, 0] - 2 * s[:, 1, 1] + s[:, 1, 2]
+    e = s[:, 0, 1] - 2 * s[:, 1, 1] + s[:, 2, 1]
+    dx = 0.5 * (s[:, 1, 0] - s[:, 1, 2]) / np.where(d < 0, d, -1e-12)
+    dy = 0.5 * (s[:, 0, 1] - s[:, 2, 1]) / np.where(e < 0, e, -1e-12)
+    failed = (d >= 0) | (e >= 0) | (np.abs(dx) > 1.0) | (np.abs(dy) > 1.0)
+    return np.where(failed, 0.0, dx), np.where(failed, 0.0, dy), failed
 
 
 # ---------------------------------------------------------------------------- column groups
@@ -203,16 +240,42 @@ def _identifiers(difference: Exposure, n: int) -> dict:
             "band": np.full(n, info.band or "")}
 
 
-def _positions(st: SourceStamps, snr, difference: Exposure) -> dict:
-    """Centroid, its error (~ FWHM / (2.35 S/N) per axis: Gaussian PSF, background-limited)
-    and sky position."""
+def _residual_position_variance(st: SourceStamps, difference: Exposure, is_score: bool,
+                                noise: NoiseModel | None, backend) -> np.ndarray:
+    """Each source's centroid variance from the matching's own error, times its flux^2
+    (:func:`~gpudiffim.noise.position_residual_scale` times the residual power there);
+    zeros without a residual model, and for a score image."""
+    if (is_score or noise is None or noise.residual_power is None or noise.calibrate_at is None
+            or not st.n):
+        return np.zeros(st.n)
+    xp = backend.xp
+    power = backend.asarray(noise.residual_power)
+    good = (((backend.asarray(difference.mask) & difference.bit(*MEASUREMENT_EXCLUDED)) == 0)
+            & (backend.asarray(difference.variance) > 0))
+    scale = position_residual_scale(backend, backend.asarray(difference.image),
+                                    backend.asarray(difference.variance), good, power,
+                                    noise.calibrate_at, difference.psf.image_at())
+    if scale <= 0:
+        return np.zeros(st.n)
+    at = xp.take(xp.reshape(power, (-1,)), backend.to_device(st.ys * difference.shape[1] + st.xs))
+    return scale * backend.to_host(xp.astype(at, xp.float64))
+
+
+def _positions(st: SourceStamps, snr, moved, difference: Exposure) -> dict:
+    """Centroid, its error per axis (sqrt(2) sigma / (S/N), the Cramer-Rao bound of a
+    Gaussian PSF of width sigma, and ``moved``, the variance the subtraction's residual
+    adds), whether it failed, and sky position."""
     cx, cy = st.cx, st.cy
-    err = np.sqrt(st.sigma2) * np.sqrt(2) / np.maximum(np.abs(snr), 1e-3)
+    err = np.sqrt(2 * st.sigma2 / np.maximum(np.abs(snr), 1e-3) ** 2
+                  + np.where(np.isfinite(moved), moved, 0.0))
+    # a source left at its peak pixel: anywhere within it (a uniform pixel's variance, 1/12)
+    err = np.where(st.centroid_failed, np.sqrt(err**2 + 1.0 / 12.0), err)
     if difference.wcs is not None and st.n:
         ra, dec = difference.wcs.pixel_to_world_values(cx, cy)
     else:
         ra = dec = np.full(st.n, np.nan)
-    return {"x": cx, "y": cy, "xErr": err, "yErr": err, "ra": ra, "dec": dec}
+    return {"x": cx, "y": cy, "xErr": err, "yErr": err, "centroid_flag": st.centroid_failed,
+            "ra": ra, "dec": dec}
 
 
 def _photometry(st: SourceStamps, is_score: bool, config: MeasureConfig,
@@ -254,9 +317,11 @@ def _photometry(st: SourceStamps, is_score: bool, config: MeasureConfig,
             flux_err = xp.sqrt(flux_err * flux_err + extra * w_sum * w_sum)
         n_ap = xp.sum(xp.astype(inap, xp.float32), axis=(1, 2))
         ap_err = xp.sqrt(ap_err * ap_err + extra * n_ap * n_ap)
-    return {"psfFlux": backend.to_host(flux), "psfFluxErr": backend.to_host(flux_err),
-            "apFlux": backend.to_host(ap), "apFluxErr": backend.to_host(ap_err),
-            "snr": backend.to_host(flux / flux_err)}
+    n_data = xp.sum(xp.astype(good, flux.dtype), axis=(1, 2))
+    flux, flux_err, ap, ap_err, n_data = backend.to_host(
+        xp.stack([flux, flux_err, ap, ap_err, n_data]))  # one device read
+    return {"psfFlux": flux, "psfFluxErr": flux_err, "psfNdata": n_data.astype(np.int64),
+            "apFlux": ap, "apFluxErr": ap_err, "snr": flux / flux_err}
 
 
 def _detection_values(st: SourceStamps, det: Detections, backend) -> dict:
@@ -287,6 +352,7 @@ def _dipoles(st: SourceStamps, det: Detections, difference: Exposure, backend) -
                                              "dipoleFluxDiff", "dipoleLength", "dipoleAngle")}
     is_dip = np.zeros(n, bool)
     is_dip[:st.n_det] = det.is_dipole
+    n_data = np.zeros(n, np.int64)
     idx = np.nonzero(is_dip)[0]
     if len(idx):
         S = DIPOLE_STAMP
@@ -313,18 +379,36 @@ def _dipoles(st: SourceStamps, det: Detections, difference: Exposure, backend) -
             cols["dipoleMeanFlux"][j] = 0.5 * (fa - fb)
             cols["dipoleFluxDiff"][j] = fa + fb
             cols["dipoleLength"][j] = np.hypot(px[k] - nxn[k], py[k] - nyn[k])
+            n_data[j] = np.count_nonzero(w)
             cols["dipoleAngle"][j] = np.degrees(np.arctan2(py[k] - nyn[k], px[k] - nxn[k]))
-    return {"isDipole": is_dip, **cols}
+    return {"isDipole": is_dip, "dipoleNdata": n_data, **cols}
 
 
 def _forced(st: SourceStamps, science: Exposure, backend) -> dict:
-    """Forced PSF flux on the science image (flux plus a constant local sky, jointly)."""
+    """Forced PSF flux on the science image at each source's centroid."""
+    flux, err = forced_psf_flux(science, st.cx, st.cy, backend=backend)
+    return {"scienceFlux": flux, "scienceFluxErr": err}
+
+
+def forced_psf_flux(exposure: Exposure, xs, ys, is_score: bool = False,
+                    backend=None) -> tuple[np.ndarray, np.ndarray]:
+    """Forced PSF photometry at given positions: host ``(flux, error)`` arrays.
+
+    On an image, the PSF at each (sub-pixel) position and a constant local sky are fitted
+    jointly to a stamp, weighted by the inverse variance (pixels with none get no weight);
+    on a score image (``is_score``) the flux is its value there, interpolated.
+    """
+    backend = get_backend(backend)
     xp = backend.xp
-    cx, cy = st.cx, st.cy
-    pos = np.column_stack([np.round(cx), np.round(cy)]).astype(np.int64)
-    d = gather_stamps(backend, backend.asarray(science.image), pos, FORCED_STAMP, 0.0)
-    v = gather_stamps(backend, backend.asarray(science.variance), pos, FORCED_STAMP, 0.0)
-    p = backend.to_device(psf_stack(science.psf, cx, cy, FORCED_STAMP), np.float32)
+    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+    pos = np.column_stack([np.floor(xs + 0.5), np.floor(ys + 0.5)]).astype(np.int64)
+    d = gather_stamps(backend, backend.asarray(exposure.image), pos, FORCED_STAMP, 0.0)
+    v = gather_stamps(backend, backend.asarray(exposure.variance), pos, FORCED_STAMP, 0.0)
+    if is_score:
+        h = FORCED_STAMP // 2
+        return (backend.to_host(interpolate_stamps(backend, d, xs - pos[:, 0], ys - pos[:, 1])),
+                backend.to_host(xp.sqrt(v[:, h, h])))
+    p = backend.to_device(psf_stack(exposure.psf, xs, ys, FORCED_STAMP), np.float32)
     w = xp.where(v > 0, 1.0 / xp.where(v > 0, v, 1.0), 0.0)
     spp = xp.sum(w * p * p, axis=(1, 2))
     sp1 = xp.sum(w * p, axis=(1, 2))
@@ -333,16 +417,17 @@ def _forced(st: SourceStamps, science: Exposure, backend) -> dict:
     s1d = xp.sum(w * d, axis=(1, 2))
     det = spp * s11 - sp1 * sp1
     det = xp.where(det > 0, det, 1.0)
-    return {"scienceFlux": backend.to_host((s11 * spd - sp1 * s1d) / det),
-            "scienceFluxErr": backend.to_host(xp.sqrt(s11 / det))}
+    return (backend.to_host((s11 * spd - sp1 * s1d) / det),
+            backend.to_host(xp.sqrt(s11 / det)))
 
 
-def _pixel_flags(st: SourceStamps, det: Detections, difference: Exposure, backend) -> dict:
-    """Each plane of :data:`PIXEL_FLAGS` anywhere in the footprint and at the centre."""
+def _footprints(st: SourceStamps, det: Detections, difference: Exposure, backend) -> dict:
+    """Each plane of :data:`PIXEL_FLAGS` anywhere in the footprint and at the centre, and
+    the side of the footprint's bounding box (``bboxSize``; a sky source's: its stamp)."""
     centre = backend.to_host(st.mask[:, st.half, st.half])
-    fp_bits = np.concatenate([_footprint_bits(backend, det, backend.asarray(difference.mask)),
-                              centre[st.n_det:]])
-    out = {}
+    bits, side = _footprint_bits(backend, det, backend.asarray(difference.mask))
+    fp_bits = np.concatenate([bits, centre[st.n_det:]])
+    out = {"bboxSize": np.concatenate([side, np.full(st.n - st.n_det, st.image.shape[-1])])}
     for name, plane in PIXEL_FLAGS:
         if plane in difference.mask_planes:
             bit = difference.bit(plane)
@@ -352,19 +437,28 @@ def _pixel_flags(st: SourceStamps, det: Detections, difference: Exposure, backen
 
 
 def _footprint_bits(backend, detections, mask):
-    """OR of the mask bits over each footprint (host int array, one per detection)."""
+    """OR of the mask bits over each footprint and the side of its bounding box (host int
+    arrays, one entry per detection)."""
     xp = backend.xp
     labels = backend.asarray(detections.labels)
     ys, xs = xp.nonzero(labels > 0)
-    lab = backend.to_host(labels[ys, xs])
-    bits = backend.to_host(mask[ys, xs])
-    out = np.zeros(int(lab.max()) + 1 if len(lab) else 1, np.int64)
-    np.bitwise_or.at(out, lab, bits.astype(np.int64))
+    lab, bits, hx, hy = backend.to_host(xp.stack([xp.astype(a, xp.int64) for a in (
+        labels[ys, xs], mask[ys, xs], xs, ys)]))  # one device read
+    n = int(lab.max()) + 1 if len(lab) else 1
+    out = np.zeros(n, np.int64)
+    np.bitwise_or.at(out, lab, bits)
     if not len(detections):
-        return np.zeros(0, np.int64)
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    lo_x, lo_y = np.full(n, np.iinfo(np.int64).max), np.full(n, np.iinfo(np.int64).max)
+    hi_x, hi_y = np.full(n, -1), np.full(n, -1)
+    np.minimum.at(lo_x, lab, hx)
+    np.minimum.at(lo_y, lab, hy)
+    np.maximum.at(hi_x, lab, hx)
+    np.maximum.at(hi_y, lab, hy)
+    side = np.maximum(hi_x - lo_x, hi_y - lo_y) + 1
     # detections keep the footprint ids of their peaks
     ids = backend.to_host(labels[backend.to_device(detections.y), backend.to_device(detections.x)])
-    return out[ids]
+    return out[ids], np.where(side[ids] > 0, side[ids], 1)
 
 
 def _sky_positions(backend, detections, difference, config):

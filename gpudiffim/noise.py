@@ -37,9 +37,10 @@ from scipy.signal import fftconvolve
 from .convolve import fft_convolve
 from .spatial import quadratic_term_map
 from .stamps import gather_stamps
+from .stats import weighted_median
 
 __all__ = ["NoiseModel", "convolved_variance", "decorrelated_variance", "score_variance",
-           "filtered_variance", "residual_power", "residual_scale",
+           "filtered_variance", "residual_power", "residual_scale", "position_residual_scale",
            "shared_noise_correlation"]
 
 
@@ -188,10 +189,49 @@ def residual_scale(backend, image, var, power, good, positions, box: int) -> flo
     use = pw > 0
     if not use.any():
         return 0.0
-    ratio, weight = e[use] / pw[use], pw[use]
-    order = np.argsort(ratio)
-    cum = np.cumsum(weight[order])
-    return max(0.0, float(ratio[order][np.searchsorted(cum, 0.5 * cum[-1])]))
+    return max(0.0, weighted_median(e[use] / pw[use], pw[use]))
+
+
+def position_residual_scale(backend, image, var, good, power, positions,
+                            psf_image) -> float:
+    """How far the matching's own error moves a centroid, per unit of ``power``: position
+    variance (pixels^2) times flux^2.
+
+    At each calibration star (static: the difference holds only the subtraction's
+    residual there) the residual's dipole moment along x and y, the stamp correlated with
+    the PSF's derivative over that derivative's own power (the shift a matched-filter
+    centroid takes, times the source's flux), squared, less what the noise alone gives it;
+    against the residual power there. The brightness-weighted median of the ratios, 0
+    where the residual has no dipole beyond its noise.
+    """
+    xp = backend.xp
+    ny, nx = image.shape
+    psf = np.asarray(psf_image, np.float64)
+    h = psf.shape[0] // 2
+    pos = np.asarray(positions, np.int64).reshape(-1, 2)
+    inside = (pos[:, 0] >= h) & (pos[:, 0] < nx - h) & (pos[:, 1] >= h) & (pos[:, 1] < ny - h)
+    if not inside.any():
+        return 0.0
+    p = pos[inside]
+    size = 2 * h + 1
+    gy, gx = np.gradient(psf / psf.sum())
+    weights = backend.to_device(np.stack([gx / np.sum(gx * gx), gy / np.sum(gy * gy)]),
+                                np.float32)
+    ok = xp.astype(gather_stamps(backend, good, p, size), xp.float32)
+    d = xp.astype(gather_stamps(backend, image, p, size), xp.float32) * ok
+    v = xp.astype(gather_stamps(backend, var, p, size), xp.float32) * ok
+    n = len(p)
+    d, v = xp.reshape(d, (n, 1, size, size)), xp.reshape(v, (n, 1, size, size))
+    weights = xp.reshape(weights, (1, 2, size, size))
+    moments = xp.sum(d * weights, axis=(2, 3))  # (n, 2): flux x pixels
+    noise = xp.sum(v * weights * weights, axis=(2, 3))
+    excess = xp.sum(moments * moments - noise, axis=1) / 2.0
+    at = xp.take(xp.reshape(power, (-1,)), backend.to_device(p[:, 1] * nx + p[:, 0]))
+    e, pw = backend.to_host(xp.stack([xp.astype(excess, xp.float64), xp.astype(at, xp.float64)]))
+    use = pw > 0
+    if not use.any():
+        return 0.0
+    return max(0.0, weighted_median(e[use] / pw[use], pw[use]))
 
 
 def shared_noise_correlation(backend, source, target, usable, nsigma: float = 5.0) -> float:

@@ -6,8 +6,10 @@ subtraction's control flow and quality figures.
 
 from __future__ import annotations
 
+import numpy as np
+
 __all__ = ["good_sample", "sorted_subsample", "median_where", "robust_sigma_where",
-           "robust_sigma_of_sorted"]
+           "robust_sigma_of_sorted", "weighted_median"]
 
 
 def good_sample(backend, values, good, max_n: int = 200_000):
@@ -42,3 +44,11 @@ def robust_sigma_of_sorted(backend, s) -> float:
         return float("nan")
     dev = xp.sort(xp.abs(s - s[s.shape[0] // 2]))
     return float(backend.scalar(1.4826 * dev[dev.shape[0] // 2]))
+
+
+def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    """The median of host ``values`` with ``weights`` (the value at half the cumulative
+    weight)."""
+    order = np.argsort(values)
+    cum = np.cumsum(weights[order])
+    return float(values[order][np.searchsorted(cum, 0.5 * cum[-1])])

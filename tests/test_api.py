@@ -183,7 +183,7 @@ def test_a_run_config_reaches_subtract_unchanged(tmp_path, monkeypatch):
 # with detection and measurement, as counted on the strict backend: a budget, not a goal
 # (cosmic-ray finding costs 3 per input with no CR pixel: are there any, the sky, any found;
 # input validation 1 per input, the shared-noise check 1, the quality gates' figures 3)
-READ_BUDGET = {"convolveTemplate": 57, "convolveScience": 82, "preconvolve": 58}
+READ_BUDGET = {"convolveTemplate": 53, "convolveScience": 79, "preconvolve": 53}
 
 
 @pytest.mark.parametrize("mode", sorted(READ_BUDGET))
