@@ -20,7 +20,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/gpudiffim info
 	$(VENV)/bin/gpudiffim simulate $(DEMO)/repo --preset demo --seed 0
-	$(VENV)/bin/gpudiffim run $(DEMO)/repo -o $(DEMO)/run --flavor auto
+	$(VENV)/bin/gpudiffim make-apdb sqlite:///$(DEMO)/apdb.db
+	$(VENV)/bin/gpudiffim run $(DEMO)/repo -o $(DEMO)/run --flavor auto \
+		--apdb sqlite:///$(DEMO)/apdb.db --alerts $(DEMO)/alerts
 
 bench: $(STAMP)
 	$(PY) -m pytest bench -q -o python_files='bench_*.py' --benchmark-only \

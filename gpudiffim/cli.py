@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .apdb import make_apdb
 from .backend import BACKEND_NAMES, get_backend, gpu_unavailable_reason
 from .errors import GpuDiffimError, InputError
 from .io import atomic_path, check_output_space, output_bytes, read_exposure, write_exposure
 from .measure import write_dia_sources
 from .pipeline import PipelineConfig, process_pair
-from .runner import run
+from .runner import RunConfig, run
 from .simulate import simulate
 from .subtract import MODES, SubtractConfig
 from .warp import template_on_science_grid
@@ -105,8 +106,10 @@ def _read_input(args, which: str):
 
 
 def _cmd_run(args) -> int:
-    table = run(args.repo, args.output, flavor=args.flavor, backend=args.backend,
-                workers=args.workers, dask=args.dask, force=args.force)
+    config = RunConfig(backend=args.backend, readers=args.workers, dask=args.dask,
+                       force=args.force, apdb=args.apdb, alerts=args.alerts,
+                       pipeline=PipelineConfig(subtract=SubtractConfig(mode=args.flavor)))
+    table = run(args.repo, args.output, config)
     done = int((table["status"] == "done").sum())
     failed = table[table["status"] == "failed"]
     print(f"{done} of {len(table)} exposures done, {len(failed)} failed; "
@@ -115,6 +118,14 @@ def _cmd_run(args) -> int:
         print(f"  failed {row['band']} {row['visit']} {row['detector']}: {row['error']}")
     print(f"outputs: {args.output}/<band>/<visit>/<detector>/   run table: {args.output}/run.ecsv")
     return 0 if done == len(table) else 1  # 2 (unusable input) comes from main
+
+
+def _cmd_make_apdb(args) -> int:
+    apdb = make_apdb(args.url)
+    meta = dict(apdb.metadata.items())
+    print(f"APDB ready at {args.url} (schema {meta.get('version:schema')}, "
+          f"ApdbSql {meta.get('version:ApdbSql')})")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,7 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("--workers", type=int, default=2, help="reader threads")
     run_p.add_argument("--dask", default=None, help="scheduler address, or local:N")
     run_p.add_argument("--force", action="store_true", help="redo finished exposures")
+    run_p.add_argument("--apdb", default=None,
+                       help="associate and store the diaSources in the APDB at this URL")
+    run_p.add_argument("--alerts", default=None,
+                       help="write one Avro alert per diaSource here (Rubin's schema; "
+                            "needs --apdb)")
     run_p.set_defaults(func=_cmd_run)
+    apdb_p = sub.add_parser("make-apdb", help="create a Rubin APDB (lsst-dax-apdb) at an "
+                                              "SQLAlchemy URL (sqlite:///path.db, "
+                                              "postgresql://...)")
+    apdb_p.add_argument("url")
+    apdb_p.set_defaults(func=_cmd_make_apdb)
     return parser
 
 

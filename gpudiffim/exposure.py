@@ -52,6 +52,7 @@ class ExposureInfo:
     band: str | None = None
     exptime: float | None = None
     units: str | None = None  # BUNIT
+    mjd: float | None = None  # the exposure's midpoint, MJD TAI
     extra: Mapping[str, Any] = field(default_factory=dict)  # other header values, as text
     path: str | None = None  # the file it was read from (named in errors)
 

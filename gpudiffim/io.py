@@ -42,6 +42,7 @@ from scipy import ndimage
 from .errors import InputError
 from .exposure import MASK_PLANES, Exposure, ExposureInfo, mask_bits
 from .imagenoise import estimate_variance
+from .obstime import midpoint_mjd_tai
 from .psf import ImagePsf, PolynomialPsf, centred_psf_image, psf_image_problem
 from .spatial import monomial_terms, scaled_coords
 
@@ -270,9 +271,10 @@ def _number(header, cards):
     return None
 
 
-def _read_info(header) -> tuple[ExposureInfo, float | None]:
+def _read_info(header, where: str = "") -> tuple[ExposureInfo, float | None]:
     """Metadata, leniently: each field from the first of its cards whose value has the
-    field's type; a value of another type is kept as text in ``extra``."""
+    field's type; a value of another type is kept as text in ``extra``; the midpoint time
+    from any of the cards :func:`~gpudiffim.obstime.midpoint_mjd_tai` knows."""
     values, extra = {}, {}
     for name, cards in _META_CARDS.items():
         for card in cards:
@@ -291,6 +293,7 @@ def _read_info(header) -> tuple[ExposureInfo, float | None]:
             break
     if "BUNIT" in header:
         values["units"] = str(header["BUNIT"]).strip()
+    values["mjd"] = midpoint_mjd_tai(header, where)
     zp = _number(header, ZERO_POINT_CARDS)
     flux_mag0 = _number(header, ("FLUXMAG0",))
     if zp is None and flux_mag0 is not None and flux_mag0 > 0:
@@ -436,7 +439,7 @@ def _read(path, hdul, saturation) -> Exposure:
     if len(set(shapes.values())) != 1:
         raise InputError(path, "plane shapes differ: " + ", ".join(
             f"{k.upper()} {v}" for k, v in shapes.items()))
-    info, zp = _read_info(header)
+    info, zp = _read_info(header, f"{path}: ")
     psf = _psf_from_hdu(path, hdul["PSF"]) if "PSF" in hdul else _afw_psf(path, hdul)
     exposure = Exposure(image, mask, variance, psf=psf, wcs=_read_wcs(path, header),
                         zero_point=zp, info=info, mask_planes=planes)
@@ -588,7 +591,8 @@ def _primary_header(exposure: Exposure) -> fits.Header:
     info = exposure.info
     for key, value in (("VISIT", info.visit), ("DETECTOR", info.detector),
                        ("BAND", info.band), ("EXPTIME", info.exptime),
-                       ("MAGZERO", exposure.zero_point), ("BUNIT", info.units)):
+                       ("MAGZERO", exposure.zero_point), ("BUNIT", info.units),
+                       ("MJD-AVG", info.mjd), ("TIMESYS", "TAI" if info.mjd is not None else None)):
         if value is not None:
             header[key] = value
     for key, value in info.extra.items():  # the typed values above win a clash

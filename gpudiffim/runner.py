@@ -32,11 +32,13 @@ from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
+from .apdb import ingest_exposure, open_apdb
 from .backend import get_backend
 from .errors import GpuDiffimError, InputError
 from .hostmem import release_freed_memory
@@ -47,7 +49,7 @@ from .pipeline import PipelineConfig, process_pair
 from .subtract import SubtractConfig
 from .warp import template_on_science_grid
 
-__all__ = ["RunConfig", "run", "read_manifest", "exposure_dir",
+__all__ = ["RunConfig", "ExposureOutputs", "run", "read_manifest", "exposure_dir",
            "run_table", "process_exposure", "compute_exposure", "write_outputs",
            "TemplateCache", "config_key", "output_lock", "remove_stale_temporaries"]
 
@@ -65,9 +67,22 @@ class RunConfig:
     template_cache: int = option(4, "decoded templates kept for the visits that share them")
     force: bool = option(False, "redo exposures already done")
     dask: str | None = option(None, "a Dask scheduler address, or local:N; None: in process")
+    apdb: str | None = option(None, "an APDB's SQLAlchemy URL: each exposure's diaSources are "
+                                    "associated and stored there (gpudiffim make-apdb)")
+    alerts: str | None = option(None, "a directory for one Avro alert per diaSource (with apdb)")
 
 
 KEYS = ("band", "visit", "detector")  # one exposure; each a directory level of the outputs
+
+
+class ExposureOutputs(NamedTuple):
+    """What one exposure's compute hands to the writers (host data)."""
+
+    difference: object  # Exposure
+    sources: Table
+    science: object  # the science Exposure, for forced photometry in the APDB
+    is_score: bool
+    template: object = None  # the template on the science grid, for alert cutouts
 
 
 def read_manifest(repo) -> Table:
@@ -200,13 +215,15 @@ def _read_pair(repo, row, templates: TemplateCache | None = None):
 
 
 def _process(science, template, config: RunConfig, backend):
-    """Warp, subtract, detect and measure one exposure; returns outputs and timings."""
+    """Warp, subtract, detect and measure one exposure; returns outputs, timings, the
+    template's coverage and the warped template (host; only when alerts need it)."""
     t = time.perf_counter()
     template, fraction = template_on_science_grid(science, template, backend)
     timings = {"warp": time.perf_counter() - t}
     result, sources, stage_timings = process_pair(science, template, config.pipeline, backend)
     timings.update(stage_timings)
-    return result, sources, timings, fraction
+    warped = template.to_host(backend) if config.alerts else None
+    return result, sources, timings, fraction, warped
 
 
 def _is_oom(exc) -> bool:
@@ -219,7 +236,7 @@ def process_exposure(repo, outdir, row, config: RunConfig, pair=None) -> dict:
     Never raises for a bad exposure: the reason goes into the status row.
     """
     status, outputs = compute_exposure(repo, row, config, pair)
-    return write_outputs(outdir, row, status, outputs)
+    return write_outputs(outdir, row, status, outputs, config.apdb, config.alerts)
 
 
 def compute_exposure(repo, row, config: RunConfig, pair=None, on_device=None):
@@ -237,8 +254,8 @@ def compute_exposure(repo, row, config: RunConfig, pair=None, on_device=None):
         backend = get_backend(config.backend)
         try:
             dev_science, dev_template = on_device or (science, template)
-            result, sources, timings, fraction = _process(dev_science, dev_template, config,
-                                                          backend)
+            result, sources, timings, fraction, warped = _process(dev_science, dev_template,
+                                                                  config, backend)
         except Exception as exc:
             if not _is_oom(exc) or backend.name == "cpu":
                 raise
@@ -246,9 +263,11 @@ def compute_exposure(repo, row, config: RunConfig, pair=None, on_device=None):
                         row["band"], row["visit"], row["detector"])
             backend = get_backend("cpu")
             on_device = dev_science = dev_template = None  # free the device copies first
-            result, sources, timings, fraction = _process(science, template, config, backend)
+            result, sources, timings, fraction, warped = _process(science, template, config,
+                                                                  backend)
             status["retried_on_cpu"] = True
-        outputs = (result.difference.to_host(backend), sources)
+        outputs = ExposureOutputs(result.difference.to_host(backend), sources, science,
+                                  result.is_score, warped)
         q = result.quality
         status.update({f"t_{k}": v for k, v in timings.items()})
         status.update({"status": "done", "flavor": result.flavor, "backend": backend.name,
@@ -281,21 +300,41 @@ def _json_value(o):
     return o.item() if hasattr(o, "item") else str(o)
 
 
-def write_outputs(outdir, row, status: dict, outputs) -> dict:
-    """Write an exposure's outputs atomically, then its status row (the resume marker)."""
+def write_outputs(outdir, row, status: dict, outputs: ExposureOutputs | None,
+                  apdb: str | None = None, alerts=None) -> dict:
+    """Write an exposure's outputs atomically, store it in the APDB at ``apdb`` (when
+    given, with its alerts in ``alerts``), then write its status row (the resume marker)."""
     here = exposure_dir(outdir, row)
     if outputs is not None:
         t = time.perf_counter()
         try:
-            write_exposure(outputs[0], here / "difference.fits")
-            write_dia_sources(outputs[1], here / "diaSources.parquet")
+            write_exposure(outputs.difference, here / "difference.fits")
+            write_dia_sources(outputs.sources, here / "diaSources.parquet")
         except Exception as exc:  # outputs as a set: no difference without its catalogue
             (here / "difference.fits").unlink(missing_ok=True)
             status.update({"status": "failed", "error": f"writing: {type(exc).__name__}: {exc}"})
         status["t_write"] = time.perf_counter() - t
+        if apdb and status["status"] == "done":
+            _store_in_apdb(apdb, row, status, outputs, alerts)
     with atomic_path(here / "status.json") as tmp:
         tmp.write_text(json.dumps(status, default=_json_value))
     return status
+
+
+def _store_in_apdb(url: str, row, status: dict, outputs: ExposureOutputs, alerts) -> None:
+    """Associate and store one exposure (one transaction) and write its alerts; a failure
+    fails the exposure."""
+    mjd = row["mjd"] if "mjd" in row.colnames and np.isfinite(row["mjd"]) else None
+    try:
+        counts = ingest_exposure(url, outputs.difference, outputs.sources, outputs.science,
+                                 outputs.is_score, mjd, alerts=alerts,
+                                 template=outputs.template)
+    except Exception as exc:
+        status.update({"status": "failed", "error": f"APDB: {type(exc).__name__}: {exc}"})
+        log.error("%s/%s/%s: %s", row["band"], row["visit"], row["detector"], status["error"])
+        return
+    status["apdb"] = url
+    status.update({f"apdb_{k}": v for k, v in counts.items()})
 
 
 class _Progress:
@@ -374,13 +413,19 @@ def run(repo, outdir, config: RunConfig | None = None, *, flavor: str | None = N
                          force=force)
     repo, outdir = Path(repo), Path(outdir)
     manifest = read_manifest(repo)
+    if config.alerts and not config.apdb:
+        raise GpuDiffimError("alerts need an APDB (--apdb): they carry each diaSource's "
+                             "diaObject and history")
+    if config.apdb:
+        open_apdb(config.apdb)  # reachable, and an APDB of our schema, before any compute
     check_output_space(outdir, 0)  # writable, before the lock file is made there
     with output_lock(outdir):
         removed = remove_stale_temporaries(outdir)
         if removed:
             log.info("removed %d temporary files an interrupted run left", removed)
         key = config_key(config)
-        todo = [r for r in manifest if config.force or not _done_with(_status(outdir, r), key)]
+        todo = [r for r in manifest
+                if config.force or not _done_with(_status(outdir, r), key, config.apdb)]
         log.info("%d of %d exposures to process (%d already done)", len(todo), len(manifest),
                  len(manifest) - len(todo))
         check_output_space(outdir, len(todo) * _exposure_output_bytes(repo, todo))
@@ -456,10 +501,12 @@ def config_key(config: RunConfig) -> str:
     return hashlib.sha1(repr(config.pipeline).encode()).hexdigest()[:12]
 
 
-def _done_with(status: dict | None, key: str) -> bool:
+def _done_with(status: dict | None, key: str, apdb: str | None = None) -> bool:
     """Whether an exposure's status row says it was done with the settings of ``key``
-    (outputs of other settings are recomputed, never reused)."""
-    return bool(status) and status.get("status") == "done" and status.get("config") == key
+    (outputs of other settings are recomputed, never reused) and, when ``apdb`` is given,
+    stored there."""
+    return (bool(status) and status.get("status") == "done" and status.get("config") == key
+            and (apdb is None or status.get("apdb") == apdb))
 
 
 def _run_config(config: RunConfig | None, **settings) -> RunConfig:
@@ -513,7 +560,8 @@ def _run_local(repo, outdir, todo, config: RunConfig, bar):
                     pair, on_device = read
                     status, outputs = compute_exposure(repo, row, config, pair, on_device)
                     del pair, on_device, read
-                writing.append(writers.submit(write_outputs, outdir, row, status, outputs))
+                writing.append(writers.submit(write_outputs, outdir, row, status, outputs,
+                                              config.apdb, config.alerts))
                 drain(config.writers)  # bounded: memory stays flat
                 release_freed_memory()
         finally:

@@ -68,6 +68,8 @@ class SimConfig:
     max_offset: float = option(3.0, "largest pointing offset template -> science (pixels)")
     star_mags: tuple = option((15.0, 25.5), "star magnitude range (a power law)")
     galaxy_mags: tuple = option((18.0, 25.0), "galaxy magnitude range")
+    first_mjd: float = option(57800.0, "midpoint (MJD TAI) of each band's first visit")
+    cadence: float = option(2.0, "days between a band's visits")
 
 
 PRESETS = {
@@ -275,6 +277,7 @@ class _Visit:
     zp: float
     sky: float
     offset: tuple
+    mjd: float  # midpoint, MJD TAI
 
 
 def _visit_params(cfg, band, visit, index, seed, sky0) -> _Visit:
@@ -283,7 +286,8 @@ def _visit_params(cfg, band, visit, index, seed, sky0) -> _Visit:
     rng = np.random.default_rng([seed, ord(band[0]), visit, 0])
     return _Visit(visit, index, rng.uniform(*cfg.seeing), rng.uniform(2.5, 4.5),
                   cfg.zero_point + rng.normal(0, 0.2), sky0 * rng.uniform(0.8, 1.3),
-                  tuple(rng.uniform(-cfg.max_offset, cfg.max_offset, 2)))
+                  tuple(rng.uniform(-cfg.max_offset, cfg.max_offset, 2)),
+                  cfg.first_mjd + cfg.cadence * index + 0.05 * sorted(cfg.visits).index(band))
 
 
 def _simulate_detector(cfg: SimConfig, band: str, detector: int, seed: int, outdir: Path):
@@ -386,7 +390,7 @@ def _make_science(cfg: SimConfig, band, detector, seed, vp: _Visit, scene, trans
     image[:, bad_col] *= 0.3
     mask[:, bad_col] |= mask_bits("BAD")
     info = ExposureInfo(visit=vp.visit, detector=detector, band=band, exptime=30.0,
-                        extra={"GAIN": 1.0})
+                        mjd=vp.mjd, extra={"GAIN": 1.0})
     science = Exposure.from_arrays(image, mask, variance, psf=s_psf.model(_psf_model_size(cfg)),
                                    wcs=make_wcs(cfg.shape, detector, vp.offset), zero_point=vp.zp,
                                    info=info)
@@ -473,7 +477,7 @@ def _manifest_row(cfg: SimConfig, band, detector, vp: _Visit, s_rel, t_rel, s_ps
             "science": str(s_rel), "template": str(t_rel),
             "science_fwhm": s_psf.params(nx / 2, ny / 2)[0] * ARCSEC_PER_PIXEL,
             "template_fwhm": t_psf.params(nx / 2, ny / 2)[0] * ARCSEC_PER_PIXEL,
-            "psf_beta": vp.beta, "zero_point": vp.zp,
+            "psf_beta": vp.beta, "zero_point": vp.zp, "mjd": vp.mjd,
             "template_zero_point": cfg.zero_point,
             "offset_x": vp.offset[0], "offset_y": vp.offset[1]}
 
