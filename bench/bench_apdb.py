@@ -67,8 +67,9 @@ def _bench(benchmark, url, exposure, n):
     _prefill(url, difference, n)
 
     def once():
-        visit = next(_visits)
-        info = dataclasses.replace(difference.info, visit=visit)
+        visit = next(_visits)  # a new visit a minute later: new object versions
+        info = dataclasses.replace(difference.info, visit=visit,
+                                   mjd=difference.info.mjd + (visit - 100000) / 1440.0)
         ingest_exposure(url, difference.replace(info=info), sources, science, is_score)
 
     once()  # the first exposure opens the database

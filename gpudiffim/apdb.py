@@ -206,7 +206,7 @@ def dia_source_rows(table, difference, mjd: float) -> pd.DataFrame:
     frame["band"] = info.band or ""
     frame["midpointMjdTai"] = mjd
     frame["exposureTime"] = info.exptime if info.exptime is not None else np.nan
-    frame["ra_dec_Cov"] = 0.0
+    frame["raErr"] = frame["decErr"] = frame["ra_dec_Cov"] = np.zeros(len(frame))
     if len(frame):
         frame["raErr"], frame["decErr"], frame["ra_dec_Cov"] = _sky_errors(
             difference.wcs, frame["x"].to_numpy(float), frame["y"].to_numpy(float),
@@ -335,7 +335,6 @@ def ingest_exposure(url: str, difference, sources, science=None, is_score: bool 
         Row counts stored (``diaSources``, ``newDiaObjects``, ``diaObjects``,
         ``diaForcedSources``), and ``skipped`` True when the APDB already held the exposure.
     """
-    import pandas as pd  # on demand: commands that store nothing start without it
     from astropy.time import Time
     config = config or AssociationConfig()
     info = difference.info
@@ -355,54 +354,78 @@ def ingest_exposure(url: str, difference, sources, science=None, is_score: bool 
             return {"skipped": True, "diaSources": 0, "newDiaObjects": 0, "diaObjects": 0,
                     "diaForcedSources": 0, "alerts": 0}
         known = _on_image(apdb.getDiaObjects(region), difference, config.imagePaddingPixels)
-        matched = match_sources(new, known, config)
-        starts = new_object_sources(new, matched)
-        new["diaObjectId"] = 0
-        new.loc[matched >= 0, "diaObjectId"] = known["diaObjectId"].to_numpy()[
-            matched[matched >= 0]]
-        new.loc[starts, "diaObjectId"] = new.loc[starts, "diaSourceId"]
+        starts = _associate(new, known, config)
         now = float(Time.now().tai.mjd)
         new["timeProcessedMjdTai"] = now
         touched = np.unique(new.loc[new["diaObjectId"] != 0, "diaObjectId"].to_numpy())
-        known_ids = set(known["diaObjectId"].tolist())
-        old_ids = [int(i) for i in touched if i in known_ids]
-        history = _history(apdb, region, old_ids, visit_time)
-        positions = pd.concat([known[["diaObjectId", "ra", "dec"]],
-                               new.loc[starts, ["diaObjectId", "ra", "dec"]]],
-                              ignore_index=True)
-        scale = nanojansky_per_count(difference.zero_point)
-        forced = _forced_rows(positions, difference, science, is_score, mjd, now, scale,
-                              backend)
-        old_forced = _forced_history(apdb, region, old_ids, visit_time)
-        objects = summarize_objects(
-            pd.concat([h for h in (history, new[new["diaObjectId"] != 0]) if len(h)],
-                      ignore_index=True),
-            pd.concat([f for f in (old_forced, forced) if len(f)], ignore_index=True)
-            if len(forced) or len(old_forced) else None)
-        objects["validityStartMjdTai"] = mjd
-        objects = objects[objects["diaObjectId"].isin(touched)]
-        written = []
-        if alerts is not None:
-            schema = alert_schema()
-            written = write_alerts(schema, alert_packets(
-                schema, new, objects, history, old_forced, difference, science, template),
-                alerts)
-        try:
-            apdb.store(visit_time, objects, _schema_columns(apdb, "DiaSource", new),
-                       _schema_columns(apdb, "DiaForcedSource", forced) if len(forced)
-                       else None)
-        except Exception:
-            for path in written:  # all of an exposure's output or none
-                path.unlink(missing_ok=True)
-            raise
+        old_ids = sorted(set(touched.tolist()) & set(known["diaObjectId"].tolist()))
+        history = _stored(apdb.getDiaSources, region, old_ids, visit_time)
+        old_forced = _stored(apdb.getDiaForcedSources, region, old_ids, visit_time)
+        forced = _forced_rows(_positions(known, new[starts]), difference, science, is_score,
+                              mjd, now, nanojansky_per_count(difference.zero_point), backend)
+        objects = _touched_objects(history, new, old_forced, forced, touched, mjd)
+        written = (_write_alerts(alerts, new, objects, history, old_forced, difference,
+                                 science, template) if alerts is not None else [])
+        _store(apdb, visit_time, objects, new, forced, written)
     counts = {"skipped": False, "diaSources": len(new), "newDiaObjects": int(starts.sum()),
               "diaObjects": len(objects), "diaForcedSources": len(forced),
-              "alerts": len(written),
-              "t_apdb": time.perf_counter() - t0}
-    log.info("%s: APDB: %d diaSources, %d new of %d diaObjects, %d forced sources", info.describe(),
-             counts["diaSources"], counts["newDiaObjects"], counts["diaObjects"],
-             counts["diaForcedSources"])
+              "alerts": len(written), "t_apdb": time.perf_counter() - t0}
+    log.info("%s: APDB: %d diaSources, %d new of %d diaObjects, %d forced sources",
+             info.describe(), counts["diaSources"], counts["newDiaObjects"],
+             counts["diaObjects"], counts["diaForcedSources"])
     return counts
+
+
+def _associate(new: pd.DataFrame, known: pd.DataFrame, config: AssociationConfig):
+    """Set each new source's ``diaObjectId`` (a known object's, its own for a new object, 0
+    for an orphan); returns which sources start objects."""
+    matched = match_sources(new, known, config)
+    starts = new_object_sources(new, matched)
+    new["diaObjectId"] = 0
+    new.loc[matched >= 0, "diaObjectId"] = known["diaObjectId"].to_numpy()[
+        matched[matched >= 0]]
+    new.loc[starts, "diaObjectId"] = new.loc[starts, "diaSourceId"]
+    return starts
+
+
+def _positions(*frames) -> pd.DataFrame:
+    """The ``diaObjectId``, ``ra``, ``dec`` rows of the frames, together."""
+    import pandas as pd  # on demand: commands that store nothing start without it
+    parts = [f[["diaObjectId", "ra", "dec"]] for f in frames if len(f)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+        {"diaObjectId": [], "ra": [], "dec": []})
+
+
+def _touched_objects(history, new, old_forced, forced, touched, mjd) -> pd.DataFrame:
+    """The touched objects recomputed from their whole source and forced histories."""
+    import pandas as pd  # on demand: commands that store nothing start without it
+    sources = [f for f in (history, new[new["diaObjectId"] != 0]) if len(f)]
+    if not sources:
+        return pd.DataFrame({"diaObjectId": np.zeros(0, np.int64), "ra": np.zeros(0),
+                             "dec": np.zeros(0)})
+    measured = [f for f in (old_forced, forced) if len(f)]
+    objects = summarize_objects(pd.concat(sources, ignore_index=True),
+                                pd.concat(measured, ignore_index=True) if measured else None)
+    objects["validityStartMjdTai"] = mjd
+    return objects[objects["diaObjectId"].isin(touched)].reset_index(drop=True)
+
+
+def _write_alerts(directory, new, objects, history, old_forced, difference, science,
+                  template) -> list:
+    schema = alert_schema()
+    return write_alerts(schema, alert_packets(schema, new, objects, history, old_forced,
+                                              difference, science, template), directory)
+
+
+def _store(apdb, visit_time, objects, new, forced, written) -> None:
+    """One ``store()``: all of the exposure's rows or none (and then none of its alerts)."""
+    try:
+        apdb.store(visit_time, objects, _schema_columns(apdb, "DiaSource", new),
+                   _schema_columns(apdb, "DiaForcedSource", forced) if len(forced) else None)
+    except Exception:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def _all_time():
@@ -410,23 +433,13 @@ def _all_time():
     return Time(0.0, format="mjd", scale="tai")
 
 
-def _history(apdb, region, object_ids, visit_time) -> pd.DataFrame:
-    """Every stored diaSource of the given objects."""
+def _stored(getter, region, object_ids, visit_time) -> pd.DataFrame:
+    """Every stored row of the given objects (``getter``: the APDB's getDiaSources or
+    getDiaForcedSources), all times back."""
     import pandas as pd  # on demand: commands that store nothing start without it
-
     if not object_ids:
         return pd.DataFrame()
-    found = apdb.getDiaSources(region, object_ids, visit_time, start_time=_all_time())
-    return found if found is not None else pd.DataFrame()
-
-
-def _forced_history(apdb, region, object_ids, visit_time) -> pd.DataFrame:
-    """Every stored forced source of the given objects."""
-    import pandas as pd  # on demand: commands that store nothing start without it
-
-    if not object_ids:
-        return pd.DataFrame()
-    found = apdb.getDiaForcedSources(region, object_ids, visit_time, start_time=_all_time())
+    found = getter(region, object_ids, visit_time, start_time=_all_time())
     return found if found is not None else pd.DataFrame()
 
 

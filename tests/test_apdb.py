@@ -335,3 +335,35 @@ def test_alert_packets_round_trip_through_rubins_schema(repo, tmp_path):
 def test_alerts_need_an_apdb(repo, tmp_path):
     assert main(["run", str(repo), "-o", str(tmp_path / "out"), "--alerts",
                  str(tmp_path / "alerts")]) == 2
+
+
+def test_an_exposure_without_diasources_still_measures_the_known_objects(repo, tmp_path):
+    """Nothing detected in a later visit: no diaSource, no object changed, but every
+    known object on the image gets its forced fluxes, and the visit counts as stored."""
+    from gpudiffim.apdb import ingest_exposure
+    from gpudiffim.io import read_exposure
+    url = f"sqlite:///{tmp_path / 'apdb.db'}"
+    make_apdb(url)
+    manifest = Table.read(repo / "manifest.ecsv")
+    manifest[:2].write(tmp_path / "manifest.ecsv")
+    for name in ("science", "templates"):
+        (tmp_path / name).symlink_to(repo / name)
+    run(tmp_path, tmp_path / "out", RunConfig(apdb=url), progress=False)
+    before = _counts(url)
+    row = manifest[2]  # a visit not stored yet, measured on visit 1's difference
+    difference = read_exposure(tmp_path / "out" / "g" / str(manifest[1]["visit"]) / "049" /
+                               "difference.fits")
+    info = dataclasses.replace(difference.info, visit=int(row["visit"]), mjd=float(row["mjd"]))
+    science = read_exposure(repo / row["science"])
+    catalogue = Table.read(tmp_path / "out" / "g" / str(manifest[1]["visit"]) / "049" /
+                           "diaSources.parquet")[:0]
+    counts = ingest_exposure(url, difference.replace(info=info), catalogue, science)
+    after = _counts(url)
+    objects = before["DiaObject"]
+    assert counts["diaSources"] == 0 and counts["diaObjects"] == 0
+    assert after["DiaSource"] == before["DiaSource"] and after["DiaObject"] == objects
+    live = _read(url, 'SELECT COUNT(*) AS n FROM "DiaObject" WHERE "validityEndMjdTai" IS NULL')
+    assert after["DiaForcedSource"] - before["DiaForcedSource"] == counts["diaForcedSources"] \
+        == int(live["n"][0])
+    again = ingest_exposure(url, difference.replace(info=info), catalogue, science)
+    assert again["skipped"] and _counts(url) == after
