@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("lsst.dax.apdb")
 
-from gpudiffim.apdb import ingest_exposure, make_apdb  # noqa: E402
+from gpudiffim.apdb import apdb_url, ingest_exposure, make_apdb  # noqa: E402
 from gpudiffim.io import read_exposure  # noqa: E402
 from gpudiffim.pipeline import PipelineConfig, process_pair  # noqa: E402
 from gpudiffim.simulate import PRESETS, simulate  # noqa: E402
@@ -87,7 +87,8 @@ def test_ingest_sqlite(benchmark, exposure, tmp_path, n):
 def test_ingest_postgresql(benchmark, exposure, postgres_server, n):  # noqa: F811
     from sqlalchemy import create_engine, text
     name = f"bench_{n}"
-    engine = create_engine(f"{postgres_server}/postgres", isolation_level="AUTOCOMMIT")
+    engine = create_engine(apdb_url(f"{postgres_server}/postgres"),
+                           isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
         conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
         conn.execute(text(f"CREATE DATABASE {name}"))

@@ -101,8 +101,10 @@ def postgres_server():
 def postgres_url(postgres_server, request):
     """A new, empty database on the test server, for one test."""
     from sqlalchemy import create_engine, text
+
+    from gpudiffim.apdb import apdb_url
     name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:50]
-    engine = create_engine(f"{postgres_server}/postgres", isolation_level="AUTOCOMMIT")
+    engine = create_engine(apdb_url(f"{postgres_server}/postgres"), isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
         conn.execute(text(f'CREATE DATABASE "{name}"'))

@@ -17,7 +17,7 @@ from astropy.wcs import WCS
 pytest.importorskip("lsst.dax.apdb", reason="needs lsst-dax-apdb (pip install 'gpudiffim[apdb]')")
 sqlalchemy = pytest.importorskip("sqlalchemy")
 
-from gpudiffim.apdb import ApdbError, make_apdb, open_apdb  # noqa: E402
+from gpudiffim.apdb import ApdbError, apdb_url, make_apdb, open_apdb  # noqa: E402
 from gpudiffim.cli import main  # noqa: E402
 from gpudiffim.runner import RunConfig, run  # noqa: E402
 from gpudiffim.simulate import HSC_G_VISITS, PRESETS, simulate  # noqa: E402
@@ -37,7 +37,7 @@ def repo(tmp_path_factory):
 
 def _read(url: str, query: str):
     import pandas as pd
-    engine = sqlalchemy.create_engine(url)
+    engine = sqlalchemy.create_engine(apdb_url(url))
     try:
         return pd.read_sql(query, engine)
     finally:
@@ -242,7 +242,7 @@ def test_two_processes_ingesting_one_field_give_the_objects_one_process_gives(
     """Visits split between two processes writing one PostgreSQL APDB at once, against
     one process writing them all: the same final DiaObject table, ids aside."""
     from sqlalchemy import text
-    engine = sqlalchemy.create_engine(f"{postgres_server}/postgres",
+    engine = sqlalchemy.create_engine(apdb_url(f"{postgres_server}/postgres"),
                                       isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
         for name in ("together", "apart"):
