@@ -35,6 +35,15 @@ def repo(tmp_path_factory):
     return path
 
 
+def _part(repo, path, rows):
+    """A repository at ``path`` of the given manifest rows, sharing ``repo``'s files."""
+    path.mkdir(exist_ok=True)
+    for name in ("science", "templates"):
+        (path / name).symlink_to(repo / name)
+    rows.write(path / "manifest.ecsv", format="ascii.ecsv")
+    return path
+
+
 def _read(url: str, query: str):
     import pandas as pd
     engine = sqlalchemy.create_engine(apdb_url(url))
@@ -253,14 +262,8 @@ def test_two_processes_ingesting_one_field_give_the_objects_one_process_gives(
     make_apdb(together)
     make_apdb(apart)
     manifest = Table.read(repo / "manifest.ecsv")
-    halves = []
-    for k, rows in enumerate((manifest[0::2], manifest[1::2])):
-        part = tmp_path / f"part{k}"
-        part.mkdir()
-        for name in ("science", "templates"):
-            (part / name).symlink_to(repo / name)
-        rows.write(part / "manifest.ecsv", format="ascii.ecsv")
-        halves.append(part)
+    halves = [_part(repo, tmp_path / f"part{k}", rows)
+              for k, rows in enumerate((manifest[0::2], manifest[1::2]))]
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         statuses = pool.map(_ingest, [(halves[k], tmp_path / f"out{k}", apart)
                                       for k in range(2)])
@@ -291,9 +294,7 @@ def test_alert_packets_round_trip_through_rubins_schema(repo, tmp_path):
     url = f"sqlite:///{tmp_path / 'apdb.db'}"
     make_apdb(url)
     manifest = Table.read(repo / "manifest.ecsv")
-    manifest[:3].write(tmp_path / "manifest.ecsv")
-    for name in ("science", "templates"):
-        (tmp_path / name).symlink_to(repo / name)
+    _part(repo, tmp_path, manifest[:3])
     alerts = tmp_path / "alerts"
     table = run(tmp_path, tmp_path / "out", RunConfig(apdb=url, alerts=str(alerts)),
                 progress=False)
@@ -345,9 +346,7 @@ def test_an_exposure_without_diasources_still_measures_the_known_objects(repo, t
     url = f"sqlite:///{tmp_path / 'apdb.db'}"
     make_apdb(url)
     manifest = Table.read(repo / "manifest.ecsv")
-    manifest[:2].write(tmp_path / "manifest.ecsv")
-    for name in ("science", "templates"):
-        (tmp_path / name).symlink_to(repo / name)
+    _part(repo, tmp_path, manifest[:2])
     run(tmp_path, tmp_path / "out", RunConfig(apdb=url), progress=False)
     before = _counts(url)
     row = manifest[2]  # a visit not stored yet, measured on visit 1's difference
