@@ -16,11 +16,11 @@ from .backend import get_backend
 from .errors import GpuDiffimError
 from .exposure import KERNEL_FIT_EXCLUDED
 from .inject import shift_image
-from .sources import SourceSelectionConfig, select_kernel_sources
+from .sources import SourceSelectionConfig, select_kernel_sources, source_snr_maps
 from .spatial import monomial_terms, polynomial_terms, scaled_coords
 from .stamps import gather_stamps
 
-__all__ = ["FWHM_PER_SIGMA", "ImagePsf", "PolynomialPsf", "adaptive_moments",
+__all__ = ["FWHM_PER_SIGMA", "STAR_FINDING_SIGMA", "ImagePsf", "PolynomialPsf", "adaptive_moments",
            "adaptive_moments_batch", "half_max_fwhm",
            "centred_psf_image", "convolved_psf", "kernel_convolved_psf", "gaussian_psf",
            "measure_psf", "PsfMeasurementError", "psf_image_problem"]
@@ -282,9 +282,11 @@ def measure_psf(exposure, order: int = 2, size: int | None = None, snr_range=(50
     a warning; with none, :class:`PsfMeasurementError`.
     """
     backend = get_backend(backend)
-    pos = _psf_stars(exposure, snr_range, max_stars, backend)
+    maps = source_snr_maps(backend.asarray(exposure.image), backend.asarray(exposure.variance),
+                           gaussian_psf(STAR_FINDING_SIGMA, size=15).image, backend)
+    pos = _psf_stars(exposure, snr_range, max_stars, backend, maps)
     if len(pos) < MIN_MODEL_STARS:  # a sparse, shallow or very deep field: any star
-        pos = _psf_stars(exposure, (min(20.0, snr_range[0]), np.inf), max_stars, backend)
+        pos = _psf_stars(exposure, (min(20.0, snr_range[0]), np.inf), max_stars, backend, maps)
     if not len(pos):
         raise PsfMeasurementError("no star usable to measure a PSF from (S/N >= 20, isolated, "
                                   "unmasked, away from the edges)")
@@ -306,17 +308,21 @@ def measure_psf(exposure, order: int = 2, size: int | None = None, snr_range=(50
     return _pixel_model(images, xy, fluxes, order, exposure.shape, final)
 
 
-def _psf_stars(exposure, snr_range, max_stars, backend) -> np.ndarray:
-    """Host (n, 2) positions of PSF star candidates."""
+#: the Gaussian (sigma 2 px) that finds PSF stars before their PSF is known
+STAR_FINDING_SIGMA = 2.0
+
+
+def _psf_stars(exposure, snr_range, max_stars, backend, maps) -> np.ndarray:
+    """Host (n, 2) positions of PSF star candidates; ``maps``: the exposure's
+    :func:`~gpudiffim.sources.source_snr_maps` with the star-finding Gaussian."""
     bad = (backend.asarray(exposure.mask)
            & exposure.bit(*[p for p in KERNEL_FIT_EXCLUDED if p in exposure.mask_planes])) != 0
-    guess = gaussian_psf(2.0, size=15).image
     cfg = SourceSelectionConfig(detectionThreshold=snr_range[0], maxSnr=snr_range[1],
                                 nStarPerCell=3, maxKernelSources=4 * max_stars, isolation=0.05,
                                 cleanCore=15)
     return select_kernel_sources(backend.asarray(exposure.image),
-                                 backend.asarray(exposure.variance), bad, guess, cfg, 25,
-                                 backend=backend)
+                                 backend.asarray(exposure.variance), bad, None, cfg, 25,
+                                 backend=backend, maps=maps)
 
 
 def _sky_subtracted_stamps(exposure, pos, size, backend) -> np.ndarray:
