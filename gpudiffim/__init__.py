@@ -16,6 +16,8 @@ __version__ = "0.1.0"
 # ``gpudiffim.subtract`` (and ``simulate``, ``inject``) stays the function even after
 # ``from gpudiffim.subtract import SubtractConfig``: a submodule already imported is not
 # bound onto the package again.
+from .apdb import ApdbError, ingest_exposure, make_apdb  # noqa: E402
+from .associate import AssociationConfig  # noqa: E402
 from .backend import get_backend  # noqa: E402
 from .detect import DetectionConfig, detect  # noqa: E402
 from .errors import BackendError, GpuDiffimError, InputError  # noqa: E402
@@ -46,9 +48,11 @@ __all__ = [
     "process_pair", "PipelineConfig",
     # the batch runner
     "run", "RunConfig",
+    # association and the APDB
+    "make_apdb", "ingest_exposure", "AssociationConfig",
     # simulation and fakes
     "simulate", "SimConfig", "inject",
     # backends and errors
     "get_backend", "GpuDiffimError", "InputError", "BackendError", "KernelFitError",
-    "SubtractionQualityError",
+    "SubtractionQualityError", "ApdbError",
 ]

@@ -94,8 +94,19 @@ def apdb_url(url: str) -> str:
 
 
 def make_apdb(url: str):
-    """Create a Rubin APDB at ``url`` (an SQLAlchemy URL); an existing APDB of this schema
-    is kept as it is. Returns the opened :class:`lsst.dax.apdb.Apdb`."""
+    """Create a Rubin APDB (``lsst-dax-apdb``, the schema of ``lsst-sdm-schemas``).
+
+    Parameters
+    ----------
+    url : str
+        An SQLAlchemy URL: ``sqlite:///path.db`` (its directory is made) or
+        ``postgresql://user@host/database``. An existing APDB there is kept as it is.
+
+    Returns
+    -------
+    lsst.dax.apdb.Apdb
+        The opened APDB (:func:`open_apdb`).
+    """
     _, _, ApdbSql, _ = _modules()
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)

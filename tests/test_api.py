@@ -215,5 +215,9 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch):
     names = {}
     exec(compile(code, "README.md", "exec"), names)
     assert len(names["sources"]) > 0 and (tmp_path / "difference.fits").is_file()
+    import sqlite3
+    with sqlite3.connect(tmp_path / "apdb.db") as db:
+        stored = db.execute('SELECT COUNT(*) FROM "DiaSource"').fetchone()[0]
+    assert stored == int((~names["sources"]["sky_source"]).sum()) > 0
     assert list(names["table"]["status"]) == ["done"]
     assert names["table"]["flavor"][0] == "preconvolve"
