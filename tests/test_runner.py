@@ -110,7 +110,12 @@ def test_interrupted_run_resumes_to_the_same_outputs(tmp_path):
     got, want = _catalogues(out, manifest), _catalogues(reference, manifest)
     for key in want:
         assert len(got[key]) == len(want[key])
-        np.testing.assert_allclose(got[key]["psfFlux"], want[key]["psfFlux"], rtol=1e-5)
+        # a process of its own: float32 sums may differ in their last digits (seen once in a
+        # clean clone: sky sources, whose fluxes are ~0, by 0.01 counts): a thousandth of a sigma
+        diff = np.abs(np.asarray(got[key]["psfFlux"]) - np.asarray(want[key]["psfFlux"]))
+        allowed = 1e-5 * np.abs(np.asarray(want[key]["psfFlux"])) \
+            + 1e-3 * np.asarray(want[key]["psfFluxErr"])
+        assert np.all(diff <= allowed), (key, np.max(diff / want[key]["psfFluxErr"]))
 
 
 @pytest.mark.slow
