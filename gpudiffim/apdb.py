@@ -455,9 +455,8 @@ def _stored(getter, region, object_ids, visit_time) -> pd.DataFrame:
 
 
 def _schema_columns(apdb, table: str, frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame``'s columns that the APDB table has, in its types (booleans, integers and
-    floats as the schema declares them)."""
+    """``frame``'s columns that the APDB table has (measurement columns it has no place
+    for, such as ``significance`` or ``sky_source``, left out)."""
     _, ApdbTables, _, _ = _modules()
-    columns = {c.name: c for c in apdb.tableDef(getattr(ApdbTables, table)).columns}
-    keep = [c for c in frame.columns if c in columns]
-    return frame[keep].copy()
+    names = {c.name for c in apdb.tableDef(getattr(ApdbTables, table)).columns}
+    return frame[[c for c in frame.columns if c in names]].copy()

@@ -80,7 +80,7 @@ class ExposureOutputs(NamedTuple):
 
     difference: object  # Exposure
     sources: Table
-    science: object  # the science Exposure, for forced photometry in the APDB
+    science: object  # the science Exposure, for forced photometry in the APDB (else None)
     is_score: bool
     template: object = None  # the template on the science grid, for alert cutouts
 
@@ -266,8 +266,10 @@ def compute_exposure(repo, row, config: RunConfig, pair=None, on_device=None):
             result, sources, timings, fraction, warped = _process(science, template, config,
                                                                   backend)
             status["retried_on_cpu"] = True
-        outputs = ExposureOutputs(result.difference.to_host(backend), sources, science,
-                                  result.is_score, warped)
+        # the science rides along to the writers only when the APDB needs it (forced
+        # photometry): otherwise it would be held until written, for nothing
+        outputs = ExposureOutputs(result.difference.to_host(backend), sources,
+                                  science if config.apdb else None, result.is_score, warped)
         q = result.quality
         status.update({f"t_{k}": v for k, v in timings.items()})
         status.update({"status": "done", "flavor": result.flavor, "backend": backend.name,
