@@ -84,6 +84,8 @@ def _cmd_subtract(args) -> int:
     summary["seconds"] = elapsed
     summary["backend"] = backend.name
     summary["template_fraction"] = fraction
+    summary["detection"] = {k: sources.meta[k] for k in ("residual_scale", "registration_sigma")
+                            if k in sources.meta}
     with atomic_path(out / "fit.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1, default=lambda o: o.item()))
     q = result.quality

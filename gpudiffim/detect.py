@@ -8,8 +8,8 @@ footprints (8-connected), grown by ``growFootprint`` pixels; positive and negati
 footprints that touch merge into one source, a dipole candidate. Masked pixels
 (:data:`~gpudiffim.exposure.DETECTION_EXCLUDED`: NO_DATA, EDGE, BAD, SAT, SAT_TEMPLATE, and
 CR, interpolated cosmic rays) cannot seed a detection. With the subtraction's
-:class:`~gpudiffim.noise.NoiseModel` the noise also carries the kernel's own error near
-bright sources, its scale measured here on the filtered difference.
+:class:`~gpudiffim.noise.NoiseModel` the noise also carries the template's misregistration
+and the kernel's own error near bright sources, both measured here at the kernel sources.
 
 Thresholding, filtering, labelling and growing run on the backend; the footprints'
 pixel lists (small) come to the host for peak bookkeeping.
@@ -20,11 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.signal import fftconvolve
 
 from .backend import get_backend
 from .convolve import fft_convolve
 from .exposure import DETECTION_EXCLUDED, UNUSABLE_PLANES, Exposure, mask_bits
-from .noise import NoiseModel, residual_scale
+from .noise import NoiseModel, registration_scale, registration_variance, residual_scale
 from .options import configclass, option
 
 __all__ = ["DetectionConfig", "Detections", "significance_image", "detect"]
@@ -58,6 +59,7 @@ class Detections:
     labels: object  # backend int32 image of footprint ids (1..n; 0 = none)
     snr_image: object  # backend significance image
     residual_scale: float = 0.0  # variance per unit of residual power (0: none added)
+    registration_scale: float = 0.0  # misregistration variance per axis (pixels^2)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -72,8 +74,11 @@ def significance_image(difference: Exposure, is_score: bool, backend=None,
     """Signed S/N image: matched-filtered difference over its noise (score: as it is).
 
     With a ``noise`` model that has residual power and calibration positions, the noise also
-    carries the matching's own error, ``scale * residual_power``, the scale measured around
-    the kernel sources (:func:`~gpudiffim.noise.residual_scale`).
+    carries the template's misregistration (:func:`~gpudiffim.noise.registration_variance`
+    of ``psf * g_T * T``) with ``sigma^2`` from the kernel sources' residual shifts
+    (:func:`~gpudiffim.noise.registration_scale`), and the matching's own error,
+    ``scale * residual_power``, the scale measured around the kernel sources
+    (:func:`~gpudiffim.noise.residual_scale`).
     """
     return _significance(difference, is_score, get_backend(backend), noise)[0]
 
@@ -84,14 +89,22 @@ def _significance(difference, is_score, backend, noise):
     image, var = backend.asarray(difference.image), backend.asarray(difference.variance)
     unusable = (backend.asarray(difference.mask)
                 & difference.bit(*UNUSABLE_PLANES)) != 0
-    image = xp.where(unusable, 0.0, image)  # masked values must not leak into the filter
+    image = raw = xp.where(unusable, 0.0, image)  # masked values must not leak into the filter
+    ny, nx = difference.shape
+    psf = difference.psf.image_at((nx - 1) / 2, (ny - 1) / 2)
+    psf = psf / psf.sum()
     if not is_score:
-        ny, nx = difference.shape
-        psf = difference.psf.image_at((nx - 1) / 2, (ny - 1) / 2)
-        psf = psf / psf.sum()
         image = fft_convolve(image, backend.to_device(np.flip(psf).astype(np.float32)), backend)
         var = fft_convolve(var, backend.to_device((psf**2).astype(np.float32)), backend)
-    scale = 0.0
+    scale = shift2 = 0.0
+    if noise is not None and noise.registration and noise.calibrate_at is not None:
+        template, filt = noise.registration
+        shift2 = registration_scale(backend, raw, backend.asarray(difference.variance),
+                                    ~unusable, template, filt, noise.calibrate_at,
+                                    psf.shape[0])
+        if shift2 > 0:
+            var = var + registration_variance(backend, template,
+                                              fftconvolve(np.flip(psf), filt), shift2)
     if noise is not None and noise.residual_power is not None and noise.calibrate_at is not None:
         power = backend.asarray(noise.residual_power)
         scale = residual_scale(backend, image, var, power, ~unusable & (var > 0),
@@ -99,7 +112,7 @@ def _significance(difference, is_score, backend, noise):
         if scale > 0:
             var = var + scale * power
     ok = var > 0
-    return xp.where(ok, image / xp.sqrt(xp.where(ok, var, 1.0)), 0.0), scale
+    return xp.where(ok, image / xp.sqrt(xp.where(ok, var, 1.0)), 0.0), scale, shift2
 
 
 def _peaks(backend, labels, snr, n, sign):
@@ -147,7 +160,7 @@ def detect(difference: Exposure, is_score: bool = False,
     config = config or DetectionConfig()
     backend = get_backend(backend)
     xp = backend.xp
-    snr, scale = _significance(difference, is_score, backend,
+    snr, scale, shift2 = _significance(difference, is_score, backend,
                                noise if config.doResidualVariance else None)
     mask = backend.asarray(difference.mask)
     bad = (mask & mask_bits(*config.badMaskPlanes, planes=difference.mask_planes)) != 0
@@ -161,7 +174,7 @@ def detect(difference: Exposure, is_score: bool = False,
     if n == 0:
         empty = np.zeros(0)
         return Detections(*([empty.astype(int)] * 2), empty, empty.astype(int),
-                          *([empty.astype(int)] * 4), merged, snr, scale)
+                          *([empty.astype(int)] * 4), merged, snr, scale, shift2)
     pos_lab = xp.where(grown["pos"] & (snr * 1.0 >= t) & ~bad, merged, 0)
     neg_lab = xp.where(grown["neg"] & (snr * -1.0 >= t) & ~bad, merged, 0)
     pos, _ = _peaks(backend, pos_lab, snr, n, 1.0)
@@ -173,4 +186,5 @@ def detect(difference: Exposure, is_score: bool = False,
     pos, neg, peak, area = pos[keep], neg[keep], peak[keep], area[keep]
     return Detections(peak[:, 0].astype(int), peak[:, 1].astype(int), peak[:, 2], area,
                       pos[:, 0].astype(int), pos[:, 1].astype(int),
-                      neg[:, 0].astype(int), neg[:, 1].astype(int), merged, snr, scale)
+                      neg[:, 0].astype(int), neg[:, 1].astype(int), merged, snr, scale,
+                      shift2)

@@ -505,7 +505,8 @@ def dia_sources(result, science: Exposure | None = None,
     -------
     astropy.table.Table
         The DiaSource table (APDB column names); ``meta["residual_scale"]`` holds the
-        kernel-error scale detection measured.
+        kernel-error scale detection measured, ``meta["registration_sigma"]`` the
+        template's misregistration (pixels per axis, rms).
     """
     backend = get_backend(backend)
     if science is not None and science.psf is None:  # measured by the subtraction
@@ -515,6 +516,7 @@ def dia_sources(result, science: Exposure | None = None,
     table = measure(result.difference, det, science, result.is_score, measure_config, backend,
                     noise)
     table.meta["residual_scale"] = det.residual_scale
+    table.meta["registration_sigma"] = float(np.sqrt(det.registration_scale))
     return table
 
 

@@ -14,7 +14,13 @@ plus the matching's own error::
   errors alike over the kernel's box its variance is a scale times ``I^2`` summed over that
   box (the *residual power*); the scale is measured on each difference around its kernel
   sources (:func:`residual_scale`), as ZOGY (Zackay et al. 2016) adds the like for
-  registration and flux-scale errors.
+  registration and flux-scale errors;
+* a misregistration ``delta`` of the template against the science leaves
+  ``delta . grad(g_T * T)``, the template's gradient as it reaches the difference: for
+  shifts of variance ``sigma^2`` per axis, a variance ``sigma^2 |grad(g_T * T)|^2`` (ZOGY's
+  astrometric term) and a second-order one at bright stars' centres
+  (:func:`registration_variance`). ``sigma^2`` is measured from the kernel sources' own
+  residual shifts (:func:`registration_scale`); well-registered data give 0.
 
 Then the variance of one pixel of ``D`` is ``sum_p (g_p^2 * V_p) + scale * power``
 (:func:`convolved_variance`, :func:`decorrelated_variance`, :func:`score_variance`), and
@@ -41,6 +47,7 @@ from .stats import weighted_median
 
 __all__ = ["NoiseModel", "convolved_variance", "decorrelated_variance", "score_variance",
            "filtered_variance", "residual_power", "residual_scale", "position_residual_scale",
+           "registration_gradients", "registration_scale", "registration_variance",
            "shared_noise_correlation"]
 
 
@@ -63,6 +70,9 @@ class NoiseModel:
         The kernel's side (pixels): the box the residual power and its calibration use.
     residual_scale : float
         Variance per unit of residual power; 0 until detection measures it.
+    registration : tuple
+        The template (device, sky removed, masked pixels 0) and the small host filter it
+        reaches the difference through; empty for a score image.
     """
 
     paths: tuple = ()
@@ -70,6 +80,7 @@ class NoiseModel:
     calibrate_at: np.ndarray | None = None
     box: int = 0
     residual_scale: float = 0.0
+    registration: tuple = ()
 
     def with_residual_scale(self, scale: float) -> "NoiseModel":
         """The same model with the residual scale measured on its difference."""
@@ -232,6 +243,84 @@ def position_residual_scale(backend, image, var, good, power, positions,
     if not use.any():
         return 0.0
     return max(0.0, weighted_median(e[use] / pw[use], pw[use]))
+
+
+def registration_gradients(backend, image, filt, positions, size: int):
+    """x and y gradients (central differences) of ``filt * image`` as (n, size, size)
+    stamps around ``positions`` (host (n, 2) integer x, y), each convolved on its own (no
+    full-frame transform)."""
+    filt = np.asarray(filt, np.float32)
+    o = filt.shape[0] // 2
+    conv = fft_convolve(gather_stamps(backend, image, positions, size + 2 + 2 * o, 0.0),
+                        backend.to_device(filt), backend)
+    c = conv[:, o:o + size + 2, o:o + size + 2]
+    return ((c[:, 1:-1, 2:] - c[:, 1:-1, :-2]) / 2.0, (c[:, 2:, 1:-1] - c[:, :-2, 1:-1]) / 2.0)
+
+
+def registration_variance(backend, image, filt, scale: float):
+    """Variance that shifts of ``scale`` pixels^2 per axis (Gaussian, independent) leave in
+    ``filt * image``: ``scale |grad|^2 + scale^2 / 2 (Hxx^2 + 2 Hxy^2 + Hyy^2)`` (the first
+    and second orders of the shifted image; the second matters at bright stars' centres,
+    where the gradient vanishes). Central differences; 0 on the outermost pixels."""
+    xp = backend.xp
+    f = fft_convolve(image, backend.to_device(np.asarray(filt, np.float32)), backend)
+    c = f[1:-1, 1:-1]
+    gx = (f[1:-1, 2:] - f[1:-1, :-2]) / 2.0
+    gy = (f[2:, 1:-1] - f[:-2, 1:-1]) / 2.0
+    hxx = f[1:-1, 2:] - 2.0 * c + f[1:-1, :-2]
+    hyy = f[2:, 1:-1] - 2.0 * c + f[:-2, 1:-1]
+    hxy = (f[2:, 2:] - f[2:, :-2] - f[:-2, 2:] + f[:-2, :-2]) / 4.0
+    scale = float(scale)
+    inner = scale * (gx * gx + gy * gy) + 0.5 * scale * scale * (hxx * hxx + 2.0 * hxy * hxy
+                                                                  + hyy * hyy)
+    ny, nx = f.shape
+    inner = xp.concat([backend.zeros((ny - 2, 1), dtype=f.dtype), inner,
+                       backend.zeros((ny - 2, 1), dtype=f.dtype)], axis=1)
+    zr = backend.zeros((1, nx), dtype=f.dtype)
+    return xp.concat([zr, inner, zr], axis=0)
+
+
+def registration_scale(backend, image, var, good, template, filt, positions,
+                       size: int) -> float:
+    """Mean-square misregistration per axis (pixels^2) of the template against the science.
+
+    At each kernel source the difference (``image``, ``var``, ``good``) is fitted, in a box
+    of ``size`` pixels and weighted by its inverse variance, as a shift times the
+    template's gradient as it reaches the difference (:func:`registration_gradients` of
+    ``template`` through ``filt``). Each star's shift is one draw from the misregistration's
+    spread, so the stars count alike whatever their brightness, as long as their noise is
+    small next to that spread (weights ``1 / (noise + sigma^2)^2``, iterated): the median
+    of the shifts' squares less their noise, over ``ln 2`` (the median of a 2-D Gaussian
+    shift's square is ``2 ln 2 sigma^2``). Symmetric residuals (seeing, a variable star)
+    do not project on a gradient; 0 when the shifts are no larger than their noise.
+    """
+    xp = backend.xp
+    ny, nx = image.shape
+    h = size // 2 + np.asarray(filt).shape[0] // 2 + 1
+    pos = np.asarray(positions, np.int64).reshape(-1, 2)
+    pos = pos[(pos[:, 0] >= h) & (pos[:, 0] < nx - h) & (pos[:, 1] >= h) & (pos[:, 1] < ny - h)]
+    if len(pos) < 3:
+        return 0.0
+    gx, gy = registration_gradients(backend, template, filt, pos, size)
+    v = gather_stamps(backend, var, pos, size, 0.0)
+    w = xp.where(gather_stamps(backend, good, pos, size, False) & (v > 0),
+                 1.0 / xp.where(v > 0, v, 1.0), 0.0)
+    d = gather_stamps(backend, image, pos, size, 0.0)
+    sums = backend.to_host(xp.stack([xp.sum(xp.astype(t, xp.float64), axis=(1, 2)) for t in (
+        w * gx * gx, w * gx * gy, w * gy * gy, w * gx * d, w * gy * d)], axis=1))
+    a = np.stack([sums[:, [0, 1]], sums[:, [1, 2]]], axis=1)
+    ok = np.linalg.det(a) > 0
+    if ok.sum() < 3:
+        return 0.0
+    cov = np.linalg.inv(a[ok])
+    shift = np.einsum("nij,nj->ni", cov, sums[ok][:, 3:])
+    noise = cov[:, 0, 0] + cov[:, 1, 1]
+    excess = (np.sum(shift * shift, axis=1) - noise) / 2.0
+    ln2 = float(np.log(2.0))
+    s2 = max(0.0, float(np.median(excess)) / ln2)
+    for _ in range(3):
+        s2 = max(0.0, weighted_median(excess, 1.0 / (noise / 2.0 + s2) ** 2) / ln2)
+    return s2
 
 
 def shared_noise_correlation(backend, source, target, usable, nsigma: float = 5.0) -> float:

@@ -286,7 +286,10 @@ def compute_exposure(repo, row, config: RunConfig, pair=None, on_device=None):
                        "difference_pull_sigma": q["difference_pull_sigma"],
                        "variance_scale": q["variance_scale"],
                        # the kernel's own error that detection added near bright sources
-                       "residual_scale": float(sources.meta.get("residual_scale", 0.0))})
+                       "residual_scale": float(sources.meta.get("residual_scale", 0.0)),
+                       # the template's misregistration, rms pixels per axis
+                       "registration_sigma": float(sources.meta.get("registration_sigma",
+                                                                    0.0))})
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # recorded, not raised: the run goes on

@@ -659,14 +659,13 @@ def _in_flux_units(problem: MatchingProblem, sci, diff, var, phi, backend):
 def noise_model(problem: MatchingProblem, solution: KernelSolution, kernel: np.ndarray, phi,
                 good, positions, variances, backend) -> NoiseModel:
     """The difference's :class:`~gpudiffim.noise.NoiseModel`: each input's variance and the
-    filter it reaches the difference through (none for the score), and the residual power
-    of the image the kernel convolved (only its shape matters: detection scales it)."""
-    xp = backend.xp
+    filter it reaches the difference through (none for the score), the residual power
+    of the image the kernel convolved (only its shape matters: detection scales it), and
+    the template with its filter (for the misregistration term; none for the score)."""
     source = problem.source
-    sky = median_where(backend, source, good)
-    bright = xp.astype(xp.where(good, source - sky, 0.0), xp.float32)
+    bright = _less_sky(source, good, backend)
     power = residual_power(backend, bright, solution.basis.size)
-    paths = ()
+    paths, registration = (), ()
     if problem.flavor != "preconvolve":
         kappa = float(kernel.sum())
         after = np.ones((1, 1)) if phi is None else phi
@@ -675,7 +674,17 @@ def noise_model(problem: MatchingProblem, solution: KernelSolution, kernel: np.n
                    else (after, through_k))
         paths = tuple((plane, kernel_core(f))
                       for plane, f in zip(variances, filters))
-    return NoiseModel(paths, power, np.asarray(positions), solution.basis.size)
+        registration = ((_less_sky(problem.target, good, backend), paths[0][1])
+                        if problem.science_is_convolved else (bright, paths[1][1]))
+    return NoiseModel(paths, power, np.asarray(positions), solution.basis.size,
+                      registration=registration)
+
+
+def _less_sky(image, good, backend):
+    """float32 ``image`` less its median where ``good``, 0 elsewhere."""
+    xp = backend.xp
+    sky = median_where(backend, image, good)
+    return xp.astype(xp.where(good, image - (sky or 0.0), 0.0), xp.float32)
 
 
 def difference_pull(diff, var, good, quiet, backend, min_fraction: float = 0.05) -> float:

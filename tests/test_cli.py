@@ -99,8 +99,10 @@ def test_every_decam_epoch_pair_finds_the_transient(tmp_path):
     DETECTOR), each epoch-1 exposure against each epoch-2 one with nothing else given: the
     transient near (129, 128) is found in all 16 pairs, the difference's noise away from the
     detections matches its variance plane (robust pull 0.9-1.1), and once the single
-    exposures' cosmic rays are found few other sources remain without a pixel flag (at most
-    4 in a pair, 46 over the 16, measured: residuals of the same three bright stars)."""
+    exposures' cosmic rays are found and the template's misregistration (0.04-0.33 px rms
+    between these epochs) is in the detection noise, few other sources remain without a
+    pixel flag: at most 3 in a pair (measured at most 2, 10 over the 16; before the
+    misregistration term 46, dipoles at the same three bright stars)."""
     others = 0
     for a in "bcde":
         for b in "bcde":
@@ -114,13 +116,13 @@ def test_every_decam_epoch_pair_finds_the_transient(tmp_path):
             flags = [c for c in real.colnames if c.startswith("pixelFlags_")]
             flagged = np.any([real[c] for c in flags], axis=0)
             others += int(np.sum(~at_transient & ~flagged))
-            assert np.sum(~at_transient & ~flagged) <= 4, (a, b)
+            assert np.sum(~at_transient & ~flagged) <= 3, (a, b)
             d = read_exposure(out / "difference.fits")
             good = ((d.mask == 0) & (d.variance > 0)
                     & _far_from(d.shape, zip(real["x"], real["y"]), 10))
             pull = mad_std(d.image[good] / np.sqrt(d.variance[good]))
             assert 0.9 < pull < 1.1, (a, b, pull)
-    assert others <= 46
+    assert others <= 14
 
 
 def test_cli_resamples_a_template_on_another_grid(tmp_path):

@@ -6,7 +6,16 @@ from scipy.signal import fftconvolve
 
 from gpudiffim.backend import get_backend
 from gpudiffim.decorrelate import decorrelation_kernel
-from gpudiffim.noise import decorrelated_variance, filtered_variance, residual_scale
+from gpudiffim.detect import detect
+from gpudiffim.exposure import Exposure
+from gpudiffim.noise import (
+    NoiseModel,
+    decorrelated_variance,
+    filtered_variance,
+    registration_scale,
+    residual_scale,
+)
+from gpudiffim.psf import ImagePsf
 
 from pairs import gaussian_image
 
@@ -103,3 +112,78 @@ def test_residual_scale_recovers_the_excess_variance(backend, rng):
                                                        * np.sqrt(var)).astype(np.float32)),
                            dev[1], dev[2], good, stars, box)
     assert quiet < 0.05 * s2, quiet
+
+
+def _star_field(shape, stars, fluxes, sigma, shifts=None):
+    """Gaussian stars (``sigma`` px) at ``stars`` (x, y) plus ``shifts``, on ``shape``."""
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    out = np.zeros(shape)
+    shifts = np.zeros((len(stars), 2)) if shifts is None else shifts
+    for (x, y), f, (dx, dy) in zip(stars, fluxes, shifts):
+        out += f / (2 * np.pi * sigma**2) * np.exp(
+            -0.5 * ((xx - x - dx) ** 2 + (yy - y - dy) ** 2) / sigma**2)
+    return out
+
+
+def _misregistered_pair(rng, sigma_shift, shape=(520, 520), sky=20.0):
+    """A template of 49 stars (fluxes 2e4-3e5, PSF sigma 1.8 px, noiseless; widened by the
+    shifts' spread, as a kernel fitted on those stars widens it) and a difference whose
+    stars moved by Gaussian shifts of ``sigma_shift`` px per axis, with the science's sky
+    and photon noise (gain 1) in it and in its variance; one star also 30% brighter (a
+    variable among the kernel sources)."""
+    stars = np.array([[50 + 70 * i, 50 + 70 * j] for i in range(7) for j in range(7)])
+    fluxes = 2e4 * 15 ** rng.uniform(size=len(stars))
+    shifts = rng.normal(scale=sigma_shift, size=(len(stars), 2))
+    template = _star_field(shape, stars, fluxes, np.hypot(1.8, sigma_shift))
+    science_fluxes = fluxes.copy()
+    science_fluxes[10] *= 1.3
+    science = _star_field(shape, stars, science_fluxes, 1.8, shifts)
+    var = sky + science
+    diff = science - template + rng.normal(size=shape) * np.sqrt(var)
+    return stars, template, diff, var, shifts
+
+
+def test_registration_scale_recovers_the_shift_spread(backend, rng):
+    """Stars moved by shifts drawn from a Gaussian of 0.3 px per axis: the scale measured
+    from their residuals in the difference is that spread squared (each star one draw,
+    whatever its brightness; a variable star does not count as a shift), and an exact
+    registration gives next to nothing."""
+    good = backend.to_device(np.ones((520, 520), bool))
+    one = np.ones((1, 1))
+    for truth in (0.3, 0.0):
+        stars, template, diff, var, _ = _misregistered_pair(rng, truth)
+        dev = [backend.to_device(a.astype(np.float32)) for a in (diff, var, template)]
+        got = registration_scale(backend, dev[0], dev[1], good, dev[2], one, stars, 21)
+        if truth:
+            assert abs(np.sqrt(got) / truth - 1) < 0.2, np.sqrt(got)  # measured 0.146 px
+        else:
+            assert np.sqrt(got) < 0.01, np.sqrt(got)  # shift noise ~0.005-0.05 px per star
+
+
+def test_detection_discounts_misregistered_stars(backend, rng):
+    """The same misregistered stars leave dipoles the noise planes alone call significant;
+    with the template in the noise model none is detected but for a star shifted beyond
+    3 sigma (1.1 px; one of the 49 here), while the variable star and point sources added
+    to the difference (S/N 8-30, away from the stars) all are."""
+    stars, template, diff, var, shifts = _misregistered_pair(rng, 0.3)
+    new = np.array([[85, 85], [225, 155], [365, 435], [435, 295]])
+    diff = diff + _star_field(diff.shape, new, [400.0, 700.0, 1000.0, 1500.0], 1.8)
+    exposure = Exposure.from_arrays(diff.astype(np.float32), variance=var.astype(np.float32),
+                                    psf=ImagePsf(gaussian_image(25, 1.8)))
+    noise = NoiseModel(calibrate_at=stars,
+                       registration=(backend.to_device(template.astype(np.float32)),
+                                     np.ones((1, 1))))
+    plain = detect(exposure, backend=backend)
+    found = detect(exposure, backend=backend, noise=noise)
+
+    def near(det, points, radius=10):
+        return [bool(np.any(np.hypot(det.x - x, det.y - y) < radius)) for x, y in points]
+
+    static = np.ones(len(stars), bool)
+    static[10] = False  # star 10 did change: it must be found
+    typical = static & (np.hypot(*shifts.T) < 3 * 0.3)
+    assert sum(near(plain, stars[static])) >= 5  # measured 7, of S/N up to 12
+    assert not any(near(found, stars[typical])), near(found, stars[typical])
+    assert all(near(found, np.r_[new, stars[10:11]], 3)), (found.x, found.y)
+    assert len(found) <= len(new) + 1 + np.sum(static & ~typical)
+    assert abs(np.sqrt(found.registration_scale) / 0.3 - 1) < 0.2

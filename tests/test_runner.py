@@ -54,6 +54,7 @@ def test_demo_run_writes_everything_and_resumes(demo_repo, demo_run):
         here = exposure_dir(outdir, {k: st[k] for k in ("band", "visit", "detector")})
         meta = Table.read(here / "diaSources.parquet").meta
         assert st["residual_scale"] == meta["residual_scale"] >= 0
+        assert st["registration_sigma"] == meta["registration_sigma"] >= 0
     stamps = {p: p.stat().st_mtime_ns for p in outdir.rglob("difference.fits")}
     start = time.perf_counter()
     again = run(demo_repo, outdir, progress=False)
