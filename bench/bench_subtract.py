@@ -48,3 +48,14 @@ def test_subtract_2048x4176(benchmark, pair_hsc):
     subtract(*pair_hsc, SubtractConfig(), cpu)
     benchmark.pedantic(subtract, args=(*pair_hsc, SubtractConfig(), cpu), rounds=3,
                        warmup_rounds=2)
+
+
+@pytest.mark.parametrize("psfs", ["given", "measured"])
+def test_subtract_2048x2048_psfs(benchmark, pair_2k, psfs):
+    """The same subtraction with the PSFs the simulator made, and with none (both measured
+    by ``measure_psf`` inside ``subtract``): the difference is what measuring costs."""
+    cpu = get_backend("cpu")
+    pair = pair_2k if psfs == "given" else tuple(e.replace(psf=None) for e in pair_2k)
+    subtract(*pair, SubtractConfig(), cpu)
+    benchmark.pedantic(subtract, args=(*pair, SubtractConfig(), cpu), rounds=5,
+                       warmup_rounds=2)

@@ -57,6 +57,12 @@ def source_snr_maps(target, target_var, psf_image, backend=None):
     o = (size - psf.shape[0]) // 2
     comp[o:o + psf.shape[0], o:o + psf.shape[1]] += np.flip(psf) / psf.sum()
     flux_map = fft_convolve(target, backend.to_device(comp.astype(np.float32)), backend)
+    # where the box reaches past the image it summed fewer sky pixels than it divided by:
+    # take the mean over the pixels inside (else stars near an edge, on a sky left in the
+    # image, look brighter than they are)
+    ny, nx = target.shape[-2:]
+    inside = (_box_count(backend, ny, size)[:, None] * _box_count(backend, nx, size)[None, :])
+    flux_map = flux_map + backend.uniform_filter(target, size) * (1.0 - size * size / inside)
     # the filter's noise from the variance around each pixel, not at it: with the local
     # variance alone a bright star's S/N is flat over its core (signal and photon noise
     # both follow the profile) and its "peak" lands anywhere within a few pixels
@@ -64,6 +70,14 @@ def source_snr_maps(target, target_var, psf_image, backend=None):
                                          backend), min=0.0))
     snr = flux_map / xp.where(noise > 0, noise, xp.inf)
     return flux_map, snr, local_peaks(backend, snr, PEAK_FLOOR)
+
+
+def _box_count(backend, n: int, size: int):
+    """How many of a centred ``size`` window's pixels lie inside ``0..n-1``, per pixel."""
+    xp = backend.xp
+    i = backend.arange(n)
+    h = size // 2
+    return xp.astype(xp.clip(i + h, max=n - 1) - xp.clip(i - h, min=0) + 1, xp.float32)
 
 
 PEAK_FLOOR = 5.0  # S/N maxima below this are nobody's kernel source nor a bright neighbour

@@ -674,7 +674,7 @@ def noise_model(problem: MatchingProblem, solution: KernelSolution, kernel: np.n
                    else (after, through_k))
         paths = tuple((plane, kernel_core(f))
                       for plane, f in zip(variances, filters))
-        registration = ((_less_sky(problem.target, good, backend), paths[0][1])
+        registration = ((_less_mean(problem.target, good, backend), paths[0][1])
                         if problem.science_is_convolved else (bright, paths[1][1]))
     return NoiseModel(paths, power, np.asarray(positions), solution.basis.size,
                       registration=registration)
@@ -685,6 +685,15 @@ def _less_sky(image, good, backend):
     xp = backend.xp
     sky = median_where(backend, image, good)
     return xp.astype(xp.where(good, image - (sky or 0.0), 0.0), xp.float32)
+
+
+def _less_mean(image, good, backend):
+    """float32 ``image`` less its mean where ``good``, 0 elsewhere (no device read: for
+    a gradient, where only the masked pixels' level counts)."""
+    xp = backend.xp
+    mean = xp.sum(xp.where(good, image, 0.0)) / xp.clip(xp.sum(xp.astype(good, image.dtype)),
+                                                       min=1.0)
+    return xp.astype(xp.where(good, image - mean, 0.0), xp.float32)
 
 
 def difference_pull(diff, var, good, quiet, backend, min_fraction: float = 0.05) -> float:

@@ -182,8 +182,9 @@ def test_a_run_config_reaches_subtract_unchanged(tmp_path, monkeypatch):
 # device reads (to_host and scalar reads, each a sync on CuPy) of one 512^2 subtraction
 # with detection and measurement, as counted on the strict backend: a budget, not a goal
 # (cosmic-ray finding costs 3 per input with no CR pixel: are there any, the sky, any found;
-# input validation 1 per input, the shared-noise check 1, the quality gates' figures 3)
-READ_BUDGET = {"convolveTemplate": 53, "convolveScience": 79, "preconvolve": 53}
+# input validation 1 per input, the shared-noise check 1, the quality gates' figures 3, the
+# template's misregistration 1 where the difference is not a score)
+READ_BUDGET = {"convolveTemplate": 54, "convolveScience": 80, "preconvolve": 53}
 
 
 @pytest.mark.parametrize("mode", sorted(READ_BUDGET))
