@@ -41,7 +41,9 @@ class DetectionConfig:
                                                       "detection")
     minPixels: int = option(1, "smallest footprint kept (pixels)")
     doResidualVariance: bool = option(True, "add the kernel's own error near bright sources "
-                                            "to the noise")
+                                            "and the template's misregistration to the noise")
+    minRegistrationSigma: float = option(0.01, "misregistration (pixels rms per axis) below "
+                                               "which none is added")
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,10 +82,11 @@ def significance_image(difference: Exposure, is_score: bool, backend=None,
     ``scale * residual_power``, the scale measured around the kernel sources
     (:func:`~gpudiffim.noise.residual_scale`).
     """
-    return _significance(difference, is_score, get_backend(backend), noise)[0]
+    return _significance(difference, is_score, get_backend(backend), noise,
+                         DetectionConfig().minRegistrationSigma)[0]
 
 
-def _significance(difference, is_score, backend, noise):
+def _significance(difference, is_score, backend, noise, min_shift: float):
     """:func:`significance_image` and the residual scale it used (0: none)."""
     xp = backend.xp
     image, var = backend.asarray(difference.image), backend.asarray(difference.variance)
@@ -102,7 +105,7 @@ def _significance(difference, is_score, backend, noise):
         shift2 = registration_scale(backend, raw, backend.asarray(difference.variance),
                                     ~unusable, template, filt, noise.calibrate_at,
                                     psf.shape[0])
-        if shift2 > 0:
+        if shift2 > min_shift**2:
             var = var + registration_variance(backend, template,
                                               fftconvolve(np.flip(psf), filt), shift2)
     if noise is not None and noise.residual_power is not None and noise.calibrate_at is not None:
@@ -161,7 +164,8 @@ def detect(difference: Exposure, is_score: bool = False,
     backend = get_backend(backend)
     xp = backend.xp
     snr, scale, shift2 = _significance(difference, is_score, backend,
-                               noise if config.doResidualVariance else None)
+                                       noise if config.doResidualVariance else None,
+                                       config.minRegistrationSigma)
     mask = backend.asarray(difference.mask)
     bad = (mask & mask_bits(*config.badMaskPlanes, planes=difference.mask_planes)) != 0
     t = config.thresholdValue
