@@ -13,7 +13,7 @@ import numpy as np
 
 from .arrayops import window_or
 from .backend import get_backend, next_fast_len
-from .exposure import INTERPOLATED_PLANES, MASK_PLANES, mask_bits
+from .exposure import INTERPOLATED_PLANES, MASK_PLANES, UNBOUNDED_PLANES, mask_bits
 
 __all__ = ["padded_shape", "fft_convolve", "fft_convolve_weighted_sum", "edge_mask",
            "grow_mask", "grow_convolved_mask", "convolve_exposure", "kernel_reach", "kernel_core"]
@@ -101,19 +101,35 @@ def grow_mask(mask, kernel_shape, backend=None, planes=MASK_PLANES):
 
 
 def grow_convolved_mask(mask, kernel, backend=None, planes=MASK_PLANES,
-                        bulk: float = 0.9):
-    """The mask of an image convolved with ``kernel``: every plane grows by the kernel's box
-    (:func:`grow_mask`), except the interpolated ones (CR, INTRP: their pixels hold an
-    estimate), which grow only by the box holding ``bulk`` of the kernel's weight, as far
-    as their error matters."""
+                        bulk: float = 0.9, core: float = 0.99):
+    """The mask of an image convolved with ``kernel``. Planes whose pixels hold no bounded
+    value (:data:`~gpudiffim.exposure.UNBOUNDED_PLANES`) grow by the kernel's box
+    (:func:`grow_mask`); interpolated ones (CR, INTRP: their pixels hold an estimate) by the
+    box holding ``bulk`` of the kernel's absolute weight, every other plane by the box
+    holding ``core`` of it; what lies past those within the kernel's box is TOUCHED."""
     backend = get_backend(backend)
-    interp = mask_bits(*[p for p in INTERPOLATED_PLANES if p in planes], planes=planes)
+    xp = backend.xp
     kernel = np.asarray(kernel)
-    full = grow_mask(mask & ~interp, kernel.shape, backend, planes)
-    r = kernel_reach(kernel, bulk)
-    box = (min(2 * r + 1, kernel.shape[0]), min(2 * r + 1, kernel.shape[1]))
-    start = (-(box[0] // 2), -(box[1] // 2))
-    return full | window_or(backend, mask & interp, box, start, interp)
+
+    def bits(names):
+        return mask_bits(*[p for p in names if p in planes], planes=planes)
+
+    unbounded, interp = bits(UNBOUNDED_PLANES), bits(INTERPOLATED_PLANES)
+    touched = bits(("TOUCHED",))
+    top = bits(tuple(planes))
+    out = grow_mask(mask & unbounded, kernel.shape, backend, planes)
+    rest = mask & ~(unbounded | touched)
+    if not backend.scalar(xp.any(rest != 0)):
+        return out | (mask & touched)
+    for part, fraction in ((rest & interp, bulk), (rest & ~interp, core)):
+        r = kernel_reach(kernel, fraction)
+        box = (min(2 * r + 1, kernel.shape[0]), min(2 * r + 1, kernel.shape[1]))
+        out = out | window_or(backend, part, box, (-(box[0] // 2), -(box[1] // 2)), top)
+    if touched:  # a box sum of the flags (any box size at one cost), not a bitwise OR
+        size = max(kernel.shape)
+        near = backend.uniform_filter(xp.astype(rest != 0, xp.float32), size) > 0.5 / size**2
+        out = xp.where(near | ((mask & touched) != 0), out | touched, out)
+    return out
 
 
 def convolve_exposure(image, mask, variance, kernel, backend=None, planes=MASK_PLANES):

@@ -22,6 +22,7 @@ import numpy as np
 
 from .arrayops import window_or
 from .exposure import Exposure
+from .interpolate import interpolate_masked
 from .options import configclass, option
 from .stats import median_where
 
@@ -138,12 +139,7 @@ def repair_cosmic_rays(exposure: Exposure, psf: np.ndarray, config: CosmicRayCon
     cr = find_cosmic_rays(exposure, psf, config, backend, 0.0 if sky is None else sky, good)
     if cr is None:
         return exposure
-    clean = xp.astype(~cr & good, xp.float32)
-    box = config.repairBox
-    total = backend.uniform_filter(xp.where(cr, 0.0, exposure.image) * clean, box)
-    weight = backend.uniform_filter(clean, box)
-    fill = xp.where(weight > 0, total / xp.where(weight > 0, weight, 1.0), sky or 0.0)
-    image = xp.astype(xp.where(cr, fill, exposure.image), xp.float32)
+    image = interpolate_masked(backend, exposure.image, cr, good, config.repairBox, sky or 0.0)
     mask = xp.where(cr, exposure.mask | exposure.bit("CR", "INTRP"), exposure.mask)
     log.info("cosmic rays found, masked and interpolated")
     return exposure.replace(image=image, mask=mask)

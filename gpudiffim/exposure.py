@@ -8,10 +8,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-#: LSST mask plane names and bit numbers (afw's defaults; INJECTED and SAT_TEMPLATE added).
+#: LSST mask plane names and bit numbers (afw's defaults; INJECTED, SAT_TEMPLATE and TOUCHED
+#: added: TOUCHED, a masked input pixel within a convolution's reach but past the bulk of
+#: its weight).
 MASK_PLANES: Mapping[str, int] = MappingProxyType({
     "BAD": 0, "SAT": 1, "INTRP": 2, "CR": 3, "EDGE": 4, "DETECTED": 5,
     "DETECTED_NEGATIVE": 6, "SUSPECT": 7, "NO_DATA": 8, "INJECTED": 9, "SAT_TEMPLATE": 10,
+    "TOUCHED": 11,
 })
 
 
@@ -27,11 +30,20 @@ KERNEL_FIT_EXCLUDED = DETECTION_EXCLUDED + ("INJECTED",)
 #: pixels that hold an estimate (interpolated): a convolution spreads their error only as far
 #: as the bulk of its kernel
 INTERPOLATED_PLANES = ("CR", "INTRP")
+#: pixels whose true value is unknown and unbounded (no data, a saturated core) or whose
+#: convolution left the image: a convolution spreads them as far as its kernel reaches. Any
+#: other masked pixel spreads only as far as 99% of the kernel's weight (its value replaced
+#: first when it is BAD), and TOUCHED the rest of the kernel's box
+UNBOUNDED_PLANES = ("NO_DATA", "SAT", "SAT_TEMPLATE", "EDGE")
+#: pixels whose values are wrong in a sound neighbourhood (a hot column): given their
+#: neighbours' mean before any convolution spreads them
+REPLACED_PLANES = ("BAD",)
 #: template planes carried into a difference (its SAT becomes SAT_TEMPLATE)
 TEMPLATE_PLANES = ("BAD", "NO_DATA", "EDGE", "CR", "INTRP", "SUSPECT", "INJECTED")
 
 __all__ = ["MASK_PLANES", "UNUSABLE_PLANES", "MEASUREMENT_EXCLUDED", "DETECTION_EXCLUDED",
-           "KERNEL_FIT_EXCLUDED", "INTERPOLATED_PLANES", "TEMPLATE_PLANES", "mask_bits",
+           "KERNEL_FIT_EXCLUDED", "INTERPOLATED_PLANES", "UNBOUNDED_PLANES", "REPLACED_PLANES",
+           "TEMPLATE_PLANES", "mask_bits",
            "ExposureInfo", "Exposure"]
 
 

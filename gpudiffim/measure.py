@@ -34,7 +34,8 @@ __all__ = ["PIXEL_FLAGS", "MeasureConfig", "SourceStamps", "measure", "dia_sourc
 #: (column suffix, mask plane) for the pixel flags
 PIXEL_FLAGS = (("edge", "EDGE"), ("bad", "BAD"), ("saturated", "SAT"),
                ("saturatedTemplate", "SAT_TEMPLATE"), ("cr", "CR"), ("interpolated", "INTRP"),
-               ("suspect", "SUSPECT"), ("nodata", "NO_DATA"), ("injected", "INJECTED"))
+               ("suspect", "SUSPECT"), ("nodata", "NO_DATA"), ("injected", "INJECTED"),
+               ("touched", "TOUCHED"))
 
 DIPOLE_STAMP = 41  # side of the two-lobe fit's stamp
 FORCED_STAMP = 31  # side of the forced science photometry's stamp
