@@ -89,13 +89,16 @@ def edge_mask(shape, kernel_shape, backend=None):
     return xp.broadcast_to(out, tuple(shape))
 
 
-def grow_mask(mask, kernel_shape, backend=None, planes=MASK_PLANES):
-    """Carry every bit within each pixel's kernel footprint; flag EDGE where it leaves."""
+def grow_mask(mask, kernel_shape, backend=None, planes=MASK_PLANES, any_set: bool | None = None):
+    """Carry every bit within each pixel's kernel footprint; flag EDGE where it leaves.
+    ``any_set``: whether any bit is set, when known (else read from the mask: a sync)."""
     backend = get_backend(backend)
     xp = backend.xp
     kh, kw = kernel_shape[-2:]
     start = (-(kh - 1 - (kh - 1) // 2), -(kw - 1 - (kw - 1) // 2))
-    grown = window_or(backend, mask, (kh, kw), start) if backend.scalar(xp.any(mask != 0)) else mask
+    if any_set is None:
+        any_set = backend.scalar(xp.any(mask != 0))
+    grown = window_or(backend, mask, (kh, kw), start) if any_set else mask
     edge = mask_bits("EDGE", planes=planes)
     return xp.where(edge_mask(mask.shape, (kh, kw), backend), grown | edge, grown)
 
@@ -117,9 +120,10 @@ def grow_convolved_mask(mask, kernel, backend=None, planes=MASK_PLANES,
     unbounded, interp = bits(UNBOUNDED_PLANES), bits(INTERPOLATED_PLANES)
     touched = bits(("TOUCHED",))
     top = bits(tuple(planes))
-    out = grow_mask(mask & unbounded, kernel.shape, backend, planes)
     rest = mask & ~(unbounded | touched)
-    if not backend.scalar(xp.any(rest != 0)):
+    some = backend.to_host(xp.stack([xp.any((mask & unbounded) != 0), xp.any(rest != 0)]))
+    out = grow_mask(mask & unbounded, kernel.shape, backend, planes, bool(some[0]))
+    if not some[1]:
         return out | (mask & touched)
     for part, fraction in ((rest & interp, bulk), (rest & ~interp, core)):
         r = kernel_reach(kernel, fraction)

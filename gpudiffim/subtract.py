@@ -47,13 +47,11 @@ from .errors import GpuDiffimError, InputError
 from .exposure import (
     DETECTION_EXCLUDED,
     KERNEL_FIT_EXCLUDED,
-    REPLACED_PLANES,
     TEMPLATE_PLANES,
     UNUSABLE_PLANES,
     Exposure,
     mask_bits,
 )
-from .interpolate import interpolate_masked
 from .kernel_fit import (
     KernelFitConfig,
     KernelFitError,
@@ -83,7 +81,7 @@ __all__ = ["MODES", "SubtractConfig", "SubtractionResult", "MatchingProblem", "s
            "fit_matching_kernel", "matched_difference", "difference_mask", "difference_psf",
            "empty_sky_background", "decorrelation", "decorrelate", "input_variances",
            "difference_variance", "noise_model", "noise_correlation", "with_psf",
-           "difference_pull", "variance_scale", "with_bad_values_replaced"]
+           "difference_pull", "variance_scale"]
 
 log = logging.getLogger(__name__)
 
@@ -377,29 +375,6 @@ def choose_flavor(science: Exposure, template: Exposure, mode: str) -> str:
     return flavor
 
 
-def with_bad_values_replaced(exposures, backend, box: int = 5):
-    """The exposures with their :data:`~gpudiffim.exposure.REPLACED_PLANES` pixels (a hot
-    column's counts) given the mean of the usable pixels in a ``box`` around them
-    (:func:`~gpudiffim.interpolate.interpolate_masked`; the usable pixels' mean where
-    none is near), so a convolution spreads no wrong value; one device read for all."""
-    xp = backend.xp
-
-    def bits(e, names):
-        return e.bit(*[p for p in names if p in e.mask_planes])
-
-    bad = [(e.mask & bits(e, REPLACED_PLANES)) != 0 for e in exposures]
-    present = backend.to_host(xp.stack([xp.any(b) for b in bad]))
-    out = []
-    for e, b, has in zip(exposures, bad, present):
-        if has:
-            usable = (e.mask & bits(e, UNUSABLE_PLANES)) == 0
-            mean = xp.sum(xp.where(usable, e.image, 0.0)) / xp.clip(
-                xp.sum(xp.astype(usable, e.image.dtype)), min=1.0)
-            e = e.replace(image=interpolate_masked(backend, e.image, b, usable, box, mean))
-        out.append(e)
-    return tuple(out)
-
-
 def matching_problem(sci: Exposure, tmpl: Exposure, flavor: str, by_matching: bool = True,
                      bad_planes=KERNEL_FIT_EXCLUDED, backend=None) -> MatchingProblem:
     """The :class:`MatchingProblem` of ``flavor`` (not ``auto``) for exposures on the
@@ -408,7 +383,6 @@ def matching_problem(sci: Exposure, tmpl: Exposure, flavor: str, by_matching: bo
     the kernel fit gives no weight."""
     backend = get_backend(backend)
     xp = backend.xp
-    sci, tmpl = with_bad_values_replaced((sci, tmpl), backend)
     psf_s, psf_t = psf_centre(sci), psf_centre(tmpl)
     fwhm = {"science": ImagePsf(psf_s).fwhm(), "template": ImagePsf(psf_t).fwhm()}
     wide_s, wide_t = _mean(fwhm["science"]), _mean(fwhm["template"])

@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 
 from .errors import InputError
-from .exposure import UNUSABLE_PLANES, Exposure
+from .exposure import REPLACED_PLANES, UNUSABLE_PLANES, Exposure
+from .interpolate import interpolate_masked
 from .psf import psf_image_problem
 from .stats import median_where
 
@@ -23,8 +24,9 @@ log = logging.getLogger(__name__)
 
 
 def usable_exposure(exposure: Exposure, role: str, backend) -> Exposure:
-    """``exposure`` (on the backend) with its unusable pixels masked, or an InputError naming
-    its file (``role``: "science" or "template", for messages) and the cause."""
+    """``exposure`` (on the backend) with its unusable pixels masked and its BAD pixels'
+    values replaced by their neighbours' mean, or an InputError naming its file (``role``:
+    "science" or "template", for messages) and the cause."""
     xp = backend.xp
     where = exposure.info.describe()
     image, var, mask = exposure.image, exposure.variance, exposure.mask
@@ -32,12 +34,15 @@ def usable_exposure(exposure: Exposure, role: str, backend) -> Exposure:
     bad_var = ~(xp.isfinite(var) & (var > 0))
     unusable = ((mask & exposure.bit(*[p for p in UNUSABLE_PLANES if p in exposure.mask_planes]))
                 != 0)
+    replaced = (mask & exposure.bit(*[p for p in REPLACED_PLANES if p in exposure.mask_planes])
+                ) != 0
     counts = backend.to_host(xp.stack([
         xp.sum(xp.astype(bad_image & ~unusable, xp.int64)),
         xp.sum(xp.astype(bad_var & ~unusable & ~bad_image, xp.int64)),
         xp.sum(xp.astype(~(bad_image | bad_var | unusable), xp.int64)),
-        xp.sum(xp.astype(~bad_var, xp.int64))]))
-    n_image, n_var, n_good, n_var_ok = (int(c) for c in counts)
+        xp.sum(xp.astype(~bad_var, xp.int64)),
+        xp.sum(xp.astype(replaced, xp.int64))]))
+    n_image, n_var, n_good, n_var_ok, n_replaced = (int(c) for c in counts)
     if n_var_ok == 0:
         raise InputError(where, f"the {role}'s variance plane is nowhere positive and finite "
                                 "(is it a variance? give the noise with --science-noise or "
@@ -46,7 +51,7 @@ def usable_exposure(exposure: Exposure, role: str, backend) -> Exposure:
         raise InputError(where, f"the {role} has no usable pixel (every one is masked, "
                                 "non-finite or without a positive variance)")
     if not (n_image or n_var):
-        return exposure
+        return _with_values_replaced(exposure, replaced, backend) if n_replaced else exposure
     if n_image:
         log.warning("%s: %d %s pixels are not finite: masked NO_DATA", where, n_image, role)
     if n_var:
@@ -57,8 +62,25 @@ def usable_exposure(exposure: Exposure, role: str, backend) -> Exposure:
     badbit = exposure.bit("BAD") if "BAD" in exposure.mask_planes else 0
     mask = xp.where(bad_image, mask | nodata, mask)
     mask = xp.where(bad_var & ~bad_image, mask | badbit, mask)
-    return exposure.replace(image=xp.where(bad_image, 0.0, image),
-                            variance=xp.where(bad_var, float(typical), var), mask=mask)
+    exposure = exposure.replace(image=xp.where(bad_image, 0.0, image),
+                                variance=xp.where(bad_var, float(typical), var), mask=mask)
+    badbit = exposure.bit(*[p for p in REPLACED_PLANES if p in exposure.mask_planes])
+    return _with_values_replaced(exposure, (mask & badbit) != 0, backend) if badbit else exposure
+
+
+def _with_values_replaced(exposure: Exposure, replaced, backend, box: int = 5) -> Exposure:
+    """The exposure with its ``replaced`` pixels (a hot column's counts) given the mean of
+    the usable pixels in a ``box`` around them (the usable pixels' mean where none is
+    near), so no convolution spreads a wrong value
+    (:func:`~gpudiffim.interpolate.interpolate_masked`)."""
+    xp = backend.xp
+    usable = (exposure.mask & exposure.bit(*[p for p in UNUSABLE_PLANES
+                                             if p in exposure.mask_planes])) == 0
+    image = exposure.image
+    mean = xp.sum(xp.where(usable, image, 0.0)) / xp.clip(
+        xp.sum(xp.astype(usable, image.dtype)), min=1.0)
+    return exposure.replace(image=interpolate_masked(backend, image, replaced, usable, box,
+                                                     mean))
 
 
 def checked_psf_model(exposure: Exposure, role: str) -> None:
