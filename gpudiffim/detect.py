@@ -1,6 +1,7 @@
 """Detection of both signs on a difference (or score) image.
 
-The difference is filtered with its own PSF (a matched filter) and divided by the
+The difference is filtered with its own PSF where each pixel is (a matched filter that
+follows a spatially varying PSF model, :mod:`~gpudiffim.matched_filter`) and divided by the
 filtered noise, so the significance image is in units of the optimal point-source
 S/N; a score image is already matched-filtered and is thresholded as it is. Pixels
 above ``thresholdValue`` and below ``-thresholdValue`` form positive and negative
@@ -23,8 +24,8 @@ import numpy as np
 from scipy.signal import fftconvolve
 
 from .backend import get_backend
-from .convolve import fft_convolve
 from .exposure import DETECTION_EXCLUDED, UNUSABLE_PLANES, Exposure, mask_bits
+from .matched_filter import matched_filter
 from .noise import NoiseModel, registration_scale, registration_variance, residual_scale
 from .options import configclass, option
 
@@ -44,6 +45,10 @@ class DetectionConfig:
                                             "and the template's misregistration to the noise")
     minRegistrationSigma: float = option(0.01, "misregistration (pixels rms per axis) below "
                                                "which none is added")
+    minFilterCorrelation: float = option(0.995, "the PSF at the detector's centre filters "
+                                                "all of it when it correlates this well with "
+                                                "the PSF everywhere; else the filter follows "
+                                                "the PSF model")
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,10 +88,10 @@ def significance_image(difference: Exposure, is_score: bool, backend=None,
     (:func:`~gpudiffim.noise.residual_scale`).
     """
     return _significance(difference, is_score, get_backend(backend), noise,
-                         DetectionConfig().minRegistrationSigma)[0]
+                         DetectionConfig())[0]
 
 
-def _significance(difference, is_score, backend, noise, min_shift: float):
+def _significance(difference, is_score, backend, noise, config):
     """:func:`significance_image` and the residual scale it used (0: none)."""
     xp = backend.xp
     image, var = backend.asarray(difference.image), backend.asarray(difference.variance)
@@ -97,15 +102,15 @@ def _significance(difference, is_score, backend, noise, min_shift: float):
     psf = difference.psf.image_at((nx - 1) / 2, (ny - 1) / 2)
     psf = psf / psf.sum()
     if not is_score:
-        image = fft_convolve(image, backend.to_device(np.flip(psf).astype(np.float32)), backend)
-        var = fft_convolve(var, backend.to_device((psf**2).astype(np.float32)), backend)
+        image, var = matched_filter(backend, image, var, difference.psf,
+                                    config.minFilterCorrelation)
     scale = shift2 = 0.0
     if noise is not None and noise.registration and noise.calibrate_at is not None:
         template, filt = noise.registration
         shift2 = registration_scale(backend, raw, backend.asarray(difference.variance),
                                     ~unusable, template, filt, noise.calibrate_at,
                                     psf.shape[0])
-        if shift2 > min_shift**2:
+        if shift2 > config.minRegistrationSigma**2:
             var = var + registration_variance(backend, template,
                                               fftconvolve(np.flip(psf), filt), shift2)
     if noise is not None and noise.residual_power is not None and noise.calibrate_at is not None:
@@ -165,7 +170,7 @@ def detect(difference: Exposure, is_score: bool = False,
     xp = backend.xp
     snr, scale, shift2 = _significance(difference, is_score, backend,
                                        noise if config.doResidualVariance else None,
-                                       config.minRegistrationSigma)
+                                       config)
     mask = backend.asarray(difference.mask)
     bad = (mask & mask_bits(*config.badMaskPlanes, planes=difference.mask_planes)) != 0
     t = config.thresholdValue
