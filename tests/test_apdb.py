@@ -247,7 +247,10 @@ def _same_objects(got, want, flux_rtol):
     assert got.shape == want.shape
     np.testing.assert_allclose(got[:, :2], want[:, :2], rtol=0, atol=1e-7)  # 0.4 mas
     np.testing.assert_array_equal(got[:, 2:4], want[:, 2:4])
-    np.testing.assert_allclose(got[:, 4], want[:, 4], rtol=flux_rtol)
+    # to flux_rtol of each mean, or of the typical object's where a mean is near 0 (an
+    # object whose sources cancel: 1.2 nJy against 1.18 once, its sources agreeing to 1e-4)
+    np.testing.assert_allclose(got[:, 4], want[:, 4], rtol=flux_rtol,
+                               atol=flux_rtol * np.median(np.abs(want[:, 4])))
 
 
 def test_two_processes_ingesting_one_field_give_the_objects_one_process_gives(
