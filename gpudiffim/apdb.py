@@ -213,6 +213,11 @@ def dia_source_rows(table, difference, mjd: float) -> pd.DataFrame:
             frame[name] = frame[name].astype(float) * scale
     info = difference.info
     frame["diaSourceId"] = dia_source_ids(info.visit, info.detector, len(frame))
+    if "parentDiaSourceId" in frame:  # a row index in the catalogue (-1: not deblended)
+        parent = frame["parentDiaSourceId"].to_numpy()
+        ids = frame["diaSourceId"].to_numpy()
+        frame["parentDiaSourceId"] = pd.array(
+            [ids[p] if p >= 0 else None for p in parent], dtype="Int64")
     frame["visit"], frame["detector"] = info.visit, info.detector
     frame["band"] = info.band or ""
     frame["midpointMjdTai"] = mjd

@@ -24,6 +24,7 @@ import numpy as np
 from scipy.signal import fftconvolve
 
 from .backend import get_backend
+from .deblend import FootprintPixels, local_maxima, split_peaks
 from .exposure import DETECTION_EXCLUDED, UNUSABLE_PLANES, Exposure, mask_bits
 from .matched_filter import matched_filter
 from .noise import NoiseModel, registration_scale, registration_variance, residual_scale
@@ -45,6 +46,13 @@ class DetectionConfig:
                                             "and the template's misregistration to the noise")
     minRegistrationSigma: float = option(0.01, "misregistration (pixels rms per axis) below "
                                                "which none is added")
+    doDeblend: bool = option(True, "split a footprint's peaks of one sign separated by a "
+                                   "dip into sources of their own")
+    deblendContrast: float = option(0.3, "a peak is a source of its own when the significance "
+                                         "dips between it and a brighter one by this "
+                                         "fraction of its own...")
+    deblendMinDip: float = option(2.0, "... and by at least this much")
+    deblendMinSeparation: float = option(3.0, "peaks closer than this (pixels) are one source")
     minFilterCorrelation: float = option(0.995, "the PSF at the detector's centre filters "
                                                 "all of it when it correlates this well with "
                                                 "the PSF everywhere; else the filter follows "
@@ -67,6 +75,7 @@ class Detections:
     snr_image: object  # backend significance image
     residual_scale: float = 0.0  # variance per unit of residual power (0: none added)
     registration_scale: float = 0.0  # misregistration variance per axis (pixels^2)
+    blend: np.ndarray | None = None  # index of the blend's brightest source (-1: none)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -123,22 +132,49 @@ def _significance(difference, is_score, backend, noise, config):
     return xp.where(ok, image / xp.sqrt(xp.where(ok, var, 1.0)), 0.0), scale, shift2
 
 
-def _peaks(backend, labels, snr, n, sign):
-    """Host (x, y, value) of the most significant pixel of each label 1..n for one sign."""
+def _footprint_pixels(backend, labels, snr, eligible) -> FootprintPixels:
+    """Every footprint pixel's position, label, significance and eligibility as a seed, on
+    the host (one device read)."""
     xp = backend.xp
     ys, xs = xp.nonzero(labels > 0)
-    lab = backend.to_host(labels[ys, xs])
-    val = backend.to_host(snr[ys, xs]) * sign
-    ys, xs = backend.to_host(ys), backend.to_host(xs)
-    order = np.lexsort((val, lab))  # by label, then value: the last of each label is its peak
-    last = np.r_[np.nonzero(np.diff(lab[order]))[0], len(order) - 1] if len(order) else []
-    best = order[last] if len(order) else np.array([], int)
+    data = backend.to_host(xp.stack([xp.astype(a, xp.float64) for a in (
+        ys, xs, labels[ys, xs], snr[ys, xs], eligible[ys, xs])]))
+    return FootprintPixels(data[0].astype(np.int64), data[1].astype(np.int64),
+                           data[2].astype(np.int64), data[3], data[4] > 0)
+
+
+def _peaks(pixels: FootprintPixels, n: int, sign: float, threshold: float):
+    """(n, 3) host (x, y, value) of each label's most significant eligible pixel of one
+    sign at or past the threshold (-1 where there is none)."""
+    val = np.where(pixels.eligible & (sign * pixels.values >= threshold),
+                   sign * pixels.values, -np.inf)
     out = np.full((n + 1, 3), -1.0)
-    out[lab[best], 0] = xs[best]
-    out[lab[best], 1] = ys[best]
-    out[lab[best], 2] = val[best] * sign
-    area = np.bincount(lab, minlength=n + 1)
-    return out[1:], area[1:]
+    order = np.lexsort((val, pixels.labels))  # by label, then value: each label's last
+    if len(order):
+        last = np.r_[np.nonzero(np.diff(pixels.labels[order]))[0], len(order) - 1]
+        best = order[last]
+        best = best[np.isfinite(val[best])]
+        out[pixels.labels[best], 0] = pixels.xs[best]
+        out[pixels.labels[best], 1] = pixels.ys[best]
+        out[pixels.labels[best], 2] = val[best] * sign
+    return out[1:]
+
+
+def _deblended(pixels, pos, neg, config, nx):
+    """Per footprint (0-based label), the extra peaks (host (x, y, value) rows, brightest
+    first) that :func:`~gpudiffim.deblend.split_peaks` separates, for footprints of one
+    sign only (a dipole stays whole)."""
+    extra = {}
+    for sign, own, other in ((1.0, pos, neg), (-1.0, neg, pos)):
+        peaks = local_maxima(pixels, sign, config.thresholdValue, nx)
+        single = other[pixels.labels[peaks] - 1, 0] < 0
+        for group in split_peaks(pixels, peaks[single], sign, nx, config.deblendContrast,
+                                 config.deblendMinDip, config.deblendMinSeparation):
+            lab = int(pixels.labels[group[0]]) - 1
+            rest = [(pixels.xs[g], pixels.ys[g], pixels.values[g]) for g in group
+                    if (pixels.xs[g], pixels.ys[g]) != (own[lab, 0], own[lab, 1])]
+            extra[lab] = np.array(rest[:len(group) - 1], float)
+    return extra
 
 
 def detect(difference: Exposure, is_score: bool = False,
@@ -184,16 +220,21 @@ def detect(difference: Exposure, is_score: bool = False,
         empty = np.zeros(0)
         return Detections(*([empty.astype(int)] * 2), empty, empty.astype(int),
                           *([empty.astype(int)] * 4), merged, snr, scale, shift2)
-    pos_lab = xp.where(grown["pos"] & (snr * 1.0 >= t) & ~bad, merged, 0)
-    neg_lab = xp.where(grown["neg"] & (snr * -1.0 >= t) & ~bad, merged, 0)
-    pos, _ = _peaks(backend, pos_lab, snr, n, 1.0)
-    neg, _ = _peaks(backend, neg_lab, snr, n, -1.0)
-    _, area = _peaks(backend, merged, snr, n, 1.0)
+    pixels = _footprint_pixels(backend, merged, snr, ~bad)
+    pos, neg = _peaks(pixels, n, 1.0, t), _peaks(pixels, n, -1.0, t)
+    area = np.bincount(pixels.labels, minlength=n + 1)[1:]
+    extra = _deblended(pixels, pos, neg, config, difference.shape[1]) if config.doDeblend else {}
     use_pos = pos[:, 2] * (pos[:, 0] >= 0) >= -neg[:, 2] * (neg[:, 0] >= 0)
     peak = np.where(use_pos[:, None], pos, neg)
-    keep = (peak[:, 0] >= 0) & (area >= config.minPixels)
-    pos, neg, peak, area = pos[keep], neg[keep], peak[keep], area[keep]
-    return Detections(peak[:, 0].astype(int), peak[:, 1].astype(int), peak[:, 2], area,
-                      pos[:, 0].astype(int), pos[:, 1].astype(int),
-                      neg[:, 0].astype(int), neg[:, 1].astype(int), merged, snr, scale,
-                      shift2)
+    rows, blend = [], []
+    for lab in np.flatnonzero((peak[:, 0] >= 0) & (area >= config.minPixels)):
+        first = len(rows)
+        rows.append((*peak[lab], area[lab], *pos[lab, :2], *neg[lab, :2]))
+        for x, y, v in extra.get(lab, ()):  # the footprint's other sources, one sign
+            p, q = ((x, y), (-1, -1)) if v > 0 else ((-1, -1), (x, y))
+            rows.append((x, y, v, area[lab], *p, *q))
+        blend += [first if lab in extra else -1] * (len(rows) - first)
+    r = np.array(rows, float).reshape(-1, 8)
+    i = r.astype(int)
+    return Detections(i[:, 0], i[:, 1], r[:, 2], i[:, 3], i[:, 4], i[:, 5], i[:, 6], i[:, 7],
+                      merged, snr, scale, shift2, np.array(blend, int))

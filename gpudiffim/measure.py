@@ -128,9 +128,13 @@ def measure(difference: Exposure, detections: Detections, science: Exposure | No
     config = config or MeasureConfig()
     backend = get_backend(backend)
     st = source_stamps(difference, detections, config, backend, is_score)
-    photometry = _photometry(st, is_score, config, noise, difference.shape, backend)
+    blend = (np.full(len(detections), -1) if detections.blend is None
+             else np.asarray(detections.blend))
+    blends = [np.flatnonzero(blend == b) for b in np.unique(blend[blend >= 0])]
+    photometry = _photometry(st, is_score, config, noise, difference.shape, backend, blends)
     moved = _residual_position_variance(st, difference, is_score, noise, backend)
-    columns = {**_identifiers(difference, st.n),
+    parent = np.concatenate([blend, np.full(st.n - st.n_det, -1)])
+    columns = {**_identifiers(difference, st.n), "parentDiaSourceId": parent,
                **_positions(st, photometry["snr"], moved / photometry["psfFlux"] ** 2,
                             difference),
                **photometry, **_detection_values(st, detections, backend),
@@ -280,21 +284,23 @@ def _positions(st: SourceStamps, snr, moved, difference: Exposure) -> dict:
 
 
 def _photometry(st: SourceStamps, is_score: bool, config: MeasureConfig,
-                noise: NoiseModel | None, shape, backend) -> dict:
+                noise: NoiseModel | None, shape, backend, blends=()) -> dict:
     """PSF and aperture fluxes, their errors (correlated noise and the kernel's own error
-    from ``noise``), and S/N."""
+    from ``noise``), and S/N; the sources of each of ``blends`` (arrays of indices) fitted
+    together (:func:`_blend_weights`)."""
     xp = backend.xp
     d, v, psf, good = st.image, st.variance, st.psf, st.good
     # the PSF fit's weights, normalised: its flux is sum(w_psf * D)
     w_psf = xp.where(good, psf / xp.where(v > 0, v, 1.0), 0.0)
-    norm = xp.sum(w_psf * psf, axis=(1, 2))
+    w_psf = w_psf / xp.sum(w_psf * psf, axis=(1, 2))[:, None, None]
+    if blends and not is_score:
+        w_psf = _blend_weights(backend, st, blends, w_psf)
     if is_score:  # the score is in flux units: its value at the source is the PSF flux
         flux = interpolate_stamps(backend, d, st.dx, st.dy)  # sky sources: the pixel itself
         flux_err = xp.sqrt(v[:, st.half, st.half])
     else:
-        flux = xp.sum(w_psf * d, axis=(1, 2)) / norm
-        flux_err = 1.0 / xp.sqrt(norm)
-    w_psf = w_psf / norm[:, None, None]
+        flux = xp.sum(w_psf * d, axis=(1, 2))
+        flux_err = xp.sqrt(xp.sum(w_psf * w_psf * v, axis=(1, 2)))
     inap = ((st.xx * st.xx + st.yy * st.yy) <= config.apertureRadius**2) & good
     ap = xp.sum(xp.where(inap, d, 0.0), axis=(1, 2))
     ap_err = xp.sqrt(xp.sum(xp.where(inap, v, 0.0), axis=(1, 2)))
@@ -323,6 +329,47 @@ def _photometry(st: SourceStamps, is_score: bool, config: MeasureConfig,
         xp.stack([flux, flux_err, ap, ap_err, n_data]))  # one device read
     return {"psfFlux": flux, "psfFluxErr": flux_err, "psfNdata": n_data.astype(np.int64),
             "apFlux": ap, "apFluxErr": ap_err, "snr": flux / flux_err}
+
+
+def _blend_weights(backend, st: SourceStamps, blends, w_psf):
+    """``w_psf`` with each blended source's row replaced by the weights of its flux in a
+    joint linear fit of its blend's PSFs on its stamp (inverse-variance weights): a
+    neighbour's wing no longer counts as the source's flux. One small solve per source."""
+    xp = backend.xp
+    rows, index = [], np.arange(st.n)
+    for members in blends:
+        for i in members:
+            basis = [st.psf[i]] + [_shifted(backend, st.psf[j], int(st.xs[j] - st.xs[i]),
+                                            int(st.ys[j] - st.ys[i]))
+                                   for j in members if j != i]
+            a = xp.stack(basis)
+            w = xp.where(st.good[i], 1.0 / xp.where(st.variance[i] > 0, st.variance[i], 1.0),
+                         0.0)
+            m = xp.sum(a[:, None, ...] * a[None, ...] * w, axis=(2, 3))
+            e0 = backend.to_device(np.eye(len(basis))[0], np.float32)
+            c = backend.solve(xp.astype(m, xp.float64), xp.astype(e0, xp.float64))
+            rows.append(xp.astype(xp.sum(xp.reshape(xp.astype(c, a.dtype), (-1, 1, 1)) * a,
+                                         axis=0) * w, w_psf.dtype))
+            index[i] = st.n + len(rows) - 1
+    if not rows:
+        return w_psf
+    return xp.take(xp.concat([w_psf, xp.stack(rows)], axis=0), backend.to_device(index),
+                   axis=0)
+
+
+def _shifted(backend, stamp, dx: int, dy: int):
+    """A (S, S) stamp moved by whole pixels (``out[y + dy, x + dx] = stamp[y, x]``), zero
+    where nothing moves in."""
+    xp = backend.xp
+    S = stamp.shape[-1]
+    if abs(dx) >= S or abs(dy) >= S:
+        return backend.zeros((S, S), dtype=stamp.dtype)
+    part = stamp[max(0, -dy):S - max(0, dy), max(0, -dx):S - max(0, dx)]
+    h = part.shape[0]
+    part = xp.concat([backend.zeros((h, max(0, dx)), dtype=stamp.dtype), part,
+                      backend.zeros((h, max(0, -dx)), dtype=stamp.dtype)], axis=1)
+    return xp.concat([backend.zeros((max(0, dy), S), dtype=stamp.dtype), part,
+                      backend.zeros((max(0, -dy), S), dtype=stamp.dtype)], axis=0)
 
 
 def _detection_values(st: SourceStamps, det: Detections, backend) -> dict:
