@@ -336,20 +336,26 @@ def _blend_weights(backend, st: SourceStamps, blends, w_psf):
     joint linear fit of its blend's PSFs on its stamp (inverse-variance weights): a
     neighbour's wing no longer counts as the source's flux. One small solve per source."""
     xp = backend.xp
+    S = st.image.shape[-1]
     rows, index = [], np.arange(st.n)
     for members in blends:
         for i in members:
-            basis = [st.psf[i]] + [_shifted(backend, st.psf[j], int(st.xs[j] - st.xs[i]),
-                                            int(st.ys[j] - st.ys[i]))
-                                   for j in members if j != i]
+            near = [j for j in members if j != i and max(abs(st.xs[j] - st.xs[i]),
+                                                         abs(st.ys[j] - st.ys[i])) < S // 2]
+            if not near:  # no neighbour reaches this stamp's centre half
+                continue
+            basis = [st.psf[i, ...]] + [_shifted(backend, st.psf[j, ...],
+                                                 int(st.xs[j] - st.xs[i]),
+                                                 int(st.ys[j] - st.ys[i])) for j in near]
             a = xp.stack(basis)
-            w = xp.where(st.good[i], 1.0 / xp.where(st.variance[i] > 0, st.variance[i], 1.0),
-                         0.0)
+            v = st.variance[i, ...]
+            w = xp.where(st.good[i, ...], 1.0 / xp.where(v > 0, v, 1.0), 0.0)
             m = xp.sum(a[:, None, ...] * a[None, ...] * w, axis=(2, 3))
-            e0 = backend.to_device(np.eye(len(basis))[0], np.float32)
-            c = backend.solve(xp.astype(m, xp.float64), xp.astype(e0, xp.float64))
-            rows.append(xp.astype(xp.sum(xp.reshape(xp.astype(c, a.dtype), (-1, 1, 1)) * a,
-                                         axis=0) * w, w_psf.dtype))
+            e0 = backend.to_device(np.eye(len(basis))[0], np.float64)
+            c = backend.solve(xp.astype(m, xp.float64), e0)  # NaN when singular
+            joint = xp.astype(xp.sum(xp.reshape(xp.astype(c, a.dtype), (-1, 1, 1)) * a,
+                                     axis=0) * w, w_psf.dtype)
+            rows.append(xp.where(xp.all(xp.isfinite(joint)), joint, w_psf[i, ...]))
             index[i] = st.n + len(rows) - 1
     if not rows:
         return w_psf
