@@ -159,9 +159,27 @@ class Backend:
         return self.xp.matrix_transpose(a)
 
     def solve(self, a, b):
-        """Solve ``a @ x = b`` for stacks: ``a`` (..., n, n), ``b`` (..., n)."""
+        """Solve ``a @ x = b`` for stacks: ``a`` (..., n, n), ``b`` (..., n). A singular
+        matrix's solution is NaN on every backend (NumPy raises, CuPy returns NaN or
+        infinities unchecked): callers check that what they use is finite."""
         xp = self.xp
-        return xp.linalg.solve(a, b[..., None])[..., 0]
+        try:
+            return xp.linalg.solve(a, b[..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            return self._solve_each(a, b)
+
+    def _solve_each(self, a, b):
+        """:meth:`solve` one matrix at a time, NaN for the singular ones."""
+        xp = self.xp
+        n = a.shape[-1]
+        flat_a, flat_b = xp.reshape(a, (-1, n, n)), xp.reshape(b, (-1, n))
+        out = []
+        for i in range(flat_a.shape[0]):
+            try:
+                out.append(xp.linalg.solve(flat_a[i, ...], flat_b[i, ...][:, None])[:, 0])
+            except np.linalg.LinAlgError:
+                out.append(self.full((n,), float("nan"), dtype=flat_b.dtype))
+        return xp.reshape(xp.stack(out), b.shape)
 
     def describe(self) -> dict:
         return {
@@ -299,7 +317,10 @@ class CpuBackend(Backend):
         return _ndi.uniform_filter(a, size=size, mode="constant", cval=0.0)
 
     def solve(self, a, b):
-        return np.linalg.solve(a, b[..., None])[..., 0]
+        try:
+            return np.linalg.solve(a, b[..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            return self._solve_each(a, b)
 
 
 class GpuBackend(Backend):
@@ -435,7 +456,10 @@ class StrictBackend(Backend):
 
 
 def gpu_unavailable_reason() -> str | None:
-    """None when CuPy sees a CUDA device, else a one-line reason."""
+    """None when CuPy sees a CUDA device that runs the engine's kinds of work, else a
+    one-line reason. A device count alone is not enough: a CuPy wheel without the CUDA
+    libraries counts the device, then fails at the first FFT (cuFFT), solve (cuSOLVER) or
+    compiled elementwise kernel (NVRTC), so a tiny one of each is run (:func:`_probe`)."""
     try:
         import cupy
     except ImportError:
@@ -446,7 +470,32 @@ def gpu_unavailable_reason() -> str | None:
         n = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:
         return f"CuPy sees no CUDA device ({exc.__class__.__name__}: {exc})"
-    return None if n > 0 else "CuPy sees no CUDA device"
+    if n <= 0:
+        return "CuPy sees no CUDA device"
+    return _probe(cupy)
+
+
+def _probe(cupy) -> str | None:
+    """Run an FFT, a solve and an elementwise kernel on the device and check their values;
+    None when all three work, else the step that failed and why."""
+    steps = {
+        "an FFT (cuFFT)": lambda: float(cupy.fft.irfft2(cupy.fft.rfft2(
+            cupy.ones((8, 8), dtype=cupy.float32)), s=(8, 8)).sum()) == 64.0,
+        "a solve (cuSOLVER)": lambda: abs(float(cupy.linalg.solve(
+            2.0 * cupy.eye(3), cupy.ones(3)).sum()) - 1.5) < 1e-9,
+        "an elementwise kernel (NVRTC)": lambda: float(
+            (cupy.arange(4, dtype=cupy.float32) * 2.0 + 1.0).sum()) == 16.0,
+    }
+    for what, run in steps.items():
+        try:
+            ok = run()
+        except Exception as exc:
+            return (f"CuPy sees a CUDA device but cannot run {what}: "
+                    f"{exc.__class__.__name__}: {exc} (pip install 'gpudiffim[gpu]' brings "
+                    "the CUDA libraries)")
+        if not ok:
+            return f"CuPy sees a CUDA device but {what} gives wrong values"
+    return None
 
 
 @lru_cache(maxsize=None)

@@ -720,9 +720,12 @@ def fit_kernel(source, target, source_var, target_var, bad, basis: KernelBasis,
         else:
             rhs_noise = (None if stamps.rhs_noise is None
                          else (phi_ok @ xp.reshape(stamps.rhs_noise, (-1, 1)))[:, 0])
-            theta, gram = errors_in_variables_solve(
-                backend, gram, _over_stamps(backend, phi, phi_ok, stamps.noise), rhs,
-                rhs_noise, config.maxNoiseShare)
+            try:  # its Cholesky factor raises on NumPy where CuPy gives NaN
+                theta, gram = errors_in_variables_solve(
+                    backend, gram, _over_stamps(backend, phi, phi_ok, stamps.noise), rhs,
+                    rhs_noise, config.maxNoiseShare)
+            except np.linalg.LinAlgError:
+                theta = backend.full((gram.shape[0],), float("nan"), dtype=rhs.dtype)
         per_stamp = xp.matmul(phi, theta[:, None])[..., 0]
         mean, std, unexplained, explained = _residual_stats(backend, stamps, per_stamp, True)
         bad_fit = ok & ~_residual_ok(mean, std, ok, config)
@@ -731,7 +734,11 @@ def fit_kernel(source, target, source_var, target_var, bad, basis: KernelBasis,
         # drop the worst offenders only, so a globally poor model does not empty the set
         worst = np.argsort(-np.where(bad_fit, std, -np.inf))[:max(1, int(bad_fit.sum() // 2))]
         ok[worst[bad_fit[worst]]] = False
-    kc, bg = _unpack(backend.to_host(theta), orders, nb)
+    theta = backend.to_host(theta)
+    if not np.all(np.isfinite(theta)):  # a singular system: NaN here, on every backend
+        raise KernelFitError(f"the kernel fit's normal equations are singular "
+                             f"({int(ok.sum())} kernel sources): non-finite coefficients")
+    kc, bg = _unpack(theta, orders, nb)
     stats.update({"n_used": int(ok.sum()), "kernel_order": kernel_order,
                   "residual_mean": float(np.median(mean[ok])),
                   "residual_std": float(np.median(std[ok])),

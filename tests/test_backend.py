@@ -163,3 +163,58 @@ def test_cpu_backend_keeps_exposure_sized_blocks_in_the_heap():
     grown = _mapped_bytes() - before
     del a
     assert grown < (1 << 20), grown
+
+
+def test_a_singular_matrix_solves_to_nan_on_every_backend(backend, rng):
+    """NumPy raises on a singular matrix where CuPy returns NaN unchecked: every backend
+    gives NaN for that matrix alone, the others solved as usual."""
+    a = rng.normal(size=(4, 3, 3))
+    a[2] = [[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [0.0, 1.0, 1.0]]  # rank 2
+    b = rng.normal(size=(4, 3))
+    x = backend.to_host(backend.solve(backend.to_device(a), backend.to_device(b)))
+    assert np.all(np.isnan(x[2]))
+    for i in (0, 1, 3):
+        np.testing.assert_allclose(a[i] @ x[i], b[i], rtol=1e-9, atol=1e-9)
+
+
+def _fake_cupy(broken: str | None):
+    """A stand-in for CuPy on NumPy that counts one device; ``broken``: the library
+    ('fft', 'linalg' or 'kernel') that fails as a CuPy wheel without the CUDA libraries
+    does."""
+    import types
+
+    fake = types.SimpleNamespace()
+    fake.float32 = np.float32
+    fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
+
+    def fail(*args, **kwargs):
+        raise ImportError("libcufft.so.11: cannot open shared object file")
+
+    fake.fft = types.SimpleNamespace(rfft2=fail if broken == "fft" else np.fft.rfft2,
+                                     irfft2=np.fft.irfft2)
+    fake.linalg = types.SimpleNamespace(solve=fail if broken == "linalg" else np.linalg.solve)
+    fake.eye, fake.ones = np.eye, np.ones
+    fake.arange = fail if broken == "kernel" else np.arange
+    return fake
+
+
+@pytest.mark.parametrize("broken, step", [("fft", "cuFFT"), ("linalg", "cuSOLVER"),
+                                          ("kernel", "NVRTC")])
+def test_auto_probes_the_gpu_before_choosing_it(monkeypatch, broken, step):
+    """A device CuPy counts but cannot use (its CUDA libraries missing) is not chosen:
+    `auto` says which step failed and runs on the CPU; a working device passes the probe."""
+    import sys
+
+    from gpudiffim.backend import _make, gpu_unavailable_reason
+
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(broken))
+    _make.cache_clear()
+    try:
+        reason = gpu_unavailable_reason()
+        assert reason is not None and step in reason and "libcufft" in reason
+        backend = get_backend("auto")
+        assert backend.name == "cpu" and step in backend.reason
+        monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(None))
+        assert gpu_unavailable_reason() is None
+    finally:
+        _make.cache_clear()

@@ -143,3 +143,23 @@ def test_errors_in_variables_solve_bounds_directions_the_noise_fills(backend, rn
     same = errors_in_variables_solve(backend, dev[0], dev[1], backend.to_device(normal @ delta),
                                      backend.to_device(e @ delta), max_share=0.8)[0]
     np.testing.assert_allclose(backend.to_host(same), delta, atol=1e-9)
+
+
+def test_non_finite_coefficients_are_an_error(monkeypatch):
+    """A singular system that a backend solves to NaN without a word (CuPy does) is a
+    KernelFitError, so no model built on it passes: every model fails, by name."""
+    import sys
+
+    from gpudiffim.quality import SubtractionQualityError
+
+    fit = sys.modules["gpudiffim.kernel_fit"]
+    solve = fit.errors_in_variables_solve
+
+    def silent_nan(backend, normal, *args, **kwargs):
+        theta, gram = solve(backend, normal, *args, **kwargs)
+        return theta * float("nan"), gram
+
+    monkeypatch.setattr(fit, "errors_in_variables_solve", silent_nan)
+    science, template = kernel_pair(shape=(256, 256), n_stars=120, seed=2)
+    with pytest.raises(SubtractionQualityError, match="non-finite coefficients"):
+        subtract(science, template, SubtractConfig())
