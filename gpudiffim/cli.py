@@ -15,6 +15,7 @@ from . import __version__
 from .apdb import make_apdb
 from .backend import BACKEND_NAMES, get_backend, gpu_unavailable_reason
 from .errors import GpuDiffimError, InputError
+from .fakes import FakeConfig
 from .io import atomic_path, check_output_space, output_bytes, read_exposure, write_exposure
 from .measure import write_dia_sources
 from .pipeline import PipelineConfig, process_pair
@@ -110,7 +111,9 @@ def _read_input(args, which: str):
 def _cmd_run(args) -> int:
     config = RunConfig(backend=args.backend, readers=args.workers, dask=args.dask,
                        force=args.force, apdb=args.apdb, alerts=args.alerts,
-                       pipeline=PipelineConfig(subtract=SubtractConfig(mode=args.flavor)))
+                       pipeline=PipelineConfig(subtract=SubtractConfig(mode=args.flavor)),
+                       fakes=FakeConfig(nScience=args.inject_fakes,
+                                        nTemplate=args.template_fakes, seed=args.fake_seed))
     table = run(args.repo, args.output, config)
     done = int((table["status"] == "done").sum())
     failed = table[table["status"] == "failed"]
@@ -182,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("--alerts", default=None,
                        help="write one Avro alert per diaSource here (Rubin's schema; "
                             "needs --apdb)")
+    run_p.add_argument("--inject-fakes", type=int, default=0, metavar="N",
+                       help="inject N point sources into each science exposure first (true "
+                            "S/N 2-100 in the difference, some on galaxies); truth in "
+                            "<exposure>/fakes.ecsv")
+    run_p.add_argument("--template-fakes", type=int, default=0, metavar="N",
+                       help="inject N into each template too (negative in the difference)")
+    run_p.add_argument("--fake-seed", type=int, default=0,
+                       help="with the visit and detector, fixes the fakes")
     run_p.set_defaults(func=_cmd_run)
     apdb_p = sub.add_parser("make-apdb", help="create a Rubin APDB (lsst-dax-apdb) at an "
                                               "SQLAlchemy URL (sqlite:///path.db, "

@@ -41,6 +41,7 @@ from astropy.table import Table
 from .apdb import ingest_exposure, open_apdb
 from .backend import get_backend
 from .errors import GpuDiffimError, InputError
+from .fakes import FakeConfig, inject_fakes
 from .hostmem import release_freed_memory
 from .io import atomic_path, check_output_space, output_bytes, read_exposure, write_exposure
 from .measure import write_dia_sources
@@ -70,6 +71,9 @@ class RunConfig:
     apdb: str | None = option(None, "an APDB's SQLAlchemy URL: each exposure's diaSources are "
                                     "associated and stored there (gpudiffim make-apdb)")
     alerts: str | None = option(None, "a directory for one Avro alert per diaSource (with apdb)")
+    fakes: FakeConfig = option(factory=FakeConfig, doc="fakes injected into each exposure "
+                                                      "before it is processed (none by "
+                                                      "default), their truth in fakes.ecsv")
 
 
 KEYS = ("band", "visit", "detector")  # one exposure; each a directory level of the outputs
@@ -83,6 +87,7 @@ class ExposureOutputs(NamedTuple):
     science: object  # the science Exposure, for forced photometry in the APDB (else None)
     is_score: bool
     template: object = None  # the template on the science grid, for alert cutouts
+    fakes: object = None  # the truth Table of the fakes injected (None: none)
 
 
 def read_manifest(repo) -> Table:
@@ -204,14 +209,21 @@ def _read_input(path: Path, psf: Path | None = None, noise: Path | None = None,
     return read_exposure(path, psf=psf, noise=noise, mask=mask)
 
 
-def _read_pair(repo, row, templates: TemplateCache | None = None):
+def _read_pair(repo, row, templates: TemplateCache | None = None,
+               fakes: FakeConfig | None = None):
+    """``(science, template, seconds, fakes' truth or None)``, the fakes injected."""
     repo = Path(repo)
     t0 = time.perf_counter()
     science = _read_input(*_inputs(repo, row, "science"))
     template_inputs = _inputs(repo, row, "template")
     template = (templates.get(*template_inputs) if templates is not None
                 else _read_input(*template_inputs))
-    return science, template, time.perf_counter() - t0
+    truth = None
+    if fakes is not None and (fakes.nScience or fakes.nTemplate):
+        science, template, truth = inject_fakes(science, template, fakes,
+                                                _identifier(row["visit"]),
+                                                _identifier(row["detector"]))
+    return science, template, time.perf_counter() - t0, truth
 
 
 def _process(science, template, config: RunConfig, backend):
@@ -249,7 +261,8 @@ def compute_exposure(repo, row, config: RunConfig, pair=None, on_device=None):
     start = time.perf_counter()
     outputs = None
     try:
-        science, template, t_read = pair if pair is not None else _read_pair(repo, row)
+        science, template, t_read, truth = (pair if pair is not None
+                                            else _read_pair(repo, row, None, config.fakes))
         status["t_read"] = t_read
         backend = get_backend(config.backend)
         try:
@@ -269,12 +282,14 @@ def compute_exposure(repo, row, config: RunConfig, pair=None, on_device=None):
         # the science rides along to the writers only when the APDB needs it (forced
         # photometry): otherwise it would be held until written, for nothing
         outputs = ExposureOutputs(result.difference.to_host(backend), sources,
-                                  science if config.apdb else None, result.is_score, warped)
+                                  science if config.apdb else None, result.is_score, warped,
+                                  truth)
         q = result.quality
         status.update({f"t_{k}": v for k, v in timings.items()})
         status.update({"status": "done", "flavor": result.flavor, "backend": backend.name,
                        "template_fraction": fraction,
                        "n_dia_sources": int((~sources["sky_source"]).sum()),
+                       "n_fakes": 0 if truth is None else len(truth),
                        "model": q["model"], "n_rejected_models": len(q["rejected_models"]),
                        "kernel_sum": q["kernel_sum_centre"],
                        "kernel_sum_error": q["kernel_sum_error"],
@@ -314,9 +329,13 @@ def write_outputs(outdir, row, status: dict, outputs: ExposureOutputs | None,
         t = time.perf_counter()
         try:
             write_exposure(outputs.difference, here / "difference.fits")
+            if outputs.fakes is not None:
+                with atomic_path(here / "fakes.ecsv") as tmp:
+                    outputs.fakes.write(tmp, format="ascii.ecsv", overwrite=True)
             write_dia_sources(outputs.sources, here / "diaSources.parquet")
         except Exception as exc:  # outputs as a set: no difference without its catalogue
             (here / "difference.fits").unlink(missing_ok=True)
+            (here / "fakes.ecsv").unlink(missing_ok=True)
             status.update({"status": "failed", "error": f"writing: {type(exc).__name__}: {exc}"})
         status["t_write"] = time.perf_counter() - t
         if apdb and status["status"] == "done":
@@ -502,8 +521,10 @@ def remove_stale_temporaries(outdir: Path) -> int:
 
 def config_key(config: RunConfig) -> str:
     """A short digest of everything that shapes an exposure's outputs (the pipeline's
-    settings; not the backend, whose results are the same)."""
-    return hashlib.sha1(repr(config.pipeline).encode()).hexdigest()[:12]
+    settings and the fakes'; not the backend, whose results are the same)."""
+    fakes = config.fakes
+    text = repr(config.pipeline) + (repr(fakes) if fakes.nScience or fakes.nTemplate else "")
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 def _done_with(status: dict | None, key: str, apdb: str | None = None) -> bool:
@@ -576,7 +597,7 @@ def _run_local(repo, outdir, todo, config: RunConfig, bar):
 def _read_or_error(repo, row, config: RunConfig, templates: TemplateCache):
     """``(host pair, pair on the device)`` read ahead of the compute, or the exception."""
     try:
-        science, template, t_read = _read_pair(repo, row, templates)
+        science, template, t_read, truth = _read_pair(repo, row, templates, config.fakes)
     except Exception as exc:  # handed to the main loop, recorded there
         return exc
     on_device = None
@@ -586,7 +607,7 @@ def _read_or_error(repo, row, config: RunConfig, templates: TemplateCache):
             on_device = (science.upload(backend), template.upload(backend))
     except Exception as exc:  # out of device memory, say: the compute uploads it itself
         log.debug("upload ahead failed (%s); uploading at compute time", exc)
-    return (science, template, t_read), on_device
+    return (science, template, t_read, truth), on_device
 
 
 def _status_row(row, error: str = "") -> dict:

@@ -1,0 +1,96 @@
+"""Fakes injected by the runner: reproducible, spread over the S/N that matters, found as
+their true S/N says."""
+
+import json
+
+import numpy as np
+import pytest
+from astropy.table import Table
+
+from gpudiffim.cli import main
+from gpudiffim.exposure import DETECTION_EXCLUDED
+from gpudiffim.fakes import FakeConfig, inject_fakes
+from gpudiffim.io import read_exposure
+from gpudiffim.metrics import efficiency_curve, match_fakes
+from gpudiffim.runner import RunConfig, exposure_dir, run
+from gpudiffim.simulate import simulate
+
+
+@pytest.fixture(scope="module")
+def clean_repo(tmp_path_factory):
+    """The ci preset without the simulator's own fakes: the runner's are the only ones."""
+    import dataclasses
+
+    from gpudiffim.simulate import PRESETS
+
+    out = tmp_path_factory.mktemp("nofakes")
+    cfg = dataclasses.replace(PRESETS["ci"], fakes_per_science=0, fakes_per_template=0,
+                              transients_per_visit=0)
+    simulate(out, cfg, seed=6, workers=1)
+    return out
+
+
+def test_the_same_seed_gives_the_same_fakes(clean_repo):
+    manifest = Table.read(clean_repo / "manifest.ecsv")
+    row = manifest[0]
+    sci, tmpl = (read_exposure(clean_repo / row[k]) for k in ("science", "template"))
+    cfg = FakeConfig(nScience=40, nTemplate=6, seed=3)
+    a = inject_fakes(sci, tmpl, cfg, row["visit"], row["detector"])
+    b = inject_fakes(sci, tmpl, cfg, row["visit"], row["detector"])
+    c = inject_fakes(sci, tmpl, FakeConfig(nScience=40, nTemplate=6, seed=4), row["visit"],
+                     row["detector"])
+    assert np.array_equal(a[2]["x"], b[2]["x"]) and np.array_equal(a[0].image, b[0].image)
+    assert not np.array_equal(a[2]["x"], c[2]["x"])
+    truth = a[2]
+    assert (truth["image"] == "template").sum() == 6 and (truth["image"] == "science").sum() == 40
+    assert np.all(truth["flux"][truth["image"] == "template"] < 0)
+    snr = truth["target_snr"][truth["image"] == "science"]
+    assert snr.min() >= 2 and snr.max() <= 100 and np.mean((snr > 3) & (snr < 10)) > 0.45
+    x, y = truth["x"], truth["y"]
+    d = np.hypot(x[:, None] - x[None, :], y[:, None] - y[None, :]) + np.eye(len(x)) * 1e9
+    assert d.min() >= 20
+    injected = (a[0].mask & a[0].bit("INJECTED")) != 0
+    assert all(injected[int(round(v)), int(round(u))] for u, v in
+               zip(x[truth["image"] == "science"], y[truth["image"] == "science"]))
+
+
+def test_the_runner_finds_its_fakes_as_their_true_snr_says(clean_repo, tmp_path):
+    """`run --inject-fakes 60 --template-fakes 8`: every exposure's truth beside its
+    outputs, the same again on a rerun elsewhere; science fakes of true S/N > 10 where
+    detection can seed (4 of 41 fell on saturated stars' masks or the kernel's edge band)
+    found at 90% or more (measured 33 of 33), fakes under S/N 3 at 40% or less; template
+    fakes found as negative sources."""
+    out = tmp_path / "out"
+    assert main(["run", str(clean_repo), "-o", str(out), "--inject-fakes", "60",
+                 "--template-fakes", "8", "--fake-seed", "1"]) == 0
+    manifest = Table.read(clean_repo / "manifest.ecsv")
+    found, snr, negative = [], [], []
+    for row in manifest:
+        here = exposure_dir(out, row)
+        truth = Table.read(here / "fakes.ecsv")
+        sources = Table.read(here / "diaSources.parquet")
+        sources = sources[~sources["sky_source"]]
+        status = json.loads((here / "status.json").read_text())
+        assert status["n_fakes"] == 68
+        match = match_fakes(np.column_stack([sources["x"], sources["y"]]),
+                            np.column_stack([truth["x"], truth["y"]]), 2.0)
+        diff = read_exposure(here / "difference.fits")
+        blocked = diff.bit(*DETECTION_EXCLUDED)
+        seedable = np.array([(diff.mask[int(round(y)), int(round(x))] & blocked) == 0
+                             for x, y in zip(truth["x"], truth["y"])])
+        sci = (truth["image"] == "science") & seedable
+        found += list(match[sci] >= 0)
+        snr += list(truth["target_snr"][sci])
+        sci = truth["image"] == "science"
+        tm = match[~sci]
+        negative += list(sources["psfFlux"][tm[tm >= 0]] < 0)
+    curve = efficiency_curve(snr, found, [0, 3, 10, 1000])
+    assert curve["efficiency"][2] >= 0.9 and curve["efficiency"][0] <= 0.4, curve
+    assert len(negative) >= 8 and all(negative)
+    again = run(clean_repo, tmp_path / "again",
+                RunConfig(fakes=FakeConfig(nScience=60, nTemplate=8, seed=1)), progress=False)
+    assert (again["status"] == "done").all()
+    for row in manifest:
+        t1 = Table.read(exposure_dir(out, row) / "fakes.ecsv")
+        t2 = Table.read(exposure_dir(tmp_path / "again", row) / "fakes.ecsv")
+        assert np.array_equal(t1["x"], t2["x"]) and np.array_equal(t1["flux"], t2["flux"])
