@@ -36,7 +36,8 @@ class FakeConfig:
     nTemplate: int = option(0, "point sources injected into each template (negative in the "
                                "difference)")
     snrRange: tuple = option((2.0, 100.0), "true S/N in the difference the fakes span")
-    galaxyFraction: float = option(0.3, "fraction of the science fakes put on galaxies")
+    galaxyFraction: float = option(0.3, "fraction of the science fakes put beside galaxies "
+                                        "(fewer where the field has few)")
     minSeparation: float = option(20.0, "pixels between fakes")
     edgeMargin: int = option(20, "pixels kept clear of the detector's edges")
     seed: int = option(0, "with the visit and detector, fixes every exposure's fakes")
@@ -59,8 +60,9 @@ def _target_snr(rng, n: int, low: float, high: float) -> np.ndarray:
 
 
 def _galaxy_hosts(exposure, n_max: int, rng) -> np.ndarray:
-    """(n, 3) x, y, size (pixels) of extended sources in ``exposure``: bright block maxima
-    whose adaptive-moment size exceeds the PSF's by 30%."""
+    """(n, 3) x, y, size (pixels) of extended sources in ``exposure``: maxima of 8 x 8
+    blocks 5 sigma above the sky whose adaptive-moment size exceeds the PSF's by 30%, one
+    per galaxy."""
     template = exposure
     image = np.asarray(template.image, float)
     var = np.asarray(template.variance, float)
@@ -71,10 +73,10 @@ def _galaxy_hosts(exposure, n_max: int, rng) -> np.ndarray:
     blocks = image[:ny // step * step, :nx // step * step].reshape(ny // step, step, nx // step,
                                                                    step)
     peak = blocks.max(axis=(1, 3))
-    cand = np.argwhere(peak > sky + 20 * sigma)
+    cand = np.argwhere(peak > sky + 5 * sigma)
     if not len(cand):
         return np.zeros((0, 3))
-    cand = cand[rng.permutation(len(cand))[:4 * n_max + 20]]
+    cand = cand[rng.permutation(len(cand))[:max(40 * n_max, 400)]]
     half = 12
     pos, stamps = [], []
     for by, bx in cand:
@@ -91,8 +93,12 @@ def _galaxy_hosts(exposure, n_max: int, rng) -> np.ndarray:
     psf = template.psf.image_at()
     psx, psy, _ = adaptive_moments_batch(psf[None] / psf.sum())
     extended = np.isfinite(size) & (size > 1.3 * np.sqrt(psx[0] * psy[0])) & (size < half)
-    pos = np.array(pos, float)[extended]
-    return np.column_stack([pos, size[extended]])
+    pos, size = np.array(pos, float)[extended], size[extended]
+    keep = []  # one host per galaxy: block maxima on one galaxy are its own peak
+    for k in np.argsort(-size):
+        if all(np.hypot(*(pos[k] - pos[j])) > 8 for j in keep):
+            keep.append(k)
+    return np.column_stack([pos[keep], size[keep]]).reshape(-1, 3)
 
 
 def _place(rng, n: int, shape, margin: int, separation: float, taken=(), hosts=None):
