@@ -238,8 +238,14 @@ def _process(science, template, config: RunConfig, backend):
     return result, sources, timings, fraction, warped
 
 
-def _is_oom(exc) -> bool:
-    return isinstance(exc, MemoryError) or "OutOfMemory" in type(exc).__name__
+def _is_device_error(exc) -> bool:
+    """Whether an exception is the device's, not the exposure's: out of memory, or any
+    error CuPy or CUDA raised (a driver fault, a missing CUDA library, a kernel that failed
+    to compile): the exposure is worth another try on the CPU."""
+    if isinstance(exc, MemoryError) or "OutOfMemory" in type(exc).__name__:
+        return True
+    return any(c.__module__.split(".")[0] in ("cupy", "cupy_backends", "cupyx")
+               for c in type(exc).__mro__)
 
 
 def process_exposure(repo, outdir, row, config: RunConfig, pair=None) -> dict:
@@ -270,15 +276,17 @@ def compute_exposure(repo, row, config: RunConfig, pair=None, on_device=None):
             result, sources, timings, fraction, warped = _process(dev_science, dev_template,
                                                                   config, backend)
         except Exception as exc:
-            if not _is_oom(exc) or backend.name == "cpu":
+            if not _is_device_error(exc) or backend.name == "cpu":
                 raise
-            log.warning("%s/%s/%s: out of device memory, retrying on the CPU",
-                        row["band"], row["visit"], row["detector"])
+            why = f"{type(exc).__name__}: {exc}"
+            log.warning("%s/%s/%s: the %s device failed (%s); retrying on the CPU",
+                        row["band"], row["visit"], row["detector"], backend.name, why)
             backend = get_backend("cpu")
             on_device = dev_science = dev_template = None  # free the device copies first
             result, sources, timings, fraction, warped = _process(science, template, config,
                                                                   backend)
             status["retried_on_cpu"] = True
+            status["device_error"] = why
         # the science rides along to the writers only when the APDB needs it (forced
         # photometry): otherwise it would be held until written, for nothing
         outputs = ExposureOutputs(result.difference.to_host(backend), sources,

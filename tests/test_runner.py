@@ -330,3 +330,32 @@ def test_unwritable_or_full_output_is_refused_before_any_compute(tmp_path, monke
     err = capsys.readouterr().err
     assert "full: output directory has 0.00 GB free; the outputs need about 0.01 GB" in err
     assert computed == [] and not list((tmp_path / "full").rglob("*.fits"))
+
+
+def test_a_device_error_retries_the_exposure_on_the_cpu(tmp_path, monkeypatch):
+    """Any error CuPy raises (here a stand-in CUDARuntimeError from cupy_backends) fails the
+    device, not the exposure: it is computed again on the CPU, the status says so and why;
+    an ordinary error still fails the exposure."""
+    import sys
+
+    runner = sys.modules["gpudiffim.runner"]
+    cuda_error = type("CUDARuntimeError", (RuntimeError,),
+                      {"__module__": "cupy_backends.cuda.api.runtime"})
+    process = runner._process
+
+    def faulty(science, template, config, backend, error=cuda_error):
+        if backend.name != "cpu":
+            raise error("cudaErrorIllegalAddress: an illegal memory access was encountered")
+        return process(science, template, config, backend)
+
+    repo = tmp_path / "repo"
+    simulate(repo, dataclasses.replace(PRESETS["ci"], visits={"g": (11692,)}), seed=6,
+             workers=1)
+    monkeypatch.setattr(runner, "_process", faulty)
+    table = run(repo, tmp_path / "out", backend="strict", progress=False)
+    assert list(table["status"]) == ["done"] and list(table["backend"]) == ["cpu"]
+    assert "cudaErrorIllegalAddress" in table["device_error"][0]
+    monkeypatch.setattr(runner, "_process",
+                        lambda *a: faulty(*a, error=ValueError))
+    table = run(repo, tmp_path / "out2", backend="strict", progress=False)
+    assert list(table["status"]) == ["failed"] and "ValueError" in table["error"][0]
