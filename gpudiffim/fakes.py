@@ -24,6 +24,7 @@ from astropy.table import Table, vstack
 from .inject import inject, optimal_snr, overlap_slices, psf_stamp
 from .options import configclass, option
 from .psf import adaptive_moments_batch
+from .subtract import with_psf
 
 __all__ = ["FakeConfig", "fake_generator", "draw_fakes", "inject_fakes"]
 
@@ -151,11 +152,16 @@ def draw_fakes(science, template, n: int, config: FakeConfig, rng, taken=(),
 
 
 def inject_fakes(science, template, config: FakeConfig, visit, detector):
-    """``(science, template, truth)`` with the configured fakes injected (host exposures
-    with PSFs, the template on the science grid). ``truth``: one row per fake, ``image``
+    """``(science, template, truth)`` with the configured fakes injected (host exposures;
+    a PSF is measured where one has none, and kept). ``truth``: one row per fake, ``image``
     'science' or 'template', its flux (negative for the template's, as in the difference),
     target and expected S/N, position and sky position, ``on_galaxy``."""
     rng = fake_generator(config, visit, detector)
+    # fakes go in through the PSF: one is measured now where the file gave none (before any
+    # fake is in the image), and the exposure keeps it for the subtraction
+    science = with_psf(science, "cpu")
+    if config.nTemplate:
+        template = with_psf(template, "cpu")
     tables = []
     taken = np.zeros((0, 2))
     if config.nTemplate:

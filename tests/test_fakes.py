@@ -2,6 +2,7 @@
 their true S/N says."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,3 +95,35 @@ def test_the_runner_finds_its_fakes_as_their_true_snr_says(clean_repo, tmp_path)
         t1 = Table.read(exposure_dir(out, row) / "fakes.ecsv")
         t2 = Table.read(exposure_dir(tmp_path / "again", row) / "fakes.ecsv")
         assert np.array_equal(t1["x"], t2["x"]) and np.array_equal(t1["flux"], t2["flux"])
+
+
+DECAM = Path(__file__).resolve().parents[2] / "shared" / "data" / "decam"
+
+
+@pytest.mark.skipif(not DECAM.is_dir(), reason=f"no DECam cutouts at {DECAM}")
+def test_fakes_go_into_real_files_without_psfs(tmp_path):
+    """The real DECam cutouts come without PSFs: the runner measures one before the fakes go
+    in (it used to fail every exposure), keeps it for the subtraction, and finds the fakes
+    (measured: 5 of 5 above S/N 10, both template fakes, negative)."""
+    import os
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("DEC-OBS04b.mini.fits", "DEC-OBS18b.mini.fits"):
+        os.symlink(DECAM / name, repo / name)
+    Table(rows=[{"visit": 100, "detector": 1, "band": "g", "science": "DEC-OBS04b.mini.fits",
+                 "template": "DEC-OBS18b.mini.fits"}]).write(repo / "manifest.ecsv")
+    table = run(repo, tmp_path / "out", RunConfig(fakes=FakeConfig(nScience=20, nTemplate=3)),
+                progress=False)
+    assert list(table["status"]) == ["done"], table["error"]
+    here = exposure_dir(tmp_path / "out", Table.read(repo / "manifest.ecsv")[0])
+    truth = Table.read(here / "fakes.ecsv")
+    sources = Table.read(here / "diaSources.parquet")
+    sources = sources[~sources["sky_source"]]
+    match = match_fakes(np.column_stack([sources["x"], sources["y"]]),
+                        np.column_stack([truth["x"], truth["y"]]), 2.0)
+    bright = (truth["image"] == "science") & (truth["target_snr"] > 10)
+    assert len(truth) == 23 and bright.sum() >= 3
+    assert np.mean(match[bright] >= 0) >= 0.75
+    templ = match[truth["image"] == "template"]
+    assert (templ >= 0).sum() >= 2 and np.all(sources["psfFlux"][templ[templ >= 0]] < 0)
