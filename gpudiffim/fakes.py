@@ -21,10 +21,12 @@ import zlib
 import numpy as np
 from astropy.table import Table, vstack
 
+from .backend import get_backend
 from .inject import inject, optimal_snr, overlap_slices, psf_stamp
 from .options import configclass, option
 from .psf import adaptive_moments_batch
 from .subtract import with_psf
+from .validation import usable_exposure
 
 __all__ = ["FakeConfig", "fake_generator", "draw_fakes", "inject_fakes"]
 
@@ -69,7 +71,7 @@ def _galaxy_hosts(exposure, n_max: int, rng) -> np.ndarray:
     var = np.asarray(template.variance, float)
     ny, nx = image.shape
     sigma = np.sqrt(np.median(var[var > 0])) if np.any(var > 0) else 1.0
-    sky = np.median(image)
+    sky = np.nanmedian(image)
     step = 8
     blocks = image[:ny // step * step, :nx // step * step].reshape(ny // step, step, nx // step,
                                                                    step)
@@ -102,9 +104,11 @@ def _galaxy_hosts(exposure, n_max: int, rng) -> np.ndarray:
     return np.column_stack([pos[keep], size[keep]]).reshape(-1, 3)
 
 
-def _place(rng, n: int, shape, margin: int, separation: float, taken=(), hosts=None):
-    """Positions (x, y) at least ``separation`` apart and from ``taken``; with ``hosts``,
-    each beside a host (offset by up to its size)."""
+def _place(rng, n: int, shape, margin: int, separation: float, taken=(), hosts=None,
+           blocked=None):
+    """Positions (x, y) at least ``separation`` apart and from ``taken``, none on a
+    ``blocked`` pixel (no data); with ``hosts``, each beside a host (offset by up to its
+    size)."""
     ny, nx = shape
     out = [tuple(p) for p in taken]
     placed = []
@@ -119,6 +123,8 @@ def _place(rng, n: int, shape, margin: int, separation: float, taken=(), hosts=N
             x, y = rng.uniform(margin, nx - 1 - margin), rng.uniform(margin, ny - 1 - margin)
         if not (margin <= x <= nx - 1 - margin and margin <= y <= ny - 1 - margin):
             continue
+        if blocked is not None and blocked[int(round(y)), int(round(x))]:
+            continue
         if all((x - px) ** 2 + (y - py) ** 2 >= separation**2 for px, py in out):
             out.append((x, y))
             placed.append((x, y))
@@ -131,11 +137,12 @@ def draw_fakes(science, template, n: int, config: FakeConfig, rng, taken=(),
     fluxes from target S/N in the difference (the science's and the template's variance
     through the science PSF at each position)."""
     n_gal = int(round(on_galaxies * n))
+    blocked = (np.asarray(science.mask) & science.bit("NO_DATA")) != 0
     hosts = _galaxy_hosts(science, n_gal, rng) if n_gal else np.zeros((0, 3))
     gal = _place(rng, n_gal, science.shape, config.edgeMargin, config.minSeparation, taken,
-                 hosts) if len(hosts) else np.zeros((0, 2))
+                 hosts, blocked) if len(hosts) else np.zeros((0, 2))
     field = _place(rng, n - len(gal), science.shape, config.edgeMargin, config.minSeparation,
-                   list(map(tuple, taken)) + list(map(tuple, gal)))
+                   list(map(tuple, taken)) + list(map(tuple, gal)), None, blocked)
     xy = np.vstack([gal, field])
     snr = _target_snr(rng, len(xy), *config.snrRange)
     tvar = np.asarray(template.variance, float)
@@ -158,10 +165,12 @@ def inject_fakes(science, template, config: FakeConfig, visit, detector):
     target and expected S/N, position and sky position, ``on_galaxy``."""
     rng = fake_generator(config, visit, detector)
     # fakes go in through the PSF: one is measured now where the file gave none (before any
-    # fake is in the image), and the exposure keeps it for the subtraction
-    science = with_psf(science, "cpu")
+    # fake is in the image; non-finite pixels masked first, as the subtraction would), and
+    # the exposure keeps it for the subtraction
+    cpu = get_backend("cpu")
+    science = with_psf(usable_exposure(science, "science", cpu), cpu)
     if config.nTemplate:
-        template = with_psf(template, "cpu")
+        template = with_psf(usable_exposure(template, "template", cpu), cpu)
     tables = []
     taken = np.zeros((0, 2))
     if config.nTemplate:

@@ -127,3 +127,21 @@ def test_fakes_go_into_real_files_without_psfs(tmp_path):
     assert np.mean(match[bright] >= 0) >= 0.75
     templ = match[truth["image"] == "template"]
     assert (templ >= 0).sum() >= 2 and np.all(sources["psfFlux"][templ[templ >= 0]] < 0)
+
+
+def test_fakes_survive_a_nan_border_and_no_psf(clean_repo):
+    """A science with a NaN border (as resampled mosaics have) and no PSF: its non-finite
+    pixels are masked before the PSF is measured, and the fakes land on the finite part
+    only."""
+    manifest = Table.read(clean_repo / "manifest.ecsv")
+    row = manifest[0]
+    sci, tmpl = (read_exposure(clean_repo / row[k]) for k in ("science", "template"))
+    image = np.array(sci.image, np.float32)
+    image[:, :60] = np.nan
+    sci = sci.replace(image=image, psf=None)
+    out, _, truth = inject_fakes(sci, tmpl, FakeConfig(nScience=30, seed=2), row["visit"],
+                                 row["detector"])
+    assert out.psf is not None and len(truth) == 30
+    assert np.all(np.isfinite(out.image))
+    assert np.all((out.mask[:, :60] & out.bit("NO_DATA")) != 0)
+    assert truth["x"].min() >= 60  # none where there is no data
