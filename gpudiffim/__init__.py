@@ -7,32 +7,64 @@ The user-facing API::
     sources = dia_sources(result)
 
 Stages live in modules named for what they do (``subtract``, ``detect``, ``measure``,
-``warp``, ``kernel_fit``...); each declares its public names in ``__all__``.
+``warp``, ``kernel_fit``...); each declares its public names in ``__all__``. The names here
+load on first use, so the command line starts without NumPy.
 """
 
 __version__ = "0.1.0"
 
-# The function bindings below come after every submodule has been imported, so that
-# ``gpudiffim.subtract`` (and ``simulate``, ``inject``) stays the function even after
-# ``from gpudiffim.subtract import SubtractConfig``: a submodule already imported is not
-# bound onto the package again.
-from .apdb import ApdbError, ingest_exposure, make_apdb  # noqa: E402
-from .associate import AssociationConfig  # noqa: E402
-from .backend import get_backend  # noqa: E402
-from .detect import DetectionConfig, detect  # noqa: E402
-from .errors import BackendError, GpuDiffimError, InputError  # noqa: E402
-from .exposure import MASK_PLANES, Exposure, ExposureInfo, mask_bits  # noqa: E402
-from .inject import inject  # noqa: E402
-from .io import read_exposure, read_psf, write_exposure, write_psf  # noqa: E402
-from .kernel_fit import KernelFitConfig, KernelFitError  # noqa: E402
-from .measure import MeasureConfig, dia_sources, measure  # noqa: E402
-from .pipeline import PipelineConfig, process_pair  # noqa: E402
-from .psf import ImagePsf, PolynomialPsf, gaussian_psf, measure_psf  # noqa: E402
-from .quality import QualityConfig, SubtractionQualityError  # noqa: E402
-from .runner import RunConfig, run  # noqa: E402
-from .simulate import SimConfig, simulate  # noqa: E402
-from .subtract import SubtractConfig, SubtractionResult, subtract  # noqa: E402
-from .warp import warp_exposure  # noqa: E402
+import importlib
+import sys
+import types
+
+#: where each public name lives; loaded on first use, so that the command line (and any
+#: ``import gpudiffim``) starts without NumPy, SciPy, Astropy or the APDB stack
+_EXPORTS = {
+    "ApdbError": "apdb", "ingest_exposure": "apdb", "make_apdb": "apdb",
+    "AssociationConfig": "associate", "get_backend": "backend",
+    "DetectionConfig": "detect", "detect": "detect",
+    "BackendError": "errors", "GpuDiffimError": "errors", "InputError": "errors",
+    "MASK_PLANES": "exposure", "Exposure": "exposure", "ExposureInfo": "exposure",
+    "mask_bits": "exposure", "inject": "inject",
+    "read_exposure": "io", "read_psf": "io", "write_exposure": "io", "write_psf": "io",
+    "KernelFitConfig": "kernel_fit", "KernelFitError": "kernel_fit",
+    "MeasureConfig": "measure", "dia_sources": "measure", "measure": "measure",
+    "PipelineConfig": "pipeline", "process_pair": "pipeline",
+    "ImagePsf": "psf", "PolynomialPsf": "psf", "gaussian_psf": "psf", "measure_psf": "psf",
+    "QualityConfig": "quality", "SubtractionQualityError": "quality",
+    "RunConfig": "runner", "run": "runner", "SimConfig": "simulate", "simulate": "simulate",
+    "SubtractConfig": "subtract", "SubtractionResult": "subtract", "subtract": "subtract",
+    "warp_exposure": "warp",
+}
+#: functions named like their modules: ``gpudiffim.subtract`` is the function, even after
+#: ``from gpudiffim.subtract import SubtractConfig`` (which would bind the module there)
+_SHADOWED = frozenset(n for n, m in _EXPORTS.items() if n == m)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gpudiffim' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """The package module, refusing to let a submodule import rebind a public function of
+    the same name (the import system sets each submodule as an attribute of its parent)."""
+
+    def __setattr__(self, name, value):
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "__version__",

@@ -34,6 +34,7 @@ from scipy import fft as _scipy_fft
 from scipy import ndimage as _ndi
 
 from .arrayops import window_reduce
+from .choices import BACKEND_NAMES
 from .errors import BackendError
 from .hostmem import tune_host_allocator
 
@@ -41,8 +42,6 @@ __all__ = ["BACKEND_NAMES", "Backend", "CpuBackend", "GpuBackend", "StrictBacken
            "get_backend", "gpu_unavailable_reason", "next_fast_len"]
 
 log = logging.getLogger(__name__)
-
-BACKEND_NAMES = ("cpu", "gpu", "strict", "auto")
 
 
 def next_fast_len(n: int) -> int:

@@ -9,25 +9,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from . import __version__
-from .apdb import make_apdb
-from .backend import BACKEND_NAMES, get_backend, gpu_unavailable_reason
+from .choices import BACKEND_NAMES, MODES
 from .errors import GpuDiffimError, InputError
-from .fakes import FakeConfig
-from .io import atomic_path, check_output_space, output_bytes, read_exposure, write_exposure
-from .measure import write_dia_sources
-from .pipeline import PipelineConfig, process_pair
-from .runner import RunConfig, run
-from .simulate import simulate
-from .subtract import MODES, SubtractConfig
-from .warp import template_on_science_grid
+
+# each command imports what it uses: `gpudiffim --help` loads no NumPy, SciPy or Astropy
 
 __all__ = ["main", "build_parser"]
 
 
 def _cmd_info(args) -> int:
+    from .backend import get_backend, gpu_unavailable_reason
+
     print(f"gpudiffim {__version__}")
     gpu_reason = gpu_unavailable_reason()
     found = {"cpu": "available", "gpu": gpu_reason and f"unavailable: {gpu_reason}" or "available"}
@@ -50,6 +43,8 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_simulate(args) -> int:
+    from .simulate import simulate
+
     start = time.perf_counter()
     manifest = simulate(args.outdir, preset=args.preset, seed=args.seed, workers=args.workers)
     n_det = len(set(zip(manifest["band"], manifest["detector"])))
@@ -61,6 +56,13 @@ def _cmd_simulate(args) -> int:
 
 
 def _cmd_subtract(args) -> int:
+    from .backend import get_backend
+    from .io import atomic_path, check_output_space, output_bytes, write_exposure
+    from .measure import write_dia_sources
+    from .pipeline import PipelineConfig, process_pair
+    from .subtract import SubtractConfig
+    from .warp import template_on_science_grid
+
     backend = get_backend(args.backend)
     science, template = (_read_input(args, which) for which in ("science", "template"))
     start = time.perf_counter()
@@ -103,12 +105,21 @@ def _cmd_subtract(args) -> int:
 
 def _read_input(args, which: str):
     """The science or template exposure with the PSF, noise and mask files given for it."""
+    from .io import read_exposure
+
     return read_exposure(getattr(args, which), psf=getattr(args, f"{which}_psf"),
                          noise=getattr(args, f"{which}_noise"), noise_kind=args.noise_kind,
                          mask=getattr(args, f"{which}_mask"), saturation=args.saturation)
 
 
 def _cmd_run(args) -> int:
+    import numpy as np
+
+    from .fakes import FakeConfig
+    from .pipeline import PipelineConfig
+    from .runner import RunConfig, run
+    from .subtract import SubtractConfig
+
     config = RunConfig(backend=args.backend, readers=args.workers, dask=args.dask,
                        force=args.force, apdb=args.apdb, alerts=args.alerts,
                        pipeline=PipelineConfig(subtract=SubtractConfig(mode=args.flavor)),
@@ -126,6 +137,8 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_make_apdb(args) -> int:
+    from .apdb import make_apdb
+
     apdb = make_apdb(args.url)
     meta = dict(apdb.metadata.items())
     print(f"APDB ready at {args.url} (schema {meta.get('version:schema')}, "

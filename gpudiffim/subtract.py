@@ -34,6 +34,7 @@ from .arrayops import window_or
 from .backend import get_backend
 from .background import quiet_blocks, quiet_pixels, refit_sky_plane
 from .basis import BasisConfig, KernelBasis, alard_lupton_basis
+from .choices import MODES
 from .convolve import (
     convolve_exposure,
     fft_convolve,
@@ -85,7 +86,6 @@ __all__ = ["MODES", "SubtractConfig", "SubtractionResult", "MatchingProblem", "s
 
 log = logging.getLogger(__name__)
 
-MODES = ("convolveTemplate", "convolveScience", "auto", "preconvolve")
 
 
 @configclass
