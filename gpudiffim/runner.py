@@ -37,6 +37,7 @@ from typing import NamedTuple
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
+from tqdm import tqdm
 
 from .apdb import ingest_exposure, open_apdb
 from .backend import get_backend
@@ -370,28 +371,30 @@ def _store_in_apdb(url: str, row, status: dict, outputs: ExposureOutputs, alerts
 
 
 class _Progress:
-    """A progress line with exposures/s and ETA on a terminal; log lines otherwise."""
+    """A progress bar (tqdm: exposures/s, ETA, the last exposure) on a terminal; a log line
+    per exposure otherwise."""
 
     def __init__(self, total: int, stream=None):
         self.total, self.done, self.start = total, 0, time.perf_counter()
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        stream = stream or sys.stderr
+        tty = hasattr(stream, "isatty") and stream.isatty()
+        self.bar = (tqdm(total=total, unit="exposure", file=stream, dynamic_ncols=True,
+                         smoothing=0.1) if tty else None)
 
     def update(self, status: dict):
         self.done += 1
+        last = f"{status['band']} {status['visit']} {status['detector']} {status['status']}"
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"last: {last}", refresh=False)
+            self.bar.update(1)
+            if self.done == self.total:
+                self.bar.close()
+            return
         elapsed = time.perf_counter() - self.start
         rate = self.done / elapsed if elapsed > 0 else 0.0
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        text = (f"{self.done}/{self.total} exposures, {rate:.2f}/s, ETA {eta:.0f} s "
-                f"(last: {status['band']} {status['visit']} {status['detector']} "
-                f"{status['status']})")
-        if self.tty:
-            self.stream.write("\r" + text.ljust(100))
-            self.stream.flush()
-            if self.done == self.total:
-                self.stream.write("\n")
-        else:
-            log.info(text)
+        log.info("%d/%d exposures, %.2f/s, ETA %.0f s (last: %s)", self.done, self.total, rate,
+                 eta, last)
 
 
 def run_table(outdir, manifest) -> Table:

@@ -359,3 +359,30 @@ def test_a_device_error_retries_the_exposure_on_the_cpu(tmp_path, monkeypatch):
                         lambda *a: faulty(*a, error=ValueError))
     table = run(repo, tmp_path / "out2", backend="strict", progress=False)
     assert list(table["status"]) == ["failed"] and "ValueError" in table["error"][0]
+
+
+def test_progress_is_a_bar_on_a_terminal_and_log_lines_otherwise(caplog):
+    """On a terminal the runner shows a tqdm bar (count, rate, the last exposure); piped,
+    one log line per exposure."""
+    import io
+    import sys
+
+    runner = sys.modules["gpudiffim.runner"]
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    rows = [{"band": "g", "visit": v, "detector": 49, "status": "done"} for v in (1, 2)]
+    term = Terminal()
+    bar = runner._Progress(2, term)
+    for r in rows:
+        bar.update(r)
+    shown = term.getvalue()
+    assert "2/2" in shown and "exposure" in shown and "last: g 2 49 done" in shown
+    with caplog.at_level("INFO", logger="gpudiffim.runner"):
+        piped = runner._Progress(2, io.StringIO())
+        for r in rows:
+            piped.update(r)
+    lines = [m for m in caplog.messages if "exposures" in m]
+    assert len(lines) == 2 and lines[-1].startswith("2/2 exposures")
