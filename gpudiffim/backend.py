@@ -315,12 +315,6 @@ class CpuBackend(Backend):
     def uniform_filter(self, a, size):
         return _ndi.uniform_filter(a, size=size, mode="constant", cval=0.0)
 
-    def solve(self, a, b):
-        try:
-            return np.linalg.solve(a, b[..., None])[..., 0]
-        except np.linalg.LinAlgError:
-            return self._solve_each(a, b)
-
 
 class GpuBackend(Backend):
     """CuPy arrays on the current CUDA device, cuFFT (CuPy's plan cache), cupyx.scipy.ndimage."""

@@ -31,12 +31,19 @@ class FootprintPixels:
     values: np.ndarray
     eligible: np.ndarray
 
-    def lookup(self, nx: int):
-        """A function mapping (ys, xs) arrays to the pixels' values (-inf off every
-        footprint)."""
+    def seeds(self, sign: float, threshold: float) -> np.ndarray:
+        """``sign`` x significance where a pixel may seed and reaches ``threshold``, -inf
+        elsewhere (a footprint's peaks of that sign are its maxima)."""
+        signed = sign * self.values
+        return np.where(self.eligible & (signed >= threshold), signed, -np.inf)
+
+    def lookup(self, nx: int, values=None):
+        """A function mapping (ys, xs) arrays to the pixels' ``values`` (default: their
+        significance; -inf off every footprint)."""
+        values = self.values if values is None else values
         key = self.ys.astype(np.int64) * nx + self.xs
         order = np.argsort(key)
-        sorted_key, sorted_values = key[order], self.values[order]
+        sorted_key, sorted_values = key[order], values[order]
 
         def at(ys, xs):
             k = np.asarray(ys, np.int64) * nx + np.asarray(xs, np.int64)
@@ -51,10 +58,8 @@ def local_maxima(pixels: FootprintPixels, sign: float, threshold: float, nx: int
                  radius: int = 2) -> np.ndarray:
     """Indices of the eligible pixels whose ``sign`` x significance is at least
     ``threshold`` and the largest within ``radius`` (ties: the first in raster order)."""
-    value = np.where(pixels.eligible & (sign * pixels.values >= threshold),
-                     sign * pixels.values, -np.inf)
-    signed = FootprintPixels(pixels.ys, pixels.xs, pixels.labels, value, pixels.eligible)
-    at = signed.lookup(nx)
+    value = pixels.seeds(sign, threshold)
+    at = pixels.lookup(nx, value)
     cand = np.flatnonzero(np.isfinite(value))
     ys, xs, v = pixels.ys[cand], pixels.xs[cand], value[cand]
     key = ys.astype(np.int64) * nx + xs
@@ -74,8 +79,7 @@ def split_peaks(pixels: FootprintPixels, peaks: np.ndarray, sign: float, nx: int
     """The ``peaks`` (pixel indices, one sign) grouped by footprint and thinned to those
     separated by a dip (see the module): one array per footprint with more than one kept
     peak, brightest first."""
-    at = FootprintPixels(pixels.ys, pixels.xs, pixels.labels, sign * pixels.values,
-                         pixels.eligible).lookup(nx)
+    at = pixels.lookup(nx, sign * pixels.values)
     out = []
     labels = pixels.labels[peaks]
     for lab in np.unique(labels):

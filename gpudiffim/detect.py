@@ -146,8 +146,7 @@ def _footprint_pixels(backend, labels, snr, eligible) -> FootprintPixels:
 def _peaks(pixels: FootprintPixels, n: int, sign: float, threshold: float):
     """(n, 3) host (x, y, value) of each label's most significant eligible pixel of one
     sign at or past the threshold (-1 where there is none)."""
-    val = np.where(pixels.eligible & (sign * pixels.values >= threshold),
-                   sign * pixels.values, -np.inf)
+    val = pixels.seeds(sign, threshold)
     out = np.full((n + 1, 3), -1.0)
     order = np.lexsort((val, pixels.labels))  # by label, then value: each label's last
     if len(order):

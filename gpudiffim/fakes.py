@@ -66,9 +66,8 @@ def _galaxy_hosts(exposure, n_max: int, rng) -> np.ndarray:
     """(n, 3) x, y, size (pixels) of extended sources in ``exposure``: maxima of 8 x 8
     blocks 5 sigma above the sky whose adaptive-moment size exceeds the PSF's by 30%, one
     per galaxy."""
-    template = exposure
-    image = np.asarray(template.image, float)
-    var = np.asarray(template.variance, float)
+    image = np.asarray(exposure.image, float)
+    var = np.asarray(exposure.variance, float)
     ny, nx = image.shape
     sigma = np.sqrt(np.median(var[var > 0])) if np.any(var > 0) else 1.0
     sky = np.nanmedian(image)
@@ -93,7 +92,7 @@ def _galaxy_hosts(exposure, n_max: int, rng) -> np.ndarray:
         return np.zeros((0, 3))
     sx, sy, _ = adaptive_moments_batch(np.array(stamps))
     size = np.sqrt(sx * sy)
-    psf = template.psf.image_at()
+    psf = exposure.psf.image_at()
     psx, psy, _ = adaptive_moments_batch(psf[None] / psf.sum())
     extended = np.isfinite(size) & (size > 1.3 * np.sqrt(psx[0] * psy[0])) & (size < half)
     pos, size = np.array(pos, float)[extended], size[extended]

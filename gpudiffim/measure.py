@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from astropy.table import Table
 
+from .arrayops import shift_along
 from .backend import get_backend
 from .detect import DetectionConfig, Detections, detect
 from .exposure import MEASUREMENT_EXCLUDED, Exposure
@@ -344,9 +345,12 @@ def _blend_weights(backend, st: SourceStamps, blends, w_psf):
                                                          abs(st.ys[j] - st.ys[i])) < S // 2]
             if not near:  # no neighbour reaches this stamp's centre half
                 continue
-            basis = [st.psf[i, ...]] + [_shifted(backend, st.psf[j, ...],
-                                                 int(st.xs[j] - st.xs[i]),
-                                                 int(st.ys[j] - st.ys[i])) for j in near]
+            # each neighbour's PSF moved into this stamp (whole pixels; its sub-pixel part
+            # is in its own PSF stamp already)
+            basis = [st.psf[i, ...]] + [
+                shift_along(backend, shift_along(backend, st.psf[j, ...],
+                                                 int(st.xs[i] - st.xs[j]), 1, 0.0),
+                            int(st.ys[i] - st.ys[j]), 0, 0.0) for j in near]
             a = xp.stack(basis)
             v = st.variance[i, ...]
             w = xp.where(st.good[i, ...], 1.0 / xp.where(v > 0, v, 1.0), 0.0)
@@ -361,21 +365,6 @@ def _blend_weights(backend, st: SourceStamps, blends, w_psf):
         return w_psf
     return xp.take(xp.concat([w_psf, xp.stack(rows)], axis=0), backend.to_device(index),
                    axis=0)
-
-
-def _shifted(backend, stamp, dx: int, dy: int):
-    """A (S, S) stamp moved by whole pixels (``out[y + dy, x + dx] = stamp[y, x]``), zero
-    where nothing moves in."""
-    xp = backend.xp
-    S = stamp.shape[-1]
-    if abs(dx) >= S or abs(dy) >= S:
-        return backend.zeros((S, S), dtype=stamp.dtype)
-    part = stamp[max(0, -dy):S - max(0, dy), max(0, -dx):S - max(0, dx)]
-    h = part.shape[0]
-    part = xp.concat([backend.zeros((h, max(0, dx)), dtype=stamp.dtype), part,
-                      backend.zeros((h, max(0, -dx)), dtype=stamp.dtype)], axis=1)
-    return xp.concat([backend.zeros((max(0, dy), S), dtype=stamp.dtype), part,
-                      backend.zeros((max(0, -dy), S), dtype=stamp.dtype)], axis=0)
 
 
 def _detection_values(st: SourceStamps, det: Detections, backend) -> dict:

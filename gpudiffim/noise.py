@@ -183,13 +183,9 @@ def residual_scale(backend, image, var, power, good, positions, box: int) -> flo
     move it), 0 where the difference is as quiet as its noise.
     """
     xp = backend.xp
-    ny, nx = image.shape
-    h = box // 2
-    pos = np.asarray(positions, np.int64).reshape(-1, 2)
-    inside = ((pos[:, 0] >= h) & (pos[:, 0] < nx - h) & (pos[:, 1] >= h) & (pos[:, 1] < ny - h))
-    if box < 1 or not inside.any():
+    p = _inside(positions, image.shape, box // 2)
+    if box < 1 or not len(p):
         return 0.0
-    p = pos[inside]
     w = xp.astype(gather_stamps(backend, good, p, box), xp.float64)
     excess = (xp.astype(gather_stamps(backend, image, p, box), xp.float64) ** 2
               - xp.astype(gather_stamps(backend, var, p, box), xp.float64))
@@ -216,14 +212,12 @@ def position_residual_scale(backend, image, var, good, power, positions,
     where the residual has no dipole beyond its noise.
     """
     xp = backend.xp
-    ny, nx = image.shape
+    nx = image.shape[1]
     psf = np.asarray(psf_image, np.float64)
     h = psf.shape[0] // 2
-    pos = np.asarray(positions, np.int64).reshape(-1, 2)
-    inside = (pos[:, 0] >= h) & (pos[:, 0] < nx - h) & (pos[:, 1] >= h) & (pos[:, 1] < ny - h)
-    if not inside.any():
+    p = _inside(positions, image.shape, h)
+    if not len(p):
         return 0.0
-    p = pos[inside]
     size = 2 * h + 1
     gy, gx = np.gradient(psf / psf.sum())
     weights = backend.to_device(np.stack([gx / np.sum(gx * gx), gy / np.sum(gy * gy)]),
@@ -253,8 +247,7 @@ def registration_gradients(backend, image, filt, positions, size: int):
     o = filt.shape[0] // 2
     conv = fft_convolve(gather_stamps(backend, image, positions, size + 2 + 2 * o, 0.0),
                         backend.to_device(filt), backend)
-    c = conv[:, o:o + size + 2, o:o + size + 2]
-    return ((c[:, 1:-1, 2:] - c[:, 1:-1, :-2]) / 2.0, (c[:, 2:, 1:-1] - c[:, :-2, 1:-1]) / 2.0)
+    return _derivatives(conv[:, o:o + size + 2, o:o + size + 2])[:2]
 
 
 def registration_variance(backend, image, filt, scale: float):
@@ -264,12 +257,7 @@ def registration_variance(backend, image, filt, scale: float):
     where the gradient vanishes). Central differences; 0 on the outermost pixels."""
     xp = backend.xp
     f = fft_convolve(image, backend.to_device(np.asarray(filt, np.float32)), backend)
-    c = f[1:-1, 1:-1]
-    gx = (f[1:-1, 2:] - f[1:-1, :-2]) / 2.0
-    gy = (f[2:, 1:-1] - f[:-2, 1:-1]) / 2.0
-    hxx = f[1:-1, 2:] - 2.0 * c + f[1:-1, :-2]
-    hyy = f[2:, 1:-1] - 2.0 * c + f[:-2, 1:-1]
-    hxy = (f[2:, 2:] - f[2:, :-2] - f[:-2, 2:] + f[:-2, :-2]) / 4.0
+    gx, gy, hxx, hyy, hxy = _derivatives(f)
     scale = float(scale)
     inner = scale * (gx * gx + gy * gy) + 0.5 * scale * scale * (hxx * hxx + 2.0 * hxy * hxy
                                                                   + hyy * hyy)
@@ -278,6 +266,24 @@ def registration_variance(backend, image, filt, scale: float):
                        backend.zeros((ny - 2, 1), dtype=f.dtype)], axis=1)
     zr = backend.zeros((1, nx), dtype=f.dtype)
     return xp.concat([zr, inner, zr], axis=0)
+
+
+def _derivatives(f):
+    """Central-difference first and second derivatives (gx, gy, hxx, hyy, hxy) over the
+    last two axes of ``f``, on its interior (one pixel less on each side)."""
+    c = f[..., 1:-1, 1:-1]
+    left, right = f[..., 1:-1, :-2], f[..., 1:-1, 2:]
+    down, up = f[..., :-2, 1:-1], f[..., 2:, 1:-1]
+    return ((right - left) / 2.0, (up - down) / 2.0, right - 2.0 * c + left, up - 2.0 * c + down,
+            (f[..., 2:, 2:] - f[..., 2:, :-2] - f[..., :-2, 2:] + f[..., :-2, :-2]) / 4.0)
+
+
+def _inside(positions, shape, margin: int) -> np.ndarray:
+    """The host (n, 2) integer (x, y) ``positions`` at least ``margin`` pixels inside."""
+    ny, nx = shape[-2:]
+    pos = np.asarray(positions, np.int64).reshape(-1, 2)
+    return pos[(pos[:, 0] >= margin) & (pos[:, 0] < nx - margin) & (pos[:, 1] >= margin)
+               & (pos[:, 1] < ny - margin)]
 
 
 def registration_scale(backend, image, var, good, template, filt, positions,
@@ -295,10 +301,7 @@ def registration_scale(backend, image, var, good, template, filt, positions,
     do not project on a gradient; 0 when the shifts are no larger than their noise.
     """
     xp = backend.xp
-    ny, nx = image.shape
-    h = size // 2 + np.asarray(filt).shape[0] // 2 + 1
-    pos = np.asarray(positions, np.int64).reshape(-1, 2)
-    pos = pos[(pos[:, 0] >= h) & (pos[:, 0] < nx - h) & (pos[:, 1] >= h) & (pos[:, 1] < ny - h)]
+    pos = _inside(positions, image.shape, size // 2 + np.asarray(filt).shape[0] // 2 + 1)
     if len(pos) < 3:
         return 0.0
     gx, gy = registration_gradients(backend, template, filt, pos, size)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["good_sample", "sorted_subsample", "median_where", "robust_sigma_where",
-           "robust_sigma_of_sorted", "weighted_median"]
+__all__ = ["good_sample", "sorted_subsample", "median_where", "mean_where",
+           "robust_sigma_where", "robust_sigma_of_sorted", "weighted_median"]
 
 
 def good_sample(backend, values, good, max_n: int = 200_000):
@@ -29,6 +29,15 @@ def median_where(backend, values, good) -> float | None:
     if s.shape[0] == 0:
         return None
     return backend.scalar(s[s.shape[0] // 2])
+
+
+def mean_where(backend, values, good):
+    """Mean of ``values`` where ``good`` as a 0-d device array (no device read; 0 when no
+    pixel is good): a level to fill masked pixels with, where a median's read is not
+    worth it."""
+    xp = backend.xp
+    total = xp.sum(xp.where(good, values, 0.0))
+    return total / xp.clip(xp.sum(xp.astype(good, total.dtype)), min=1.0)
 
 
 def robust_sigma_where(backend, values, good) -> float:

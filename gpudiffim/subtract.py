@@ -73,7 +73,7 @@ from .psf import ImagePsf, PsfMeasurementError, convolved_psf, kernel_convolved_
 from .quality import QualityConfig, SubtractionQualityError, quality_failures
 from .score import prefilter, score_norm, self_convolved
 from .sources import select_kernel_sources, source_snr_maps
-from .stats import median_where, robust_sigma_of_sorted, sorted_subsample
+from .stats import mean_where, median_where, robust_sigma_of_sorted, sorted_subsample
 from .validation import checked_psf_model, usable_exposure
 
 __all__ = ["MODES", "SubtractConfig", "SubtractionResult", "MatchingProblem", "subtract",
@@ -691,9 +691,8 @@ def _less_mean(image, good, backend):
     """float32 ``image`` less its mean where ``good``, 0 elsewhere (no device read: for
     a gradient, where only the masked pixels' level counts)."""
     xp = backend.xp
-    mean = xp.sum(xp.where(good, image, 0.0)) / xp.clip(xp.sum(xp.astype(good, image.dtype)),
-                                                       min=1.0)
-    return xp.astype(xp.where(good, image - mean, 0.0), xp.float32)
+    return xp.astype(xp.where(good, image - mean_where(backend, image, good), 0.0),
+                     xp.float32)
 
 
 def difference_pull(diff, var, good, quiet, backend, min_fraction: float = 0.05) -> float:

@@ -16,7 +16,7 @@ from .errors import InputError
 from .exposure import REPLACED_PLANES, UNUSABLE_PLANES, Exposure
 from .interpolate import interpolate_masked
 from .psf import psf_image_problem
-from .stats import median_where
+from .stats import mean_where, median_where
 
 __all__ = ["usable_exposure", "checked_psf_model"]
 
@@ -34,8 +34,8 @@ def usable_exposure(exposure: Exposure, role: str, backend) -> Exposure:
     bad_var = ~(xp.isfinite(var) & (var > 0))
     unusable = ((mask & exposure.bit(*[p for p in UNUSABLE_PLANES if p in exposure.mask_planes]))
                 != 0)
-    replaced = (mask & exposure.bit(*[p for p in REPLACED_PLANES if p in exposure.mask_planes])
-                ) != 0
+    replaced_bits = exposure.bit(*[p for p in REPLACED_PLANES if p in exposure.mask_planes])
+    replaced = (mask & replaced_bits) != 0
     counts = backend.to_host(xp.stack([
         xp.sum(xp.astype(bad_image & ~unusable, xp.int64)),
         xp.sum(xp.astype(bad_var & ~unusable & ~bad_image, xp.int64)),
@@ -50,22 +50,31 @@ def usable_exposure(exposure: Exposure, role: str, backend) -> Exposure:
     if n_good == 0:
         raise InputError(where, f"the {role} has no usable pixel (every one is masked, "
                                 "non-finite or without a positive variance)")
-    if not (n_image or n_var):
-        return _with_values_replaced(exposure, replaced, backend) if n_replaced else exposure
+    if n_image or n_var:
+        exposure = _masked(exposure, bad_image, bad_var, backend, where, role, n_image, n_var)
+        replaced = (exposure.mask & replaced_bits) != 0  # the variance's BAD pixels too
+    if n_replaced or (n_var and replaced_bits):
+        exposure = _with_values_replaced(exposure, replaced, backend)
+    return exposure
+
+
+def _masked(exposure, bad_image, bad_var, backend, where, role, n_image, n_var) -> Exposure:
+    """Non-finite pixels NO_DATA (zeroed), pixels without a positive finite variance BAD
+    (their variance the typical one), each said in the log."""
+    xp = backend.xp
     if n_image:
         log.warning("%s: %d %s pixels are not finite: masked NO_DATA", where, n_image, role)
     if n_var:
         log.warning("%s: %d %s pixels have a zero, negative or non-finite variance: masked BAD",
                     where, n_var, role)
+    var, mask = exposure.variance, exposure.mask
     typical = median_where(backend, var, ~bad_var) or 1.0
     nodata = exposure.bit("NO_DATA") if "NO_DATA" in exposure.mask_planes else 0
     badbit = exposure.bit("BAD") if "BAD" in exposure.mask_planes else 0
     mask = xp.where(bad_image, mask | nodata, mask)
     mask = xp.where(bad_var & ~bad_image, mask | badbit, mask)
-    exposure = exposure.replace(image=xp.where(bad_image, 0.0, image),
-                                variance=xp.where(bad_var, float(typical), var), mask=mask)
-    badbit = exposure.bit(*[p for p in REPLACED_PLANES if p in exposure.mask_planes])
-    return _with_values_replaced(exposure, (mask & badbit) != 0, backend) if badbit else exposure
+    return exposure.replace(image=xp.where(bad_image, 0.0, exposure.image),
+                            variance=xp.where(bad_var, float(typical), var), mask=mask)
 
 
 def _with_values_replaced(exposure: Exposure, replaced, backend, box: int = 5) -> Exposure:
@@ -73,14 +82,11 @@ def _with_values_replaced(exposure: Exposure, replaced, backend, box: int = 5) -
     the usable pixels in a ``box`` around them (the usable pixels' mean where none is
     near), so no convolution spreads a wrong value
     (:func:`~gpudiffim.interpolate.interpolate_masked`)."""
-    xp = backend.xp
     usable = (exposure.mask & exposure.bit(*[p for p in UNUSABLE_PLANES
                                              if p in exposure.mask_planes])) == 0
     image = exposure.image
-    mean = xp.sum(xp.where(usable, image, 0.0)) / xp.clip(
-        xp.sum(xp.astype(usable, image.dtype)), min=1.0)
     return exposure.replace(image=interpolate_masked(backend, image, replaced, usable, box,
-                                                     mean))
+                                                     mean_where(backend, image, usable)))
 
 
 def checked_psf_model(exposure: Exposure, role: str) -> None:
