@@ -4,8 +4,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo_out
+STUDY  ?= study_out
 
-.PHONY: test lint demo bench info clean
+.PHONY: test lint demo study bench info clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,12 +18,19 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check gpudiffim tests bench
 	$(PY) -m pytest -q
 
+# the demo preset in the note's three flavors over the same fakes, each flavor's diaSources
+# associated into its own APDB with alerts, and the report comparing them
 demo: $(STAMP)
 	$(VENV)/bin/gpudiffim info
 	$(VENV)/bin/gpudiffim simulate $(DEMO)/repo --preset demo --seed 0
-	$(VENV)/bin/gpudiffim make-apdb sqlite:///$(DEMO)/apdb.db
-	$(VENV)/bin/gpudiffim run $(DEMO)/repo -o $(DEMO)/run --flavor auto \
-		--apdb sqlite:///$(DEMO)/apdb.db --alerts $(DEMO)/alerts
+	$(VENV)/bin/gpudiffim study $(DEMO)/repo -o $(DEMO)/study --inject-fakes 50 \
+		--template-fakes 5 --alerts
+
+# the HSC sprint's shape: 33 visits x 6 detectors of 2048 x 4176, three flavors
+study: $(STAMP)
+	$(VENV)/bin/gpudiffim simulate $(STUDY)/repo --preset sprint --seed 0
+	$(VENV)/bin/gpudiffim study $(STUDY)/repo -o $(STUDY)/study --inject-fakes 100 \
+		--template-fakes 10
 
 bench: $(STAMP)
 	$(PY) -m pytest bench -q -o python_files='bench_*.py' --benchmark-only \
@@ -35,4 +43,4 @@ info: $(STAMP)
 	$(VENV)/bin/gpudiffim info
 
 clean:
-	rm -rf $(VENV) $(DEMO) .pytest_cache .benchmarks
+	rm -rf $(VENV) $(DEMO) $(STUDY) .pytest_cache .benchmarks

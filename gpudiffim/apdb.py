@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = ["APDB_SCHEMA_MAJOR", "ApdbError", "apdb_url", "make_apdb", "open_apdb",
            "nanojansky_per_count", "dia_source_ids", "dia_source_rows", "exposure_region",
-           "region_lock", "ingest_exposure"]
+           "region_lock", "ingest_exposure", "redacted_url"]
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def _modules():
     return Apdb, ApdbTables, ApdbSql, ApdbSqlConfig
 
 
-def _safe(url: str) -> str:
+def redacted_url(url: str) -> str:
     """The URL without its password, for messages."""
     from sqlalchemy.engine import make_url
     try:
@@ -79,7 +79,7 @@ def _safe(url: str) -> str:
 
 def _db_error(url: str, exc: Exception, doing: str) -> ApdbError:
     first = str(getattr(exc, "orig", exc) or exc).strip().splitlines()
-    return ApdbError(f"{_safe(url)}: cannot {doing} ({type(exc).__name__}: "
+    return ApdbError(f"{redacted_url(url)}: cannot {doing} ({type(exc).__name__}: "
                      f"{first[0] if first else ''})")
 
 
@@ -129,23 +129,23 @@ def open_apdb(url: str):
             return _OPEN[url]
         Apdb, _, _, ApdbSqlConfig = _modules()
         if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
-            raise ApdbError(f"{_safe(url)}: no such database (make one with gpudiffim "
+            raise ApdbError(f"{redacted_url(url)}: no such database (make one with gpudiffim "
                             "make-apdb)")
         try:
             apdb = Apdb.from_config(ApdbSqlConfig(db_url=apdb_url(url)))
             meta = dict(apdb.metadata.items())
         except Exception as exc:
             if type(exc).__name__ == "IncompatibleVersionError":  # lsst-dax-apdb's own check
-                raise ApdbError(f"{_safe(url)}: its APDB schema cannot be written here "
+                raise ApdbError(f"{redacted_url(url)}: its APDB schema cannot be written here "
                                 f"({exc}); this gpudiffim writes version "
                                 f"{APDB_SCHEMA_MAJOR}.x") from exc
             raise _db_error(url, exc, "open the APDB") from exc
         version = meta.get("version:schema")
         if version is None:
-            raise ApdbError(f"{_safe(url)}: not an APDB (no schema version in its metadata; "
+            raise ApdbError(f"{redacted_url(url)}: not an APDB (no schema version in its metadata; "
                             "make one with gpudiffim make-apdb)")
         if int(str(version).split(".")[0]) != APDB_SCHEMA_MAJOR:
-            raise ApdbError(f"{_safe(url)}: APDB schema version {version}; this gpudiffim "
+            raise ApdbError(f"{redacted_url(url)}: APDB schema version {version}; this gpudiffim "
                             f"writes version {APDB_SCHEMA_MAJOR}.x")
         _OPEN[url] = apdb
         return apdb

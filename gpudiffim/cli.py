@@ -136,6 +136,32 @@ def _cmd_run(args) -> int:
     return 0 if done == len(table) else 1  # 2 (unusable input) comes from main
 
 
+def _cmd_study(args) -> int:
+    from .fakes import FakeConfig
+    from .study import StudyConfig, study
+
+    flavors = tuple(f.strip() for f in args.flavors.split(",") if f.strip())
+    config = StudyConfig(flavors=flavors, apdb="" if args.no_apdb else args.apdb,
+                         alerts=args.alerts, backend=args.backend, readers=args.workers,
+                         dask=args.dask, force=args.force, stamps=args.stamps,
+                         fakes=FakeConfig(nScience=args.inject_fakes,
+                                          nTemplate=args.template_fakes, seed=args.fake_seed))
+    start = time.perf_counter()
+    page = study(args.repo, args.output, config)
+    print(f"study of {', '.join(flavors)} in {time.perf_counter() - start:.0f} s; runs in "
+          f"{args.output}/<flavor>/")
+    print(f"report: {page}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .report import write_report
+
+    page = write_report(args.runs, args.output, stamps=args.stamps, seed=args.seed)
+    print(f"report: {page}")
+    return 0
+
+
 def _cmd_make_apdb(args) -> int:
     from .apdb import make_apdb
 
@@ -207,6 +233,39 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("--fake-seed", type=int, default=0,
                        help="with the visit and detector, fixes the fakes")
     run_p.set_defaults(func=_cmd_run)
+    study_p = sub.add_parser("study", help="run every flavor over the same fakes, each into "
+                                           "its own APDB, and write the report (resumable)")
+    study_p.add_argument("repo", help="directory with manifest.ecsv")
+    study_p.add_argument("-o", "--output", required=True,
+                         help="runs go to OUTPUT/<flavor>/, the report to OUTPUT/report/")
+    study_p.add_argument("--flavors", default="convolveTemplate,auto,preconvolve",
+                         help="comma-separated flavors (default: the note's three)")
+    study_p.add_argument("--inject-fakes", type=int, default=50, metavar="N",
+                         help="fakes per science exposure (default 50)")
+    study_p.add_argument("--template-fakes", type=int, default=5, metavar="N",
+                         help="fakes per template (default 5)")
+    study_p.add_argument("--fake-seed", type=int, default=0)
+    study_p.add_argument("--apdb", default=None,
+                         help="APDB URL with {flavor} in it (default: a SQLite APDB in "
+                              "OUTPUT/<flavor>/apdb.db)")
+    study_p.add_argument("--no-apdb", action="store_true", help="do not associate")
+    study_p.add_argument("--alerts", action="store_true",
+                         help="write each flavor's alerts to OUTPUT/<flavor>/alerts")
+    study_p.add_argument("--backend", choices=BACKEND_NAMES, default=None)
+    study_p.add_argument("--workers", type=int, default=2, help="reader threads")
+    study_p.add_argument("--dask", default=None, help="scheduler address, or local:N")
+    study_p.add_argument("--force", action="store_true", help="redo finished exposures")
+    study_p.add_argument("--stamps", type=int, default=8,
+                         help="triplets of detections and of lost fakes per flavor")
+    study_p.set_defaults(func=_cmd_study)
+    report_p = sub.add_parser("report", help="one HTML page (and PNG, ECSV, JSON, a "
+                                             "Zooniverse manifest) comparing runs")
+    report_p.add_argument("runs", nargs="+", help="run directories (gpudiffim run -o ...)")
+    report_p.add_argument("-o", "--output", required=True, help="report directory")
+    report_p.add_argument("--stamps", type=int, default=8,
+                          help="triplets of detections and of lost fakes per run")
+    report_p.add_argument("--seed", type=int, default=0, help="seeds the triplets' sample")
+    report_p.set_defaults(func=_cmd_report)
     apdb_p = sub.add_parser("make-apdb", help="create a Rubin APDB (lsst-dax-apdb) at an "
                                               "SQLAlchemy URL (sqlite:///path.db, "
                                               "postgresql://...)")
@@ -217,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    verbose = args.verbose or args.command == "run"
+    verbose = args.verbose or args.command in ("run", "study")
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -54,7 +54,9 @@ def efficiency_curve(values, found, bins) -> Table:
         lo[has], hi[has] = binom_conf_interval(k[has], n[has], confidence_level=0.6827,
                                                interval="wilson")
     return Table({"lo": bins[:-1], "hi": bins[1:], "centre": 0.5 * (bins[:-1] + bins[1:]),
-                  "n": n, "k": k, "efficiency": eff, "err_lo": eff - lo, "err_hi": hi - eff})
+                  "n": n, "k": k, "efficiency": eff,
+                  # >= 0: the interval's ends can round past the estimate at 0 and 1
+                  "err_lo": np.maximum(eff - lo, 0.0), "err_hi": np.maximum(hi - eff, 0.0)})
 
 
 def ideal_efficiency(snr, threshold: float = 5.0):

@@ -41,18 +41,20 @@ from tqdm import tqdm
 
 from .apdb import ingest_exposure, open_apdb
 from .backend import get_backend
+from .cutouts import choose_cutouts, triplet_cutouts, write_cutouts
 from .errors import GpuDiffimError, InputError
-from .fakes import FakeConfig, inject_fakes
+from .fakes import FakeConfig, fake_generator, inject_fakes
 from .hostmem import release_freed_memory
 from .io import atomic_path, check_output_space, output_bytes, read_exposure, write_exposure
 from .measure import write_dia_sources
+from .metrics import effective_radius
 from .options import configclass, option
 from .pipeline import PipelineConfig, process_pair
 from .subtract import SubtractConfig
 from .warp import template_on_science_grid
 
 __all__ = ["RunConfig", "ExposureOutputs", "run", "read_manifest", "exposure_dir",
-           "run_table", "process_exposure", "compute_exposure", "write_outputs",
+           "run_table", "status_table", "process_exposure", "compute_exposure", "write_outputs",
            "TemplateCache", "config_key", "output_lock", "remove_stale_temporaries"]
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,9 @@ class RunConfig:
     fakes: FakeConfig = option(factory=FakeConfig, doc="fakes injected into each exposure "
                                                       "before it is processed (none by "
                                                       "default), their truth in fakes.ecsv")
+    cutouts: int = option(12, "science/template/difference cutouts of this many random "
+                              "diaSources and as many fakes per exposure (cutouts.fits)")
+    cutoutSize: int = option(31, "side of those cutouts (pixels, odd)")
 
 
 KEYS = ("band", "visit", "detector")  # one exposure; each a directory level of the outputs
@@ -89,6 +94,7 @@ class ExposureOutputs(NamedTuple):
     is_score: bool
     template: object = None  # the template on the science grid, for alert cutouts
     fakes: object = None  # the truth Table of the fakes injected (None: none)
+    cutouts: tuple | None = None  # (cube, table) of triplet cutouts (None: none)
 
 
 def read_manifest(repo) -> Table:
@@ -227,16 +233,23 @@ def _read_pair(repo, row, templates: TemplateCache | None = None,
     return science, template, time.perf_counter() - t0, truth
 
 
-def _process(science, template, config: RunConfig, backend):
+def _process(science, template, config: RunConfig, backend, pick=None):
     """Warp, subtract, detect and measure one exposure; returns outputs, timings, the
-    template's coverage and the warped template (host; only when alerts need it)."""
+    template's coverage, the warped template (host; only when alerts need it) and the
+    triplet cutouts at the rows ``pick(sources)`` chooses (None without ``pick``)."""
     t = time.perf_counter()
     template, fraction = template_on_science_grid(science, template, backend)
     timings = {"warp": time.perf_counter() - t}
     result, sources, stage_timings = process_pair(science, template, config.pipeline, backend)
     timings.update(stage_timings)
     warped = template.to_host(backend) if config.alerts else None
-    return result, sources, timings, fraction, warped
+    cutouts = None
+    if pick is not None:
+        chosen = pick(sources)
+        images = (science.image, template.image, result.difference.image)
+        cutouts = (triplet_cutouts(backend, [backend.asarray(i) for i in images], chosen["x"],
+                                   chosen["y"], config.cutoutSize), chosen)
+    return result, sources, timings, fraction, warped, cutouts
 
 
 def _is_device_error(exc) -> bool:
@@ -272,10 +285,11 @@ def compute_exposure(repo, row, config: RunConfig, pair=None, on_device=None):
                                             else _read_pair(repo, row, None, config.fakes))
         status["t_read"] = t_read
         backend = get_backend(config.backend)
+        pick = _cutout_picker(config, row, truth)
         try:
             dev_science, dev_template = on_device or (science, template)
-            result, sources, timings, fraction, warped = _process(dev_science, dev_template,
-                                                                  config, backend)
+            result, sources, timings, fraction, warped, cutouts = _process(
+                dev_science, dev_template, config, backend, pick)
         except Exception as exc:
             if not _is_device_error(exc) or backend.name == "cpu":
                 raise
@@ -284,21 +298,26 @@ def compute_exposure(repo, row, config: RunConfig, pair=None, on_device=None):
                         row["band"], row["visit"], row["detector"], backend.name, why)
             backend = get_backend("cpu")
             on_device = dev_science = dev_template = None  # free the device copies first
-            result, sources, timings, fraction, warped = _process(science, template, config,
-                                                                  backend)
+            result, sources, timings, fraction, warped, cutouts = _process(
+                science, template, config, backend, pick)
             status["retried_on_cpu"] = True
             status["device_error"] = why
         # the science rides along to the writers only when the APDB needs it (forced
         # photometry): otherwise it would be held until written, for nothing
         outputs = ExposureOutputs(result.difference.to_host(backend), sources,
                                   science if config.apdb else None, result.is_score, warped,
-                                  truth)
+                                  truth, cutouts)
         q = result.quality
+        ny, nx = science.shape
         status.update({f"t_{k}": v for k, v in timings.items()})
         status.update({"status": "done", "flavor": result.flavor, "backend": backend.name,
                        "template_fraction": fraction,
                        "n_dia_sources": int((~sources["sky_source"]).sum()),
                        "n_fakes": 0 if truth is None else len(truth),
+                       "mode": config.pipeline.subtract.mode,
+                       # seeing: the PSFs' effective radii at the centre (pixels)
+                       "science_psf_radius": _radius(result.science_psf, nx, ny),
+                       "template_psf_radius": _radius(result.template_psf, nx, ny),
                        "model": q["model"], "n_rejected_models": len(q["rejected_models"]),
                        "kernel_sum": q["kernel_sum_centre"],
                        "kernel_sum_error": q["kernel_sum_error"],
@@ -324,6 +343,23 @@ def compute_exposure(repo, row, config: RunConfig, pair=None, on_device=None):
     return status, outputs
 
 
+def _cutout_picker(config: RunConfig, row, truth):
+    """The chooser of an exposure's cutout rows (None when none are asked for): the same
+    rows for the same fake seed, visit and detector."""
+    if config.cutouts <= 0:
+        return None
+    rng = fake_generator(config.fakes, _identifier(row["visit"]), _identifier(row["detector"]))
+    rng = np.random.default_rng(rng.integers(2**63))  # not the fakes' own draws
+    return lambda sources: choose_cutouts(sources, truth, config.cutouts, rng)
+
+
+def _radius(psf, nx: int, ny: int) -> float:
+    """A PSF model's effective radius at the detector's centre (NaN without one)."""
+    if psf is None:
+        return np.nan
+    return effective_radius(psf.image_at((nx - 1) / 2.0, (ny - 1) / 2.0))
+
+
 def _json_value(o):
     """NumPy scalars as their values, anything else as text."""
     return o.item() if hasattr(o, "item") else str(o)
@@ -341,10 +377,13 @@ def write_outputs(outdir, row, status: dict, outputs: ExposureOutputs | None,
             if outputs.fakes is not None:
                 with atomic_path(here / "fakes.ecsv") as tmp:
                     outputs.fakes.write(tmp, format="ascii.ecsv", overwrite=True)
+            if outputs.cutouts is not None:
+                with atomic_path(here / "cutouts.fits") as tmp:
+                    write_cutouts(tmp, *outputs.cutouts)
             write_dia_sources(outputs.sources, here / "diaSources.parquet")
         except Exception as exc:  # outputs as a set: no difference without its catalogue
-            (here / "difference.fits").unlink(missing_ok=True)
-            (here / "fakes.ecsv").unlink(missing_ok=True)
+            for name in ("difference.fits", "fakes.ecsv", "cutouts.fits"):
+                (here / name).unlink(missing_ok=True)
             status.update({"status": "failed", "error": f"writing: {type(exc).__name__}: {exc}"})
         status["t_write"] = time.perf_counter() - t
         if apdb and status["status"] == "done":
@@ -405,6 +444,12 @@ def run_table(outdir, manifest) -> Table:
                                       "detector": _identifier(row["detector"]),
                                       "band": str(row["band"]), "status": "pending"}
         rows.append(st)
+    return status_table(rows)
+
+
+def status_table(rows: list[dict]) -> Table:
+    """Status rows (dicts) as a Table: a column per key any row has, numeric where every
+    value given is a number (NaN where missing), text otherwise."""
     keys = []
     for r in rows:
         keys += [k for k in r if k not in keys]

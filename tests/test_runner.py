@@ -343,10 +343,10 @@ def test_a_device_error_retries_the_exposure_on_the_cpu(tmp_path, monkeypatch):
                       {"__module__": "cupy_backends.cuda.api.runtime"})
     process = runner._process
 
-    def faulty(science, template, config, backend, error=cuda_error):
+    def faulty(science, template, config, backend, pick=None, error=cuda_error):
         if backend.name != "cpu":
             raise error("cudaErrorIllegalAddress: an illegal memory access was encountered")
-        return process(science, template, config, backend)
+        return process(science, template, config, backend, pick)
 
     repo = tmp_path / "repo"
     simulate(repo, dataclasses.replace(PRESETS["ci"], visits={"g": (11692,)}), seed=6,
