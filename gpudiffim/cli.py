@@ -157,7 +157,8 @@ def _cmd_study(args) -> int:
 def _cmd_report(args) -> int:
     from .report import write_report
 
-    page = write_report(args.runs, args.output, stamps=args.stamps, seed=args.seed)
+    page = write_report(args.runs, args.output, stamps=args.stamps, seed=args.seed,
+                        truth=args.truth)
     print(f"report: {page}")
     return 0
 
@@ -265,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     report_p.add_argument("--stamps", type=int, default=8,
                           help="triplets of detections and of lost fakes per run")
     report_p.add_argument("--seed", type=int, default=0, help="seeds the triplets' sample")
+    report_p.add_argument("--truth", default=None,
+                          help="ECSV of changes known to be in the data besides the fakes "
+                               "(band, visit, detector, x, y, flux; e.g. the simulator's "
+                               "truth.ecsv): what they explain is not contamination")
     report_p.set_defaults(func=_cmd_report)
     apdb_p = sub.add_parser("make-apdb", help="create a Rubin APDB (lsst-dax-apdb) at an "
                                               "SQLAlchemy URL (sqlite:///path.db, "

@@ -65,7 +65,8 @@ class RunCatalogues:
     sources : Table
         Every diaSource (sky sources dropped): band, visit, detector, the measured columns,
         every pixel flag, ``flagged`` (the flag cuts), ``fake`` (the matched fake's row,
-        -1: none) and ``diaObjectId`` (0 without an APDB).
+        -1: none), ``known`` (a known change explains it) and ``diaObjectId`` (0 without
+        an APDB).
     fakes : Table
         Every fake's truth with band, ``true_snr`` (S/N in the difference), ``mag``,
         ``usable`` (its centre on difference pixels with data: the efficiency counts only
@@ -83,15 +84,20 @@ class RunCatalogues:
     apdb: str | None
 
 
-def load_run(run_dir, name: str | None = None) -> RunCatalogues:
+def load_run(run_dir, name: str | None = None, truth=None) -> RunCatalogues:
     """Read a run directory (``gpudiffim run``'s output): every exposure with status
-    'done'. An unreadable run table or output is an InputError naming the file."""
+    'done'. An unreadable run table or output is an InputError naming the file.
+
+    ``truth``: changes known to be in the data besides the fakes (a Table or an ECSV path
+    with band, visit, detector, x, y, flux; the simulator's ``truth.ecsv``): diaSources
+    they explain are marked ``known`` and are not contamination."""
     run_dir = Path(run_dir)
     table_path = run_dir / "run.ecsv"
     if not table_path.is_file():
         raise InputError(table_path, "no run table: not a gpudiffim run directory")
     table = Table.read(table_path, format="ascii.ecsv")
     done = table[table["status"] == "done"] if "status" in table.colnames else table[:0]
+    known = _known_changes(truth)
     rows, sources, fakes = [], [], []
     for i, row in enumerate(done):
         here = exposure_dir(run_dir, row)
@@ -103,6 +109,7 @@ def load_run(run_dir, name: str | None = None) -> RunCatalogues:
             truth["usable"] = _usable(here / "difference.fits", truth)
         cat["exposure"], truth["exposure"] = np.full(len(cat), i), np.full(len(truth), i)
         _match(cat, truth, status, offset=sum(len(s) for s in sources))
+        _match_known(cat, known, status)
         rows.append(status)
         sources.append(cat)
         fakes.append(truth)
@@ -239,6 +246,43 @@ def _match(cat: Table, truth: Table, status: dict, offset: int) -> None:
         cat["fake"][sr[hit[ok]]] = fk[ok]
 
 
+def _known_changes(truth) -> Table | None:
+    """The known changes' table (None: none given); a bad one is an InputError."""
+    if truth is None:
+        return None
+    where = "the truth table" if isinstance(truth, Table) else truth
+    if not isinstance(truth, Table):
+        try:
+            truth = Table.read(truth, format="ascii.ecsv")
+        except Exception as exc:
+            raise InputError(where, f"unreadable truth table ({type(exc).__name__})") from exc
+    missing = {"band", "visit", "detector", "x", "y", "flux"} - set(truth.colnames)
+    if missing:
+        raise InputError(where, f"lacks columns {sorted(missing)}")
+    return truth
+
+
+def _match_known(cat: Table, known: Table | None, status: dict) -> None:
+    """Mark the diaSources no fake explains that a known change of their sign does."""
+    cat["known"] = np.zeros(len(cat), bool)
+    if known is None or not len(cat):
+        return
+    here = known[(np.asarray(known["band"]).astype(str) == str(status["band"]))
+                 & (np.asarray(known["visit"]).astype(str) == str(status["visit"]))
+                 & (np.asarray(known["detector"]).astype(str) == str(status["detector"]))]
+    radius = max(1.5, float(status.get("science_psf_radius") or 0.0))
+    sign = np.sign(np.asarray(cat["significance"], float))
+    free = np.asarray(cat["fake"]) < 0
+    for s in (1.0, -1.0):
+        kn = np.flatnonzero(np.sign(np.asarray(here["flux"], float)) == s)
+        sr = np.flatnonzero(free & (sign == s))
+        if not len(kn) or not len(sr):
+            continue
+        hit = match_fakes(np.column_stack([cat["x"][sr], cat["y"][sr]]),
+                          np.column_stack([here["x"][kn], here["y"][kn]]), radius)
+        cat["known"][sr[hit[hit >= 0]]] = True
+
+
 def _object_ids(url: str, sources: Table) -> np.ndarray:
     """Each diaSource's diaObjectId in the APDB at ``url`` (0: not stored there)."""
     import sqlalchemy  # with the apdb extra; runs without an APDB need none
@@ -317,7 +361,7 @@ def exposure_counts(run: RunCatalogues) -> Table:
         out[key] = run.exposures[key]
     at, fat = np.asarray(run.sources["exposure"], int), np.asarray(run.fakes["exposure"], int)
     clean = ~np.asarray(run.sources["flagged"], bool)
-    unmatched = np.asarray(run.sources["fake"]) < 0
+    unmatched = (np.asarray(run.sources["fake"]) < 0) & ~np.asarray(run.sources["known"], bool)
     for name, weight in (("n_sources", None), ("n_clean", clean), ("n_unmatched", unmatched),
                          ("n_unmatched_clean", unmatched & clean)):
         out[name] = np.bincount(at, weight, n).astype(int)
@@ -470,8 +514,8 @@ def summary(run: RunCatalogues) -> dict:
     sci = fk[(fk["image"] == "science") & fk["usable"]]
     n_ccd = len(run.exposures)
     area = float(np.nansum(np.asarray(run.exposures["area_deg2"], float)))
-    cont = contamination(np.asarray(s["fake"]) < 0, s["flagged"], n_ccd,
-                         area if area > 0 else np.nan)
+    cont = contamination((np.asarray(s["fake"]) < 0) & ~np.asarray(s["known"], bool),
+                         s["flagged"], n_ccd, area if area > 0 else np.nan)
     objects = object_table(run)
     fits_ = sigmoid_fits(run)
     everything = fits_[fits_["band"] == "all"][0] if len(fits_) else None
@@ -488,6 +532,7 @@ def summary(run: RunCatalogues) -> dict:
         "fakes_matched": found, "fakes_matched_clean": int(np.sum(fk["found_clean"])),
         "fraction_lost_to_cuts": (1.0 - np.sum(fk["found_clean"]) / found) if found
         else np.nan,
+        "known_changes_found": int(np.sum(s["known"])),
         "unmatched": cont["n"], "unmatched_clean": cont["n_clean"],
         "contamination_per_ccd": cont["per_ccd"],
         "contamination_per_ccd_clean": cont["per_ccd_clean"],

@@ -397,6 +397,7 @@ _SUMMARY_ROWS = (
     ("fakes (science + template)", "n_fakes", "d"), ("fakes matched", "fakes_matched", "d"),
     ("fakes matched after flag cuts", "fakes_matched_clean", "d"),
     ("fraction of matched fakes the cuts lose", "fraction_lost_to_cuts", ".3f"),
+    ("known changes found (truth given)", "known_changes_found", "d"),
     ("unmatched (contamination)", "unmatched", "d"),
     ("unmatched after flag cuts", "unmatched_clean", "d"),
     ("contamination per CCD", "contamination_per_ccd", ".1f"),
@@ -434,7 +435,7 @@ text-align:right}th:first-child{text-align:left}img{max-width:100%}figure{margin
 figcaption{font-size:13px;color:#444}.triplets{display:flex;flex-wrap:wrap;gap:1em}"""
 
 
-def write_report(runs, outdir, *, stamps: int = 8, seed: int = 0) -> Path:
+def write_report(runs, outdir, *, stamps: int = 8, seed: int = 0, truth=None) -> Path:
     """Write the report of ``runs`` (RunCatalogues, or run directories) to ``outdir``.
 
     Parameters
@@ -447,13 +448,17 @@ def write_report(runs, outdir, *, stamps: int = 8, seed: int = 0) -> Path:
         Triplets of detections and of lost fakes sampled per run.
     seed : int
         Seeds that sample.
+    truth : Table or path, optional
+        Changes known to be in the data besides the fakes, for run directories given as
+        paths (:func:`~gpudiffim.evaluation.load_run`).
 
     Returns
     -------
     Path
         ``outdir/index.html``.
     """
-    runs = [r if isinstance(r, ev.RunCatalogues) else ev.load_run(r) for r in runs]
+    runs = [r if isinstance(r, ev.RunCatalogues) else ev.load_run(r, truth=truth)
+            for r in runs]
     if not runs:
         raise ValueError("a report needs at least one run")
     out = Path(outdir)

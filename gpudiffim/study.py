@@ -96,7 +96,9 @@ def study(repo, outdir, config: StudyConfig | None = None) -> Path:
                       dask=config.dask, force=config.force, apdb=url, fakes=config.fakes,
                       alerts=str(outdir / flavor / "alerts") if config.alerts and url
                       else None))
-        runs.append(load_run(outdir / flavor, name=flavor))
+        truth = Path(repo) / "truth.ecsv"  # the simulator's changes: not contamination
+        runs.append(load_run(outdir / flavor, name=flavor,
+                             truth=truth if truth.is_file() else None))
     log.info("writing the report")
     return write_report(runs, outdir / "report", stamps=config.stamps, seed=config.fakes.seed)
 

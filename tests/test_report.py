@@ -16,7 +16,7 @@ from astropy.wcs import WCS
 
 from gpudiffim import evaluation as ev
 from gpudiffim.cutouts import read_cutouts
-from gpudiffim.errors import GpuDiffimError
+from gpudiffim.errors import GpuDiffimError, InputError
 from gpudiffim.fakes import FakeConfig
 from gpudiffim.report import FIGURES, write_report
 from gpudiffim.simulate import simulate
@@ -101,6 +101,22 @@ def test_fakes_are_matched_by_sign_and_counted_as_the_note_counts(tmp_path):
     eff = ev.efficiency_tables(run)
     sci = eff[(eff["image"] == "science") & (eff["band"] == "g")]
     assert sci["n"].sum() == 2 and sci["k"].sum() == 1  # the EDGE fake is not counted
+
+
+def test_known_changes_are_not_contamination(tmp_path):
+    """With the data's own truth (the simulator's), the diaSource a known change of its
+    sign explains is not counted as contamination; one of the other sign is."""
+    truth = Table({"band": ["g", "g", "g"], "visit": [7, 7, 8], "detector": [3, 3, 3],
+                   "x": [80.3, 30.0, 50.0], "y": [10.2, 80.0, 40.0],
+                   "flux": [90.0, -50.0, 1.0]})
+    path = tmp_path / "truth.ecsv"
+    truth.write(path, format="ascii.ecsv")
+    run = ev.load_run(_handmade_run(tmp_path), truth=path)
+    assert list(run.sources["known"]) == [False, False, False, False, True]
+    s = ev.summary(run)
+    assert (s["known_changes_found"], s["unmatched"], s["unmatched_clean"]) == (1, 2, 1)
+    with pytest.raises(InputError, match="lacks columns"):
+        ev.load_run(tmp_path / "run", truth=truth["x", "y"])
 
 
 def test_a_report_of_the_handmade_run_has_every_figure_and_table(tmp_path):
