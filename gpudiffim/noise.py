@@ -155,13 +155,16 @@ def filtered_variance(backend, weights, paths, xs, ys):
     return total
 
 
-def residual_power(backend, image, size: int, factor: int = 4):
+def residual_power(backend, image, size: int, factor: int = 4, variance=None):
     """``image^2`` summed over a box of about ``size`` pixels around each pixel, on a grid
     of ``factor``-pixel blocks (a smooth map, a third of the cost of the full-resolution
-    box filter)."""
+    box filter). With ``variance`` (the image's), its noise is taken out first (``image^2
+    - variance``, the sum kept >= 0): the power is the sources', and empty sky has none."""
     xp = backend.xp
     ny, nx = image.shape
     sq = image * image
+    if variance is not None:
+        sq = sq - xp.astype(variance, sq.dtype)
     py, px = -ny % factor, -nx % factor
     if py:
         sq = xp.concat([sq, backend.zeros((py, nx), dtype=sq.dtype)], axis=0)
@@ -171,6 +174,8 @@ def residual_power(backend, image, size: int, factor: int = 4):
     blocks = xp.sum(xp.reshape(sq, (Y // factor, factor, X // factor, factor)), axis=(1, 3))
     box = max(1, size // factor) | 1
     summed = backend.uniform_filter(blocks, box) * float(box * box)
+    if variance is not None:
+        summed = xp.clip(summed, 0.0, None)
     return xp.repeat(xp.repeat(summed, factor, axis=0), factor, axis=1)[:ny, :nx]
 
 

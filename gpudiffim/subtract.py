@@ -662,9 +662,11 @@ def noise_model(problem: MatchingProblem, solution: KernelSolution, kernel: np.n
     filter it reaches the difference through (none for the score), the residual power
     of the image the kernel convolved (only its shape matters: detection scales it), and
     the template with its filter (for the misregistration term; none for the score)."""
+    xp = backend.xp
     source = problem.source
     bright = _less_sky(source, good, backend)
-    power = residual_power(backend, bright, solution.basis.size)
+    power = residual_power(backend, bright, solution.basis.size,
+                           variance=xp.where(good, problem.source_var, 0.0))
     paths, registration = (), ()
     if problem.flavor != "preconvolve":
         kappa = float(kernel.sum())
