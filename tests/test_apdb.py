@@ -235,29 +235,34 @@ def _ingest(args):
     return [str(s) for s in table["status"]]
 
 
-def _objects(url):
-    """The latest DiaObject rows, ids aside, in RA order: ra, dec, nDiaSources,
-    g_psfFluxNdata, g_psfFluxMean."""
-    frame = _read(url, 'SELECT ra, dec, "nDiaSources", "g_psfFluxNdata", "g_psfFluxMean" '
-                       'FROM "DiaObject" WHERE "validityEndMjdTai" IS NULL ORDER BY ra')
-    return frame.to_numpy(float)
+def _memberships(url):
+    """diaSourceId -> the frozenset of diaSourceIds of its diaObject."""
+    frame = _read(url, 'SELECT "diaSourceId", "diaObjectId" FROM "DiaSource"')
+    groups = frame.groupby("diaObjectId")["diaSourceId"].apply(frozenset)
+    return {int(s): groups[o] for s, o in zip(frame["diaSourceId"], frame["diaObjectId"])}
 
 
-def _same_objects(got, want, flux_rtol):
-    assert got.shape == want.shape
-    np.testing.assert_allclose(got[:, :2], want[:, :2], rtol=0, atol=1e-7)  # 0.4 mas
-    np.testing.assert_array_equal(got[:, 2:4], want[:, 2:4])
-    # to flux_rtol of each mean, or of the typical object's where a mean is near 0 (an
-    # object whose sources cancel: 1.2 nJy against 1.18 once, its sources agreeing to 1e-4)
-    np.testing.assert_allclose(got[:, 4], want[:, 4], rtol=flux_rtol,
-                               atol=flux_rtol * np.median(np.abs(want[:, 4])))
+def _current_objects(url):
+    """diaObjectId -> (ra, dec, nDiaSources, g_psfFluxNdata, g_psfFluxMean) of its one
+    open version (an object with two open versions, or none, fails)."""
+    frame = _read(url, 'SELECT "diaObjectId", "validityEndMjdTai", ra, dec, "nDiaSources", '
+                       '"g_psfFluxNdata", "g_psfFluxMean" FROM "DiaObject"')
+    current = frame[frame["validityEndMjdTai"].isna()]
+    assert not current["diaObjectId"].duplicated().any()
+    assert set(current["diaObjectId"]) == set(frame["diaObjectId"])
+    return {int(r.diaObjectId): np.array([r.ra, r.dec, r.nDiaSources, r.g_psfFluxNdata,
+                                          r.g_psfFluxMean], float)
+            for r in current.itertuples()}
 
 
-def test_two_processes_ingesting_one_field_give_the_objects_one_process_gives(
+def test_two_processes_ingesting_one_field_agree_with_one_process(
         repo, tmp_path, postgres_server):
     """Visits split between two processes writing one PostgreSQL APDB at once, and all of
-    them run by Dask's two workers, against one process writing them all: the same final
-    DiaObject table, ids aside."""
+    them run by Dask's two workers, against one process writing them all: every diaSource
+    stored once, every diaObject with exactly one open version, and the same diaObjects,
+    but for association's dependence on the order visits arrive in (as Rubin's: a source
+    between two objects joins whichever exists first): a diaSource may be in another
+    diaObject only where two diaObjects contest it, and at most 5% of them are."""
     pytest.importorskip("dask.distributed")
     from sqlalchemy import text
     names = ("together", "apart", "dask")
@@ -281,14 +286,47 @@ def test_two_processes_ingesting_one_field_give_the_objects_one_process_gives(
     table = run(repo, tmp_path / "dask", RunConfig(apdb=dask, dask="local:2"), progress=False)
     assert (table["status"] == "done").all()
     assert all(s == "done" for s in _ingest((repo, tmp_path / "one", together)))
-    # forced sources are taken of the objects that exist when an exposure is stored, so
-    # their number depends on the order the visits arrive in; objects and sources do not
-    # (sums taken in another order differ in their last digits; Dask's workers run BLAS on
-    # one thread, so their fits differ in the fifth, as in test_runner's Dask test)
+    want_members, want_objects = _memberships(together), _current_objects(together)
+    positions = _read(together, 'SELECT "diaSourceId", ra, dec FROM "DiaSource"')
+    # sums taken in another order differ in their last digits; Dask's workers run BLAS on
+    # one thread, so their fits differ in the fifth, as in test_runner's Dask test
     for url, flux_rtol in ((apart, 1e-6), (dask, 1e-3)):
-        assert {k: v for k, v in _counts(url).items() if k != "DiaForcedSource"} == \
-            {k: v for k, v in _counts(together).items() if k != "DiaForcedSource"}
-        _same_objects(_objects(url), _objects(together), flux_rtol)
+        members, objects = _memberships(url), _current_objects(url)
+        assert set(members) == set(want_members)  # every diaSource, once
+        moved = [s for s in members if members[s] != want_members[s]]
+        assert len(moved) <= 0.05 * len(members), moved
+        assert all(_contested(s, want_members, members, positions) for s in moved), moved
+        same = {min(members[s]) for s in members if members[s] == want_members[s]}
+        by_first = {min(m): o for o, m in _object_members(url).items()}
+        want_first = {min(m): o for o, m in _object_members(together).items()}
+        for first in same:
+            got, exp = objects[by_first[first]], want_objects[want_first[first]]
+            np.testing.assert_allclose(got[:2], exp[:2], rtol=0, atol=1e-7)  # 0.4 mas
+            np.testing.assert_array_equal(got[2:4], exp[2:4])
+            np.testing.assert_allclose(got[4], exp[4], rtol=flux_rtol,
+                                       atol=flux_rtol * np.median(np.abs(
+                                           [v[4] for v in want_objects.values()])))
+
+
+def _contested(source, members_a, members_b, positions) -> bool:
+    """Whether two diaObjects contest a source: within twice association's radius of it
+    lie sources of two diaObjects or more, in each of the two runs."""
+    from scipy.spatial import cKDTree
+
+    from gpudiffim.associate import AssociationConfig, unit_vectors
+    ids = positions["diaSourceId"].to_numpy()
+    vectors = unit_vectors(positions["ra"], positions["dec"])
+    radius = np.radians(2 * AssociationConfig().maxDistArcSeconds / 3600)
+    near = ids[cKDTree(vectors).query_ball_point(vectors[ids == source][0],
+                                                 2 * np.sin(radius / 2))]
+    return all(len({members[k] for k in near}) >= 2 for members in (members_a, members_b))
+
+
+def _object_members(url):
+    """diaObjectId -> the frozenset of its diaSourceIds."""
+    frame = _read(url, 'SELECT "diaSourceId", "diaObjectId" FROM "DiaSource"')
+    return {int(o): frozenset(int(s) for s in g)
+            for o, g in frame.groupby("diaObjectId")["diaSourceId"]}
 
 
 def test_status_rows_record_what_the_apdb_got(repo, tmp_path):

@@ -57,6 +57,13 @@ def _raw_fits(data: np.ndarray, cards: dict, path: Path) -> Path:
     return path
 
 
+def _data_end(path):
+    """The byte after the last HDU's data, before the FITS block's padding."""
+    with fits.open(path) as hdus:
+        last = hdus[-1].fileinfo()
+        return last["datLoc"] + hdus[-1].size
+
+
 @pytest.fixture(scope="module")
 def decam_pixels():
     return fits.getdata(SCIENCE).astype(np.float32)
@@ -99,10 +106,14 @@ def test_the_cli_subtracts_or_exits_2_whatever_the_header(tmp_path_factory, deca
 @needs_decam
 @FUZZ
 @given(fraction=st.floats(0.0, 1.0, exclude_max=True))
-def test_files_truncated_anywhere_are_named_errors(tmp_path_factory, fraction):
+def test_files_truncated_anywhere_are_named_errors(tmp_path_factory, decam_pixels, fraction):
     raw = SCIENCE.read_bytes()
     path = tmp_path_factory.mktemp("cut") / "truncated.fits"
-    path.write_bytes(raw[:int(fraction * len(raw))])
+    cut = int(fraction * len(raw))
+    path.write_bytes(raw[:cut])
+    if cut >= _data_end(SCIENCE):  # only the last block's padding is gone: nothing is lost
+        assert np.array_equal(read_exposure(path).image, decam_pixels)
+        return
     with pytest.raises(InputError, match="truncated.fits"):
         read_exposure(path)
     with pytest.raises(InputError, match="truncated.fits"):
