@@ -16,7 +16,8 @@ from .backend import get_backend, next_fast_len
 from .exposure import INTERPOLATED_PLANES, MASK_PLANES, UNBOUNDED_PLANES, mask_bits
 
 __all__ = ["padded_shape", "fft_convolve", "fft_convolve_weighted_sum", "edge_mask",
-           "grow_mask", "grow_convolved_mask", "convolve_exposure", "kernel_reach", "kernel_core"]
+           "grow_mask", "grow_convolved_mask", "convolve_exposure", "kernel_reach", "kernel_core",
+           "reach_box", "UNBOUNDED_FRACTION"]
 
 
 def padded_shape(image_shape, kernel_shape) -> tuple[int, int]:
@@ -103,13 +104,28 @@ def grow_mask(mask, kernel_shape, backend=None, planes=MASK_PLANES, any_set: boo
     return xp.where(edge_mask(mask.shape, (kh, kw), backend), grown | edge, grown)
 
 
+#: the share of a kernel's absolute weight inside the box that planes without a bounded
+#: value grow by: past it, a pixel gets at most this complement of a masked pixel's value,
+#: spread over the whole ring (per pixel ~1e-7 of it for a 41-pixel kernel)
+UNBOUNDED_FRACTION = 0.9999
+
+
+def reach_box(kernel: np.ndarray, fraction: float) -> tuple[int, int]:
+    """The odd centred box holding ``fraction`` of ``kernel``'s absolute weight (at most
+    the kernel's own shape)."""
+    r = kernel_reach(kernel, fraction)
+    return min(2 * r + 1, kernel.shape[0]), min(2 * r + 1, kernel.shape[1])
+
+
 def grow_convolved_mask(mask, kernel, backend=None, planes=MASK_PLANES,
-                        bulk: float = 0.9, core: float = 0.99):
+                        bulk: float = 0.9, core: float = 0.99,
+                        unbounded_fraction: float = UNBOUNDED_FRACTION):
     """The mask of an image convolved with ``kernel``. Planes whose pixels hold no bounded
-    value (:data:`~gpudiffim.exposure.UNBOUNDED_PLANES`) grow by the kernel's box
-    (:func:`grow_mask`); interpolated ones (CR, INTRP: their pixels hold an estimate) by the
-    box holding ``bulk`` of the kernel's absolute weight, every other plane by the box
-    holding ``core`` of it; what lies past those within the kernel's box is TOUCHED."""
+    value (:data:`~gpudiffim.exposure.UNBOUNDED_PLANES`) grow by the box holding
+    ``unbounded_fraction`` of the kernel's absolute weight (:func:`grow_mask`, EDGE where it
+    leaves the image); interpolated ones (CR, INTRP: their pixels hold an estimate) by the
+    box holding ``bulk`` of it, every other plane by the box holding ``core`` of it; what
+    lies past those within the kernel's box is TOUCHED."""
     backend = get_backend(backend)
     xp = backend.xp
     kernel = np.asarray(kernel)
@@ -122,12 +138,12 @@ def grow_convolved_mask(mask, kernel, backend=None, planes=MASK_PLANES,
     top = bits(tuple(planes))
     rest = mask & ~(unbounded | touched)
     some = backend.to_host(xp.stack([xp.any((mask & unbounded) != 0), xp.any(rest != 0)]))
-    out = grow_mask(mask & unbounded, kernel.shape, backend, planes, bool(some[0]))
+    out = grow_mask(mask & unbounded, reach_box(kernel, unbounded_fraction), backend, planes,
+                    bool(some[0]))
     if not some[1]:
         return out | (mask & touched)
     for part, fraction in ((rest & interp, bulk), (rest & ~interp, core)):
-        r = kernel_reach(kernel, fraction)
-        box = (min(2 * r + 1, kernel.shape[0]), min(2 * r + 1, kernel.shape[1]))
+        box = reach_box(kernel, fraction)
         out = out | window_or(backend, part, box, (-(box[0] // 2), -(box[1] // 2)), top)
     if touched:  # a box sum of the flags (any box size at one cost), not a bitwise OR
         size = max(kernel.shape)

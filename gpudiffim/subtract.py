@@ -36,11 +36,13 @@ from .background import quiet_blocks, quiet_pixels, refit_sky_plane
 from .basis import BasisConfig, KernelBasis, alard_lupton_basis
 from .choices import MODES
 from .convolve import (
+    UNBOUNDED_FRACTION,
     convolve_exposure,
     fft_convolve,
     grow_convolved_mask,
     kernel_core,
     kernel_reach,
+    reach_box,
 )
 from .cosmic import CosmicRayConfig, repair_cosmic_rays
 from .decorrelate import decorrelation_kernel
@@ -534,10 +536,10 @@ def _template_mask_bits(template: Exposure, backend):
 
 
 def difference_mask(problem: MatchingProblem, sci, tmpl, kernel: np.ndarray, backend):
-    """The difference's mask: the convolved side's planes grown by the kernel (interpolated
-    ones by its bulk), the other's as they are (the score's pre-filtered); saturated stars'
-    wings reach past the kernel, so SAT and SAT_TEMPLATE grow once more by it; detections
-    are not carried."""
+    """The difference's mask: the convolved side's planes grown by the kernel
+    (:func:`~gpudiffim.convolve.grow_convolved_mask`), the other's as they are (the score's
+    pre-filtered); saturated stars' wings reach past the kernel, so SAT and SAT_TEMPLATE
+    grow once more by its effective box; detections are not carried."""
     xp = backend.xp
     if problem.science_is_convolved:
         mask = (grow_convolved_mask(sci.mask, kernel, backend, sci.mask_planes)
@@ -548,9 +550,9 @@ def difference_mask(problem: MatchingProblem, sci, tmpl, kernel: np.ndarray, bac
     mask = mask & ~mask_bits("DETECTED", "DETECTED_NEGATIVE")
     sat = mask & mask_bits("SAT", "SAT_TEMPLATE")
     if backend.scalar(xp.any(sat != 0)):
-        h = kernel.shape[0]
+        box = reach_box(kernel, UNBOUNDED_FRACTION)
         top = mask_bits("SAT", "SAT_TEMPLATE")
-        mask = mask | window_or(backend, sat, (h, h), (-(h // 2), -(h // 2)), top)
+        mask = mask | window_or(backend, sat, box, (-(box[0] // 2), -(box[1] // 2)), top)
     return mask
 
 

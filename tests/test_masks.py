@@ -31,8 +31,9 @@ def _extent(plane):
 
 
 def test_planes_grow_as_far_as_their_values_matter(backend):
-    """A 41 x 41 Gaussian kernel (sigma 2 px): no data and a saturated core spread over its
-    whole box; a bad pixel over the box holding 99% of its weight, a cosmic ray (its value
+    """A 41 x 41 Gaussian kernel (sigma 2 px): no data and a saturated core spread over the
+    box holding 99.99% of its weight (beyond it a pixel gets at most 1e-4 of theirs, spread
+    over the whole ring); a bad pixel over the box holding 99%, a cosmic ray (its value
     interpolated) over 90%; TOUCHED marks the rest of the box around the last two."""
     kernel = gaussian_image(41, 2.0)
     shape = (200, 200)
@@ -41,10 +42,11 @@ def test_planes_grow_as_far_as_their_values_matter(backend):
     for name, (y, x) in planes.items():
         mask[y, x] = mask_bits(name) | (mask_bits("INTRP") if name == "CR" else 0)
     grown = backend.to_host(grow_convolved_mask(backend.to_device(mask), kernel, backend))
-    r99, r90 = _reach(kernel, 0.99), _reach(kernel, 0.90)
-    assert (r99, r90) == (6, 4)  # sigma 2: 2.6 and 2.1 sigma per axis, Chebyshev
-    assert _extent(grown & mask_bits("NO_DATA")) == (41, 41)
-    assert _extent(grown & mask_bits("SAT")) == (41, 41)
+    r9999, r99, r90 = _reach(kernel, 0.9999), _reach(kernel, 0.99), _reach(kernel, 0.90)
+    # sigma 2: 4.1, 2.6 and 2.1 sigma per axis, Chebyshev
+    assert (r9999, r99, r90) == (8, 6, 4)
+    assert _extent(grown & mask_bits("NO_DATA")) == (2 * r9999 + 1,) * 2
+    assert _extent(grown & mask_bits("SAT")) == (2 * r9999 + 1,) * 2
     assert _extent(grown & mask_bits("BAD")) == (2 * r99 + 1,) * 2
     assert _extent(grown & mask_bits("CR")) == (2 * r90 + 1,) * 2
     touched = (grown & mask_bits("TOUCHED")) != 0
