@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check gpudiffim tests bench
 	$(PY) -m pytest -q
 
-# the demo preset in the note's three flavors over the same fakes, each flavor's diaSources
+# the demo preset in the note's three flavors and zogy over the same fakes, each flavor's diaSources
 # associated into its own APDB with alerts, and the report comparing them
 demo: $(STAMP)
 	$(VENV)/bin/gpudiffim info
@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(VENV)/bin/gpudiffim study $(DEMO)/repo -o $(DEMO)/study --inject-fakes 50 \
 		--template-fakes 5 --alerts
 
-# the HSC sprint's shape: 33 visits x 6 detectors of 2048 x 4176, three flavors
+# the HSC sprint's shape: 33 visits x 6 detectors of 2048 x 4176, four flavors
 study: $(STAMP)
 	$(VENV)/bin/gpudiffim simulate $(STUDY)/repo --preset sprint --seed 0
 	$(VENV)/bin/gpudiffim study $(STUDY)/repo -o $(STUDY)/study --inject-fakes 100 \

@@ -33,7 +33,7 @@ def pair_hsc(tmp_path_factory):
     return _pair(tmp_path_factory, (4176, 2048))
 
 
-@pytest.mark.parametrize("mode", ["convolveTemplate", "preconvolve"])
+@pytest.mark.parametrize("mode", ["convolveTemplate", "preconvolve", "zogy"])
 def test_subtract_2048x2048(benchmark, pair_2k, mode):
     cpu = get_backend("cpu")
     subtract(*pair_2k, SubtractConfig(mode=mode), cpu)  # plans and caches warm, as in a run

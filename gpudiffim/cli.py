@@ -239,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     study_p.add_argument("repo", help="directory with manifest.ecsv")
     study_p.add_argument("-o", "--output", required=True,
                          help="runs go to OUTPUT/<flavor>/, the report to OUTPUT/report/")
-    study_p.add_argument("--flavors", default="convolveTemplate,auto,preconvolve",
-                         help="comma-separated flavors (default: the note's three)")
+    study_p.add_argument("--flavors", default="convolveTemplate,auto,preconvolve,zogy",
+                         help="comma-separated flavors (default: the note's three and zogy)")
     study_p.add_argument("--inject-fakes", type=int, default=50, metavar="N",
                          help="fakes per science exposure (default 50)")
     study_p.add_argument("--template-fakes", type=int, default=5, metavar="N",

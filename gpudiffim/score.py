@@ -13,7 +13,7 @@ from scipy.signal import fftconvolve
 from .psf import PolynomialPsf
 from .spatial import polynomial_terms, scaled_coords
 
-__all__ = ["prefilter", "self_convolved", "score_norm"]
+__all__ = ["prefilter", "self_convolved", "score_norm", "filter_response"]
 
 
 def prefilter(psf: np.ndarray) -> np.ndarray:
@@ -35,15 +35,27 @@ def score_norm(backend, psf_model, psf_centre, shape, phi=None):
     """The score's value per unit flux of a point source: ``sum F P(x, y)`` with the PSF at
     (x, y) and the filter ``F = P_centre * phi~`` that the score applied (the pre-filter
     made from the centre PSF, then the decorrelation ``phi`` when given: it reshapes the
-    filtered source, so its peak moves). A constant for a constant PSF; for a
-    :class:`PolynomialPsf`, ``sum_j w_j C_j / sum_j w_j sum(C_j)`` with monomial weights
-    ``w_j(x, y)``, so the map (device, ``shape``) is exactly a ratio of two polynomials in
-    position.
+    filtered source, so its peak moves); :func:`filter_response` of that filter.
     """
     p_c = psf_centre / psf_centre.sum()
     filt = p_c if phi is None else fftconvolve(p_c, np.flip(phi), mode="same")
+    return filter_response(backend, psf_model, filt, shape)
+
+
+def filter_response(backend, psf_model, filt, shape):
+    """``sum F P(x, y)``: an image correlated with ``filt`` (convolved with its reflection),
+    at a point source of unit flux at (x, y), with the PSF there. A constant for a constant
+    PSF; for a :class:`PolynomialPsf`, ``sum_j w_j C_j / sum_j w_j sum(C_j)`` with monomial
+    weights ``w_j(x, y)``, so the map (device, ``shape``) is exactly a ratio of two
+    polynomials in position.
+    """
     if not isinstance(psf_model, PolynomialPsf):
-        return float(np.sum(p_c * filt))
+        p = psf_model.image_at()
+        p = p / p.sum()
+        h = min(p.shape[0], filt.shape[0]) // 2
+        c, k = p.shape[0] // 2, filt.shape[0] // 2
+        return float(np.sum(p[c - h:c + h + 1, c - h:c + h + 1]
+                            * filt[k - h:k + h + 1, k - h:k + h + 1]))
     coeffs = psf_model.image
     h = min(coeffs.shape[1], filt.shape[0]) // 2
     c, k = coeffs.shape[1] // 2, filt.shape[0] // 2

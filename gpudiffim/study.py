@@ -28,8 +28,8 @@ __all__ = ["STUDY_FLAVORS", "StudyConfig", "study", "flavor_apdb"]
 
 log = logging.getLogger(__name__)
 
-#: the flavors the note compared
-STUDY_FLAVORS = ("convolveTemplate", "auto", "preconvolve")
+#: the flavors the note compared, and proper image subtraction
+STUDY_FLAVORS = ("convolveTemplate", "auto", "preconvolve", "zogy")
 
 
 @configclass

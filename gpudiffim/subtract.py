@@ -16,6 +16,10 @@ Flavors (``SubtractConfig.mode``):
   difference: detection thresholds it as it is), with its own variance. With a sharper
   template the kernel is instead fitted template -> science and the difference pre-filtered
   (the same score, better determined).
+* ``zogy`` — proper image subtraction (Zackay, Ofek & Gal-Yam 2016): the kernel fit (in
+  the direction ``auto`` picks) only puts the template on the science's flux scale and
+  background; filters made from the two PSFs and noise levels (:mod:`gpudiffim.zogy`) give
+  the optimal score for any pair of PSFs, a score image in flux units as preconvolve's.
 
 Each flavor is set up as one :class:`MatchingProblem` (``target ~ k * source + b``), and
 the same stages then run on it; ``docs/algorithm.md`` gives the reasons for each.
@@ -39,6 +43,7 @@ from .convolve import (
     UNBOUNDED_FRACTION,
     convolve_exposure,
     fft_convolve,
+    fft_convolve_weighted_sum,
     grow_convolved_mask,
     kernel_core,
     kernel_reach,
@@ -73,10 +78,11 @@ from .noise import (
 from .options import configclass, option
 from .psf import ImagePsf, PsfMeasurementError, convolved_psf, kernel_convolved_psf, measure_psf
 from .quality import QualityConfig, SubtractionQualityError, quality_failures
-from .score import prefilter, score_norm, self_convolved
+from .score import filter_response, prefilter, score_norm, self_convolved
 from .sources import select_kernel_sources, source_snr_maps
 from .stats import mean_where, median_where, robust_sigma_of_sorted, sorted_subsample
 from .validation import checked_psf_model, usable_exposure
+from .zogy import proper_filters_over
 
 __all__ = ["MODES", "SubtractConfig", "SubtractionResult", "MatchingProblem", "subtract",
            "subtract_prepared", "simpler_models", "photometric_ratios",
@@ -84,7 +90,8 @@ __all__ = ["MODES", "SubtractConfig", "SubtractionResult", "MatchingProblem", "s
            "fit_matching_kernel", "matched_difference", "difference_mask", "difference_psf",
            "empty_sky_background", "decorrelation", "decorrelate", "input_variances",
            "difference_variance", "noise_model", "noise_correlation", "with_psf",
-           "difference_pull", "variance_scale"]
+           "difference_pull", "variance_scale", "MatchingFit", "matching_fit",
+           "subtract_proper", "flux_matched_template", "proper_mask"]
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +166,8 @@ class SubtractionResult:
     flavor : str
         The flavor used (``auto`` resolved).
     is_score : bool
-        True for the preconvolution score (detection thresholds it as it is).
+        True for a score image (preconvolve, zogy: detection thresholds it as it is, its
+        value at a source is the PSF flux).
     quality : dict
         Figures of the fit and the difference (JSON-ready).
     noise : NoiseModel
@@ -219,7 +227,8 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | Non
         if last is not None and _same_model(attempt, last):
             continue  # the fit already fell back to a constant kernel
         try:
-            result = subtract_prepared(sci, tmpl, attempt, backend)
+            prepared = subtract_proper if attempt.mode == "zogy" else subtract_prepared
+            result = prepared(sci, tmpl, attempt, backend)
         except KernelFitError as err:
             failures, figures = [str(err)], {}
         else:
@@ -238,11 +247,22 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | Non
         rejected)
 
 
-def subtract_prepared(sci: Exposure, tmpl: Exposure, config: SubtractConfig,
-                      backend) -> SubtractionResult:
-    """One subtraction of inputs on the backend with PSF models, by one model (the flavor
-    of ``config.mode``, not ``auto``), without the quality gates: the stages in order."""
-    flavor = config.mode
+@dataclass(frozen=True, eq=False)
+class MatchingFit:
+    """A flavor's fitted matching kernel and what its fit found on the way."""
+
+    problem: MatchingProblem
+    solution: KernelSolution
+    positions: np.ndarray  # host (n, 2) kernel sources
+    quiet: object  # the empty-sky blocks (:func:`~gpudiffim.background.quiet_blocks`)
+    rho: float  # the inputs' shared noise correlation
+    ratios: dict  # :func:`photometric_ratios`
+    pinned: float | None  # the kernel sum the zero points fixed, if any
+
+
+def matching_fit(sci: Exposure, tmpl: Exposure, config: SubtractConfig, flavor: str,
+                 backend) -> MatchingFit:
+    """Set up ``flavor``'s matching, choose its kernel sources and fit its kernel."""
     problem = matching_problem(sci, tmpl, flavor, config.preconvolveByMatching,
                                config.kernel.badMaskPlanes, backend)
     basis = alard_lupton_basis(_mean(problem.fwhm["source"]), _mean(problem.fwhm["target"]),
@@ -255,6 +275,17 @@ def subtract_prepared(sci: Exposure, tmpl: Exposure, config: SubtractConfig,
     pinned = ratios["zero_point_ratio"] if config.kernel.kernelSumFromZeroPoints else None
     solution = fit_matching_kernel(problem, basis, positions, config.kernel, backend, rho,
                                    pinned)
+    return MatchingFit(problem, solution, positions, quiet, rho, ratios, pinned)
+
+
+def subtract_prepared(sci: Exposure, tmpl: Exposure, config: SubtractConfig,
+                      backend) -> SubtractionResult:
+    """One subtraction of inputs on the backend with PSF models, by one model (the flavor
+    of ``config.mode``, not ``auto`` or ``zogy``), without the quality gates: the stages in
+    order."""
+    flavor = config.mode
+    fit = matching_fit(sci, tmpl, config, flavor, backend)
+    problem, solution, positions, quiet = fit.problem, fit.solution, fit.positions, fit.quiet
     kernel = _centre_kernel(problem, solution)
     diff = matched_difference(problem, solution, config.doSubtractBackground, backend)
     mask = difference_mask(problem, sci, tmpl, kernel, backend)
@@ -272,11 +303,55 @@ def subtract_prepared(sci: Exposure, tmpl: Exposure, config: SubtractConfig,
     scale = variance_scale(pull, config) if config.doScaleVariance else 1.0
     var, variances = var * scale, tuple(v * scale for v in variances)
     noise = noise_model(problem, solution, kernel, phi, good, positions, variances, backend)
-    quality = {**_quality(problem, solution, kernel, phi, sky, s_var, t_var, pull, scale, rho),
-               **ratios, "kernel_sum_from_zero_points": pinned is not None}
+    quality = _quality(fit, kernel, phi, sky, s_var, t_var, pull, scale)
     difference = sci.replace(image=diff, mask=mask, variance=var, psf=psf)
     return SubtractionResult(difference, solution, flavor, flavor == "preconvolve", quality,
                              noise, sci.psf, tmpl.psf)
+
+
+def subtract_proper(sci: Exposure, tmpl: Exposure, config: SubtractConfig,
+                    backend) -> SubtractionResult:
+    """:func:`subtract_prepared` for ``zogy``: the kernel, fitted in the direction ``auto``
+    picks, puts the template on the science's flux scale and background; ZOGY's filters
+    from the two PSFs and noise levels make the score, in flux units."""
+    xp = backend.xp
+    fit = matching_fit(sci, tmpl, config, choose_flavor(sci, tmpl, "auto"), backend)
+    problem, solution = fit.problem, fit.solution
+    science, science_var = (xp.where(problem.nodata, 0.0, a) for a in (sci.image, sci.variance))
+    template, template_var = flux_matched_template(problem, solution, tmpl,
+                                                   config.doSubtractBackground, backend)
+    # both filters sum to 1/(s_n + s_r): a level common to both images cancels in the score,
+    # so taking the science's off both leaves masked pixels (zeroed) at the sky's level
+    level = mean_where(backend, science, ~problem.bad & ~problem.nodata)
+    science, template = (xp.where(problem.nodata, 0.0, a - level) for a in (science, template))
+    s_var, t_var = (median_where(backend, v, ~problem.bad & ~problem.nodata)
+                    for v in (science_var, template_var))
+    filters = proper_filters_over(matched_psfs(problem, solution, sci, tmpl), s_var, t_var,
+                                  sci.shape)
+    k_n, k_r = filters.science[filters.centre], filters.template[filters.centre]
+    score = (_proper_filtered(science, filters.science, filters, backend)
+             - _proper_filtered(template, filters.template, filters, backend))
+    mask = proper_mask(sci, tmpl, k_n, k_r, backend)
+    good = (mask & mask_bits(*DETECTION_EXCLUDED)) == 0
+    score, sky = empty_sky_background(score, mask, good, fit.quiet, solution, config, backend)
+    var = (_proper_filtered(science_var, filters.science**2, filters, backend)
+           + _proper_filtered(template_var, filters.template**2, filters, backend))
+    var = xp.where((mask & mask_bits("NO_DATA")) != 0, 0.0, var)
+    norm = _proper_norm(filters, sci, backend)
+    score, var = (xp.astype(a, xp.float32) for a in (score / norm, var / (norm * norm)))
+    pull = difference_pull(score, var, good, fit.quiet, backend)
+    scale = variance_scale(pull, config) if config.doScaleVariance else 1.0
+    power = residual_power(backend, _less_sky(template, good, backend), solution.basis.size,
+                           variance=xp.where(good, template_var * scale, 0.0))
+    noise = NoiseModel((), power, np.asarray(fit.positions), solution.basis.size)
+    quality = {**_quality(fit, _centre_kernel(problem, solution), None, sky, s_var, t_var,
+                          pull, scale), "flavor": "zogy", "zogy_fitted_as": problem.flavor,
+               "zogy_filter_size": int(k_n.shape[0]),
+               "zogy_filter_nodes": int(len(filters.science))}
+    difference = sci.replace(image=score, mask=mask, variance=var * scale,
+                             psf=convolved_psf(sci.psf, k_n))
+    return SubtractionResult(difference, solution, "zogy", True, quality, noise, sci.psf,
+                             tmpl.psf)
 
 
 def simpler_models(config: SubtractConfig, zero_points: bool = False):
@@ -527,6 +602,57 @@ def matched_difference(problem: MatchingProblem, solution: KernelSolution,
     return diff
 
 
+def matched_psfs(problem: MatchingProblem, solution: KernelSolution, sci: Exposure,
+                 tmpl: Exposure):
+    """``(x, y) -> (science PSF, template PSF)`` images for ZOGY's filters, the convolved
+    side's through the fitted kernel there: the kernel fitted to the data makes static
+    sources cancel whatever the PSF models' errors (the filters' S/N weighting still comes
+    from the models)."""
+    if problem.science_is_convolved:  # template ~ k * science
+        def psfs_at(x, y):
+            p_n = sci.psf.image_at(x, y)
+            return p_n, fftconvolve(p_n, solution.kernel_at(x, y))
+    else:  # science ~ k * template
+        def psfs_at(x, y):
+            p_r = tmpl.psf.image_at(x, y)
+            return fftconvolve(p_r, solution.kernel_at(x, y)), p_r
+    return psfs_at
+
+
+def _proper_norm(filters, sci: Exposure, backend):
+    """The score's flux normalisation: each node's filters are scaled there already; one
+    pair's response follows the science PSF model's variation relative to the centre
+    (:func:`~gpudiffim.score.filter_response`)."""
+    if len(filters.science) > 1:
+        return 1.0
+    k_n = np.flip(filters.science[0])
+    ny, nx = sci.shape
+    centre = filter_response(backend, ImagePsf(sci.psf.image_at((nx - 1) / 2, (ny - 1) / 2)),
+                             k_n, sci.shape)
+    return filter_response(backend, sci.psf, k_n, sci.shape) / centre
+
+
+def _proper_filtered(image, kernels, filters, backend):
+    """``image`` through each node's kernel, weighted by its tent."""
+    return fft_convolve_weighted_sum(image, kernels.astype(np.float32),
+                                     lambda j: filters.weight(j, backend), backend)
+
+
+def flux_matched_template(problem: MatchingProblem, solution: KernelSolution, tmpl: Exposure,
+                          subtract_background: bool, backend):
+    """The template and its variance in the science's flux units (NO_DATA zeroed), with
+    the science's background: ``sum(k) R + b`` from a fit template -> science, ``(R - b) /
+    sum(k)`` from one science -> template (``b`` only when ``subtract_background``)."""
+    xp = backend.xp
+    ksum = solution.kernel_sum_image(tmpl.shape, backend)
+    b = solution.background_image(tmpl.shape, backend) if subtract_background else 0.0
+    image = xp.where(problem.nodata, 0.0, tmpl.image)
+    var = xp.where(problem.nodata, 0.0, tmpl.variance)
+    if problem.science_is_convolved:
+        return xp.where(problem.nodata, 0.0, (image - b) / ksum), var / (ksum * ksum)
+    return xp.where(problem.nodata, 0.0, ksum * image + b), var * ksum * ksum
+
+
 def _template_mask_bits(template: Exposure, backend):
     """Template mask planes carried into the difference; SAT becomes SAT_TEMPLATE."""
     xp = backend.xp
@@ -540,20 +666,47 @@ def difference_mask(problem: MatchingProblem, sci, tmpl, kernel: np.ndarray, bac
     (:func:`~gpudiffim.convolve.grow_convolved_mask`), the other's as they are (the score's
     pre-filtered); saturated stars' wings reach past the kernel, so SAT and SAT_TEMPLATE
     grow once more by its effective box; detections are not carried."""
-    xp = backend.xp
     if problem.science_is_convolved:
         mask = (grow_convolved_mask(sci.mask, kernel, backend, sci.mask_planes)
                 | _template_mask_bits(tmpl, backend))
     else:
         mask = problem.target_mask | grow_convolved_mask(_template_mask_bits(tmpl, backend),
                                                          kernel, backend, tmpl.mask_planes)
-    mask = mask & ~mask_bits("DETECTED", "DETECTED_NEGATIVE")
+    return _saturated_wings(mask & ~mask_bits("DETECTED", "DETECTED_NEGATIVE"), kernel,
+                            backend)
+
+
+def proper_mask(sci: Exposure, tmpl: Exposure, k_n: np.ndarray, k_r: np.ndarray, backend):
+    """The zogy score's mask: each input's planes grown by the filter it went through
+    (:func:`~gpudiffim.convolve.grow_convolved_mask`), SAT and SAT_TEMPLATE once more;
+    detections are not carried."""
+    mask = (grow_convolved_mask(sci.mask, k_n, backend, sci.mask_planes,
+                                unbounded_fraction=PROPER_UNBOUNDED_FRACTION)
+            | grow_convolved_mask(_template_mask_bits(tmpl, backend), k_r, backend,
+                                  tmpl.mask_planes, unbounded_fraction=PROPER_UNBOUNDED_FRACTION))
+    wider = k_n if k_n.shape[0] >= k_r.shape[0] else k_r
+    return _saturated_wings(mask & ~mask_bits("DETECTED", "DETECTED_NEGATIVE"), wider, backend,
+                            PROPER_UNBOUNDED_FRACTION)
+
+
+#: the share of ZOGY's filters' absolute weight planes without a bounded value grow by:
+#: the score is taken with the sky level off both images, so a masked pixel's error is its
+#: departure from the sky, and a deep, wider template's filter spreads 0.1% of its weight
+#: over 60-180 px (the 99.99% box of :data:`~gpudiffim.convolve.UNBOUNDED_FRACTION` is 185
+#: px wide on the demo's wider-template detector)
+PROPER_UNBOUNDED_FRACTION = 0.999
+
+
+def _saturated_wings(mask, kernel: np.ndarray, backend, fraction: float = UNBOUNDED_FRACTION):
+    """``mask`` with SAT and SAT_TEMPLATE grown once more by the box holding ``fraction`` of
+    ``kernel``'s absolute weight (saturated stars' wings reach past it)."""
+    xp = backend.xp
     sat = mask & mask_bits("SAT", "SAT_TEMPLATE")
-    if backend.scalar(xp.any(sat != 0)):
-        box = reach_box(kernel, UNBOUNDED_FRACTION)
-        top = mask_bits("SAT", "SAT_TEMPLATE")
-        mask = mask | window_or(backend, sat, box, (-(box[0] // 2), -(box[1] // 2)), top)
-    return mask
+    if not backend.scalar(xp.any(sat != 0)):
+        return mask
+    box = reach_box(kernel, fraction)
+    top = mask_bits("SAT", "SAT_TEMPLATE")
+    return mask | window_or(backend, sat, box, (-(box[0] // 2), -(box[1] // 2)), top)
 
 
 def difference_psf(problem: MatchingProblem, sci: Exposure, solution: KernelSolution):
@@ -743,10 +896,10 @@ def photometric_ratios(problem: MatchingProblem, sci: Exposure, tmpl: Exposure, 
             "zero_point_ratio": zp}
 
 
-def _quality(problem, solution, kernel, phi, sky_offset, s_var, t_var, pull, scale,
-             rho) -> dict:
+def _quality(fit: MatchingFit, kernel, phi, sky_offset, s_var, t_var, pull, scale) -> dict:
+    problem, solution = fit.problem, fit.solution
     w, h = solution.bbox
-    return {
+    return {**fit.ratios, "kernel_sum_from_zero_points": fit.pinned is not None,
         "flavor": problem.flavor, "decorrelated": phi is not None,
         "preconvolve_by_matching": problem.by_matching,
         "science_fwhm": list(map(float, problem.fwhm["science"])),
@@ -762,6 +915,6 @@ def _quality(problem, solution, kernel, phi, sky_offset, s_var, t_var, pull, sca
         "kernel_residual_std": solution.stats["residual_std"],
         "kernel_residual_unexplained": solution.stats["residual_unexplained"],
         "kernel_explained_chi2": solution.stats["explained_chi2"],
-        "difference_pull_sigma": pull, "variance_scale": scale, "noise_correlation": rho,
+        "difference_pull_sigma": pull, "variance_scale": scale, "noise_correlation": fit.rho,
         "science_variance": s_var, "template_variance": t_var,
     }

@@ -22,7 +22,7 @@ from gpudiffim.report import FIGURES, write_report
 from gpudiffim.simulate import simulate
 from gpudiffim.study import StudyConfig, flavor_apdb, study
 
-FLAVORS = ("convolveTemplate", "auto", "preconvolve")
+FLAVORS = ("convolveTemplate", "auto", "preconvolve", "zogy")  # the default study
 
 
 # ------------------------------------------------------------ a run with known answers

@@ -207,7 +207,7 @@ def test_bright_stars_subtract_to_the_noise(sim_repo):
         assert np.median(chi2) <= 1.5, (row["visit"], np.round(chi2, 2))
 
 
-@pytest.mark.parametrize("mode", ["convolveTemplate", "convolveScience", "preconvolve"])
+@pytest.mark.parametrize("mode", ["convolveTemplate", "convolveScience", "preconvolve", "zogy"])
 def test_difference_is_science_minus_template_in_science_units(sim_repo, mode):
     """Bright science fakes come back positive with their injected flux; template fakes negative."""
     manifest = Table.read(sim_repo / "manifest.ecsv")
