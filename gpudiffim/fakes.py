@@ -11,7 +11,10 @@ template (negative in the difference), as the note did. The INJECTED plane marks
 (the generator is seeded by the seed, visit and detector). Fakes carry no photon noise of
 their own (an exposure's gain is not known in general): at S/N ~100 their true S/N is
 slightly overstated. Template fakes are placed through the WCSs when the template is on
-another grid, with the flux that gives the science-unit difference flux recorded.
+another grid, with the flux that gives the science-unit difference flux recorded. Where the
+template has a PSF, each fake also carries ``optimal_snr``: the S/N proper image subtraction
+reaches for it from these two images (:func:`~gpudiffim.zogy.proper_flux_variance` with both
+PSFs and the local noise), the most any subtraction can find.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from .options import configclass, option
 from .psf import adaptive_moments_batch
 from .subtract import with_psf
 from .validation import usable_exposure
+from .zogy import proper_flux_variance
 
 __all__ = ["FakeConfig", "fake_generator", "draw_fakes", "inject_fakes"]
 
@@ -154,7 +158,30 @@ def draw_fakes(science, template, n: int, config: FakeConfig, rng, taken=(),
         per_unit = optimal_snr(1.0, stamp[cut[1]], var[cut[0]]) if cut else 0.0
         flux[k] = snr[k] / per_unit if per_unit > 0 else 0.0
     return Table({"x": xy[:, 0], "y": xy[:, 1], "flux": flux, "target_snr": snr,
+                  "optimal_snr": _optimal_snr(science, template, xy, flux),
                   "on_galaxy": np.arange(len(xy)) < len(gal)})
+
+
+def _optimal_snr(science, template, xy, flux, half: int = 7) -> np.ndarray:
+    """Each fake's S/N in proper image subtraction of ``science`` and ``template``: both
+    PSFs where it is, each image's median variance in the surrounding box (the template's
+    in science units); NaN where the template has no PSF or a box has no variance."""
+    out = np.full(len(xy), np.nan)
+    if template.psf is None or not len(xy):
+        return out
+    scale2 = _template_scale(science, template) ** 2
+    svar, tvar = np.asarray(science.variance, float), np.asarray(template.variance, float)
+    for k, (x, y) in enumerate(xy):
+        ix, iy = int(round(x)), int(round(y))
+        box = (slice(max(iy - half, 0), iy + half + 1), slice(max(ix - half, 0), ix + half + 1))
+        v_n, v_r = (v[box][v[box] > 0] if v.shape == science.shape else v[v > 0]
+                    for v in (svar, tvar))
+        if len(v_n) and len(v_r) and flux[k] > 0:
+            variance = proper_flux_variance(science.psf.image_at(x, y),
+                                            template.psf.image_at(x, y), float(np.median(v_n)),
+                                            float(np.median(v_r)) * scale2)
+            out[k] = flux[k] / np.sqrt(variance)
+    return out
 
 
 def inject_fakes(science, template, config: FakeConfig, visit, detector):

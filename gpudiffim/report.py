@@ -109,7 +109,7 @@ def _efficiency_panels(runs, column: str, xlabel: str, image: str = "science"):
                 a = math.log(9.0) / (fit[f"{column}_90"][0] - fit[f"{column}_50"][0])
                 ax.plot(x, sigmoid(x, a, fit[f"{column}_50"][0]), "-", color=_color(i),
                         lw=0.8)
-        if column == "true_snr":
+        if column in ev.SNR_COLUMNS:
             x = np.linspace(0, 100, 400)
             ax.plot(x, ideal_efficiency(x), "k--", lw=0.8, label="ideal Φ(S/N − 5)")
             ax.set_xscale("log")
@@ -126,6 +126,12 @@ def figure_efficiency_snr(runs):
     binomial (Wilson) errors, the logistic fit, the ideal detector and (dotted) after the
     flag cuts."""
     return _efficiency_panels(runs, "true_snr", "true S/N in the difference")
+
+
+def figure_efficiency_optimal(runs):
+    """Efficiency of the science fakes against the S/N proper image subtraction reaches
+    for them (both PSFs and both images' noise; the most any subtraction can find)."""
+    return _efficiency_panels(runs, "optimal_snr", "optimal S/N (proper subtraction)")
 
 
 def figure_efficiency_mag(runs):
@@ -349,6 +355,7 @@ FIGURES = (
     ("counts", "diaSources per CCD", figure_counts),
     ("flags", "Flag histogram", figure_flags),
     ("efficiency_snr", "Efficiency against true S/N", figure_efficiency_snr),
+    ("efficiency_optimal", "Efficiency against the optimal S/N", figure_efficiency_optimal),
     ("efficiency_mag", "Efficiency against magnitude", figure_efficiency_mag),
     ("template_fakes", "Template fakes beside science fakes", figure_template_fakes),
     ("contamination", "Contamination", figure_contamination),
@@ -379,6 +386,7 @@ def _tables(runs) -> dict:
     out = {}
     for key, fn in (("exposures", ev.exposure_counts), ("flags", ev.flag_counts),
                     ("efficiency_snr", ev.efficiency_tables),
+                    ("efficiency_optimal", lambda r: ev.efficiency_tables(r, "optimal_snr")),
                     ("efficiency_mag", lambda r: ev.efficiency_tables(r, "mag")),
                     ("sigmoid_fits", ev.sigmoid_fits), ("photometry", ev.photometry_table),
                     ("snr", ev.snr_table), ("objects", ev.object_table)):
@@ -414,6 +422,9 @@ _SUMMARY_ROWS = (
     ("magnitude at 50% efficiency", "mag_50", ".2f"),
     ("efficiency above S/N 7", "efficiency_above_snr7", ".3f"),
     ("efficiency above S/N 7 after cuts", "efficiency_above_snr7_clean", ".3f"),
+    ("optimal S/N at 50% efficiency", "optimal_snr_50", ".2f"),
+    ("efficiency above optimal S/N 8", "efficiency_above_optimal_snr8", ".3f"),
+    ("largest shortfall from Φ(optimal S/N − 5), S/N ≥ 5", "ideal_shortfall_optimal", ".3f"),
     ("flux pull median (inliers)", "pull_median", ".3f"),
     ("flux pull width (inliers)", "pull_width", ".3f"),
     ("flux pull width (all matched, robust)", "pull_width_all", ".3f"),

@@ -29,6 +29,7 @@ from .inject import inject, optimal_snr, overlap_slices, psf_stamp
 from .io import atomic_path, write_exposure
 from .options import configclass, option
 from .profiles import ARCSEC_PER_PIXEL, PsfField, moffat_radius, sersic_stamp
+from .zogy import proper_flux_variance
 
 __all__ = ["SimConfig", "PRESETS", "simulate", "make_scene", "make_transients", "render",
            "add_cosmic_rays", "make_wcs", "transient_mag", "star_mag"]
@@ -315,7 +316,7 @@ def _simulate_detector(cfg: SimConfig, band: str, detector: int, seed: int, outd
                  / f"science_{band}_{vp.visit}_{detector:03d}.fits")
         write_exposure(science, outdir / s_rel)
         truth_rows += _visit_truth(cfg, band, vp, science, t_var_here, f_truth,
-                                   tf_truth, transients, scene["stars"])
+                                   tf_truth, transients, scene["stars"], t_psf)
         manifest_rows.append(_manifest_row(cfg, band, detector, vp, s_rel, t_rel, s_psf, t_psf))
     return vstack(truth_rows), manifest_rows, _static_catalogue(scene, band, detector)
 
@@ -416,7 +417,7 @@ def _science_fakes(cfg: SimConfig, science, diff_var, vp: _Visit, tf_truth, rng)
 
 
 def _truth_table(band, vp: _Visit, science, kind, image_kind, xs, ys, dflux, snr, snr_image,
-                 on_gal) -> Table:
+                 on_gal, optimal) -> Table:
     xs, ys = np.asarray(xs, float), np.asarray(ys, float)
     ra, dec = science.wcs.pixel_to_world_values(xs, ys)
     with np.errstate(divide="ignore"):
@@ -427,21 +428,39 @@ def _truth_table(band, vp: _Visit, science, kind, image_kind, xs, ys, dflux, snr
                   "detector": np.full(n, science.info.detector), "x": xs, "y": ys, "ra": ra,
                   "dec": dec, "flux": np.asarray(dflux, float), "mag": mag,
                   "snr": np.asarray(snr, float), "snr_image": np.asarray(snr_image, float),
+                  "optimal_snr": np.asarray(optimal, float),
                   "on_galaxy": np.asarray(on_gal, bool)})
 
 
 def _visit_truth(cfg: SimConfig, band, vp: _Visit, science, t_var_here, f_truth,
-                 tf_truth, transients, stars) -> list:
+                 tf_truth, transients, stars, t_psf) -> list:
     """Truth rows of one visit: every change in its difference, positions in its pixels,
-    ``flux`` the signed change in science counts, ``snr`` its optimal S/N there."""
+    ``flux`` the signed change in science counts, ``snr`` its S/N through the science PSF
+    over both images' variance, ``optimal_snr`` proper image subtraction's S/N for it (both
+    PSFs, each image's variance: the most any subtraction finds)."""
     ny, nx = cfg.shape
     diff_var = np.asarray(science.variance, np.float64) + t_var_here
+    size = _psf_model_size(cfg)
+
+    def optimal(x, y, flux, half=7):
+        box = (slice(max(int(y) - half, 0), int(y) + half + 1),
+               slice(max(int(x) - half, 0), int(x) + half + 1))
+        v_n, v_r = (float(np.median(v[box])) if v[box].size else 0.0
+                    for v in (science.variance, t_var_here))
+        if v_n <= 0 or v_r <= 0:
+            return np.nan
+        variance = proper_flux_variance(
+            science.psf.image_at(x, y), t_psf.image_at(x - vp.offset[0], y - vp.offset[1], size),
+            v_n, v_r)
+        return abs(flux) / np.sqrt(variance)
 
     def rows(kind, image_kind, xs, ys, dflux, snr_image, on_gal):
+        xs, ys = np.asarray(xs, float), np.asarray(ys, float)
         snr = [optimal_snr(abs(f), *_stamp_var(science.psf, x, y, diff_var))
-               for x, y, f in zip(np.asarray(xs, float), np.asarray(ys, float), dflux)]
+               for x, y, f in zip(xs, ys, dflux)]
+        best = [optimal(x, y, f) for x, y, f in zip(xs, ys, dflux)]
         return _truth_table(band, vp, science, kind, image_kind, xs, ys, dflux, snr, snr_image,
-                            on_gal)
+                            on_gal, best)
 
     scale = 10 ** (0.4 * (vp.zp - cfg.zero_point))
     out = [rows("fake", "science", f_truth["x"], f_truth["y"], f_truth["flux"], f_truth["snr"],

@@ -145,3 +145,51 @@ def test_fakes_survive_a_nan_border_and_no_psf(clean_repo):
     assert np.all(np.isfinite(out.image))
     assert np.all((out.mask[:, :60] & out.bit("NO_DATA")) != 0)
     assert truth["x"].min() >= 60  # none where there is no data
+
+
+@pytest.mark.parametrize("sigma_n,sigma_r", [(2.0, 1.5), (1.5, 2.5)])
+def test_each_fake_carries_proper_subtractions_optimal_snr(sigma_n, sigma_r):
+    """Gaussian PSFs and flat noise: ``optimal_snr`` is flux / sqrt(var) with var the
+    analytic optimum, 1 / int d2k/(2 pi)^2 |P_n|^2 |P_r|^2 / (v_n |P_r|^2 + v_r |P_n|^2); it
+    exceeds the target S/N (science PSF, summed variances) with a sharper template and falls
+    well below it with a wider one (the target S/N overstates what can be found there)."""
+    from scipy.integrate import quad
+
+    from gpudiffim.exposure import Exposure
+    from gpudiffim.fakes import draw_fakes, fake_generator
+    from gpudiffim.psf import ImagePsf
+
+    from pairs import gaussian_image
+
+    v_n, v_r = 100.0, 25.0
+    shape = (256, 256)
+    science = Exposure.from_arrays(np.zeros(shape), None, np.full(shape, v_n),
+                                   psf=ImagePsf(gaussian_image(41, sigma_n)))
+    template = Exposure.from_arrays(np.zeros(shape), None, np.full(shape, v_r),
+                                    psf=ImagePsf(gaussian_image(41, sigma_r)))
+    cfg = FakeConfig(nScience=20)
+    cat = draw_fakes(science, template, 20, cfg, fake_generator(cfg, 1, 1))
+
+    def integrand(k):
+        an, ar = np.exp(-(k * sigma_n) ** 2), np.exp(-(k * sigma_r) ** 2)
+        return k / (2 * np.pi) * an * ar / (v_n * ar + v_r * an)
+    optimum = 1 / quad(integrand, 0, 8 / min(sigma_n, sigma_r), epsrel=1e-10)[0]
+    np.testing.assert_allclose(cat["optimal_snr"], cat["flux"] / np.sqrt(optimum), rtol=1e-4)
+    ratio = np.asarray(cat["optimal_snr"] / cat["target_snr"])
+    # 1.033 with the sharper template (its noise smoothed on the way), 0.770 with the wider
+    assert np.all(ratio > 1.02) if sigma_r < sigma_n else np.all(ratio < 0.8)
+
+
+def test_the_shortfall_from_the_ideal_detector_is_the_worst_bin():
+    """Bins of optimal S/N 5-6 (20 fakes, 8 found: ideal 0.5-0.84) and 10-12 (all found),
+    and 3-4 (below 5: not counted): the shortfall is the 5-6 bin's mean Phi less 0.4."""
+    from scipy.stats import norm
+
+    from gpudiffim.evaluation import ideal_shortfall
+
+    low = np.linspace(5.0, 5.95, 20)
+    snr = np.r_[low, np.linspace(10, 11.9, 15), np.linspace(3, 3.9, 12)]
+    found = np.r_[np.arange(20) < 8, np.ones(15, bool), np.zeros(12, bool)]
+    got = ideal_shortfall(Table({"optimal_snr": snr, "found": found}))
+    assert got == pytest.approx(np.mean(norm.cdf(low - 5)) - 0.4, abs=1e-12)
+    assert np.isnan(ideal_shortfall(Table({"optimal_snr": [np.nan] * 3, "found": [1, 0, 1]})))
