@@ -118,10 +118,10 @@ def _significance(difference, is_score, backend, noise, config):
         template, filt = noise.registration
         shift2 = registration_scale(backend, raw, backend.asarray(difference.variance),
                                     ~unusable, template, filt, noise.calibrate_at,
-                                    psf.shape[0])
-        if shift2 > config.minRegistrationSigma**2:
-            var = var + registration_variance(backend, template,
-                                              fftconvolve(np.flip(psf), filt), shift2)
+                                    psf.shape[0], noise.correlation)
+        if shift2 > config.minRegistrationSigma**2:  # a score is matched-filtered already
+            path = filt if is_score else fftconvolve(np.flip(psf), filt)
+            var = var + registration_variance(backend, template, path, shift2)
     if noise is not None and noise.residual_power is not None and noise.calibrate_at is not None:
         power = backend.asarray(noise.residual_power)
         scale = residual_scale(backend, image, var, power, ~unusable & (var > 0),

@@ -72,7 +72,11 @@ class NoiseModel:
         Variance per unit of residual power; 0 until detection measures it.
     registration : tuple
         The template (device, sky removed, masked pixels 0) and the small host filter it
-        reaches the difference through; empty for a score image.
+        reaches the difference through (for zogy's score its whole path: the score is
+        matched-filtered already); empty for preconvolve's score.
+    correlation : ndarray or None
+        The difference's noise autocorrelation (host, odd, 1 at its centre) where its
+        pixels' noise is not independent (zogy's score), for the registration fit's noise.
     """
 
     paths: tuple = ()
@@ -81,6 +85,7 @@ class NoiseModel:
     box: int = 0
     residual_scale: float = 0.0
     registration: tuple = ()
+    correlation: np.ndarray | None = None
 
     def with_residual_scale(self, scale: float) -> "NoiseModel":
         """The same model with the residual scale measured on its difference."""
@@ -292,7 +297,7 @@ def _inside(positions, shape, margin: int) -> np.ndarray:
 
 
 def registration_scale(backend, image, var, good, template, filt, positions,
-                       size: int) -> float:
+                       size: int, correlation=None) -> float:
     """Mean-square misregistration per axis (pixels^2) of the template against the science.
 
     At each kernel source the difference (``image``, ``var``, ``good``) is fitted, in a box
@@ -300,7 +305,9 @@ def registration_scale(backend, image, var, good, template, filt, positions,
     template's gradient as it reaches the difference (:func:`registration_gradients` of
     ``template`` through ``filt``). Each star's shift is one draw from the misregistration's
     spread, so the stars count alike whatever their brightness, as long as their noise is
-    small next to that spread (weights ``1 / (noise + sigma^2)^2``, iterated): the median
+    small next to that spread (weights ``1 / (noise + sigma^2)^2``, iterated). Each shift's
+    noise is the fit's covariance; with a ``correlation`` (the noise's autocorrelation, 1 at
+    its centre) the sandwich ``A^-1 G' W C W G A^-1`` of correlated pixels: the median
     of the shifts' squares less their noise, over ``ln 2`` (the median of a 2-D Gaussian
     shift's square is ``2 ln 2 sigma^2``). Symmetric residuals (seeing, a variable star)
     do not project on a gradient; 0 when the shifts are no larger than their noise.
@@ -314,14 +321,24 @@ def registration_scale(backend, image, var, good, template, filt, positions,
     w = xp.where(gather_stamps(backend, good, pos, size, False) & (v > 0),
                  1.0 / xp.where(v > 0, v, 1.0), 0.0)
     d = gather_stamps(backend, image, pos, size, 0.0)
-    sums = backend.to_host(xp.stack([xp.sum(xp.astype(t, xp.float64), axis=(1, 2)) for t in (
-        w * gx * gx, w * gx * gy, w * gy * gy, w * gx * d, w * gy * d)], axis=1))
+    terms = [w * gx * gx, w * gx * gy, w * gy * gy, w * gx * d, w * gy * d]
+    if correlation is not None:  # G' W C W G with C = sqrt(v) rho sqrt(v)
+        root = xp.sqrt(w)
+        ux, uy = root * gx, root * gy
+        rho = backend.to_device(np.asarray(correlation, np.float32))
+        cx, cy = fft_convolve(ux, rho, backend), fft_convolve(uy, rho, backend)
+        terms += [ux * cx, ux * cy, uy * cy]
+    sums = backend.to_host(xp.stack([xp.sum(xp.astype(t, xp.float64), axis=(1, 2))
+                                     for t in terms], axis=1))
     a = np.stack([sums[:, [0, 1]], sums[:, [1, 2]]], axis=1)
     ok = np.linalg.det(a) > 0
     if ok.sum() < 3:
         return 0.0
     cov = np.linalg.inv(a[ok])
-    shift = np.einsum("nij,nj->ni", cov, sums[ok][:, 3:])
+    shift = np.einsum("nij,nj->ni", cov, sums[ok][:, 3:5])
+    if correlation is not None:
+        b = np.stack([sums[ok][:, [5, 6]], sums[ok][:, [6, 7]]], axis=1)
+        cov = cov @ b @ cov
     noise = cov[:, 0, 0] + cov[:, 1, 1]
     excess = (np.sum(shift * shift, axis=1) - noise) / 2.0
     ln2 = float(np.log(2.0))

@@ -82,7 +82,7 @@ from .score import filter_response, prefilter, score_norm, self_convolved
 from .sources import select_kernel_sources, source_snr_maps
 from .stats import mean_where, median_where, robust_sigma_of_sorted, sorted_subsample
 from .validation import checked_psf_model, usable_exposure
-from .zogy import proper_filters_over
+from .zogy import proper_correlation, proper_filters_over
 
 __all__ = ["MODES", "SubtractConfig", "SubtractionResult", "MatchingProblem", "subtract",
            "subtract_prepared", "simpler_models", "photometric_ratios",
@@ -343,7 +343,9 @@ def subtract_proper(sci: Exposure, tmpl: Exposure, config: SubtractConfig,
     scale = variance_scale(pull, config) if config.doScaleVariance else 1.0
     power = residual_power(backend, _less_sky(template, good, backend), solution.basis.size,
                            variance=xp.where(good, template_var * scale, 0.0))
-    noise = NoiseModel((), power, np.asarray(fit.positions), solution.basis.size)
+    noise = NoiseModel((), power, np.asarray(fit.positions), solution.basis.size,
+                       registration=(_less_mean(template, good, backend), kernel_core(k_r)),
+                       correlation=proper_correlation(k_n, k_r, s_var, t_var))
     quality = {**_quality(fit, _centre_kernel(problem, solution), None, sky, s_var, t_var,
                           pull, scale), "flavor": "zogy", "zogy_fitted_as": problem.flavor,
                "zogy_filter_size": int(k_n.shape[0]),

@@ -29,7 +29,7 @@ from .backend import next_fast_len
 from .convolve import kernel_reach
 
 __all__ = ["proper_filters", "proper_flux_variance", "ProperFilters", "proper_filters_over",
-           "tent_weights"]
+           "tent_weights", "proper_correlation"]
 
 #: share of each filter's absolute weight the returned kernels keep (the rest is cropped)
 FILTER_FRACTION = 0.99999
@@ -161,6 +161,19 @@ def _varies(psfs_at, shape, min_correlation: float, samples: int) -> bool:
                 if np.sum(p * c) < min_correlation * np.sqrt(np.sum(p * p) * np.sum(c * c)):
                     return True
     return False
+
+
+def proper_correlation(k_n: np.ndarray, k_r: np.ndarray, science_var: float,
+                       template_var: float, fraction: float = 1e-3) -> np.ndarray:
+    """The score's noise autocorrelation (1 at its centre) for white inputs of these
+    variances through ``k_n`` and ``k_r``, cropped to the box holding all but ``fraction``
+    of its absolute weight."""
+    auto = (science_var * fftconvolve(k_n, np.flip(k_n))
+            + template_var * fftconvolve(k_r, np.flip(k_r)))
+    c = auto.shape[0] // 2
+    auto = auto / auto[c, c]
+    half = kernel_reach(auto, 1.0 - fraction)
+    return auto[c - half:c + half + 1, c - half:c + half + 1]
 
 
 def proper_flux_variance(psf_science: np.ndarray, psf_template: np.ndarray,
