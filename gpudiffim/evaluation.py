@@ -402,8 +402,6 @@ def efficiency_tables(run: RunCatalogues, column: str = "true_snr", bins=None) -
         fk = run.fakes[(run.fakes["image"] == image) & run.fakes["usable"]]
         for band in [*sorted(set(fk["band"])), "all"]:
             sel = fk if band == "all" else fk[fk["band"] == band]
-            if not len(sel):
-                continue
             sel = sel[np.isfinite(np.asarray(sel[column], float))]
             if not len(sel):
                 continue

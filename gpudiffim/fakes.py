@@ -30,7 +30,7 @@ from .options import configclass, option
 from .psf import adaptive_moments_batch
 from .subtract import with_psf
 from .validation import usable_exposure
-from .zogy import proper_flux_variance
+from .zogy import optimal_snr_at
 
 __all__ = ["FakeConfig", "fake_generator", "draw_fakes", "inject_fakes"]
 
@@ -166,22 +166,13 @@ def _optimal_snr(science, template, xy, flux, half: int = 7) -> np.ndarray:
     """Each fake's S/N in proper image subtraction of ``science`` and ``template``: both
     PSFs where it is, each image's median variance in the surrounding box (the template's
     in science units); NaN where the template has no PSF or a box has no variance."""
-    out = np.full(len(xy), np.nan)
-    if template.psf is None or not len(xy):
-        return out
-    scale2 = _template_scale(science, template) ** 2
-    svar, tvar = np.asarray(science.variance, float), np.asarray(template.variance, float)
-    for k, (x, y) in enumerate(xy):
-        ix, iy = int(round(x)), int(round(y))
-        box = (slice(max(iy - half, 0), iy + half + 1), slice(max(ix - half, 0), ix + half + 1))
-        v_n, v_r = (v[box][v[box] > 0] if v.shape == science.shape else v[v > 0]
-                    for v in (svar, tvar))
-        if len(v_n) and len(v_r) and flux[k] > 0:
-            variance = proper_flux_variance(science.psf.image_at(x, y),
-                                            template.psf.image_at(x, y), float(np.median(v_n)),
-                                            float(np.median(v_r)) * scale2)
-            out[k] = flux[k] / np.sqrt(variance)
-    return out
+    if template.psf is None:
+        return np.full(len(xy), np.nan)
+    svar = np.asarray(science.variance, float)
+    tvar = np.asarray(template.variance, float) * _template_scale(science, template) ** 2
+    return np.array([optimal_snr_at(f, science.psf.image_at(x, y), template.psf.image_at(x, y),
+                                    svar, tvar, x, y, half)
+                     for (x, y), f in zip(xy, flux)], float)
 
 
 def inject_fakes(science, template, config: FakeConfig, visit, detector):

@@ -29,7 +29,7 @@ from .inject import inject, optimal_snr, overlap_slices, psf_stamp
 from .io import atomic_path, write_exposure
 from .options import configclass, option
 from .profiles import ARCSEC_PER_PIXEL, PsfField, moffat_radius, sersic_stamp
-from .zogy import proper_flux_variance
+from .zogy import optimal_snr_at
 
 __all__ = ["SimConfig", "PRESETS", "simulate", "make_scene", "make_transients", "render",
            "add_cosmic_rays", "make_wcs", "transient_mag", "star_mag"]
@@ -442,17 +442,10 @@ def _visit_truth(cfg: SimConfig, band, vp: _Visit, science, t_var_here, f_truth,
     diff_var = np.asarray(science.variance, np.float64) + t_var_here
     size = _psf_model_size(cfg)
 
-    def optimal(x, y, flux, half=7):
-        box = (slice(max(int(y) - half, 0), int(y) + half + 1),
-               slice(max(int(x) - half, 0), int(x) + half + 1))
-        v_n, v_r = (float(np.median(v[box])) if v[box].size else 0.0
-                    for v in (science.variance, t_var_here))
-        if v_n <= 0 or v_r <= 0:
-            return np.nan
-        variance = proper_flux_variance(
-            science.psf.image_at(x, y), t_psf.image_at(x - vp.offset[0], y - vp.offset[1], size),
-            v_n, v_r)
-        return abs(flux) / np.sqrt(variance)
+    def optimal(x, y, flux):
+        return optimal_snr_at(flux, science.psf.image_at(x, y),
+                              t_psf.image_at(x - vp.offset[0], y - vp.offset[1], size),
+                              science.variance, t_var_here, x, y)
 
     def rows(kind, image_kind, xs, ys, dflux, snr_image, on_gal):
         xs, ys = np.asarray(xs, float), np.asarray(ys, float)

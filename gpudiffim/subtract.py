@@ -648,11 +648,10 @@ def flux_matched_template(problem: MatchingProblem, solution: KernelSolution, tm
     xp = backend.xp
     ksum = solution.kernel_sum_image(tmpl.shape, backend)
     b = solution.background_image(tmpl.shape, backend) if subtract_background else 0.0
-    image = xp.where(problem.nodata, 0.0, tmpl.image)
     var = xp.where(problem.nodata, 0.0, tmpl.variance)
     if problem.science_is_convolved:
-        return xp.where(problem.nodata, 0.0, (image - b) / ksum), var / (ksum * ksum)
-    return xp.where(problem.nodata, 0.0, ksum * image + b), var * ksum * ksum
+        return xp.where(problem.nodata, 0.0, (tmpl.image - b) / ksum), var / (ksum * ksum)
+    return xp.where(problem.nodata, 0.0, ksum * tmpl.image + b), var * ksum * ksum
 
 
 def _template_mask_bits(template: Exposure, backend):

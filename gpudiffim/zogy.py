@@ -29,7 +29,7 @@ from .backend import next_fast_len
 from .convolve import kernel_reach
 
 __all__ = ["proper_filters", "proper_flux_variance", "ProperFilters", "proper_filters_over",
-           "tent_weights", "proper_correlation"]
+           "tent_weights", "proper_correlation", "optimal_snr_at"]
 
 #: share of each filter's absolute weight the returned kernels keep (the rest is cropped)
 FILTER_FRACTION = 0.99999
@@ -174,6 +174,24 @@ def proper_correlation(k_n: np.ndarray, k_r: np.ndarray, science_var: float,
     auto = auto / auto[c, c]
     half = kernel_reach(auto, 1.0 - fraction)
     return auto[c - half:c + half + 1, c - half:c + half + 1]
+
+
+def optimal_snr_at(flux: float, psf_science: np.ndarray, psf_template: np.ndarray,
+                   science_var: np.ndarray, template_var: np.ndarray, x: float, y: float,
+                   half: int = 7) -> float:
+    """A point source's S/N in proper subtraction: ``|flux| / sqrt(``
+    :func:`proper_flux_variance` ``)`` with each image's noise the median positive variance
+    in the box of half-side ``half`` around (x, y) (the template's whole plane where it is
+    not on the science's grid; both in science units); NaN without flux or variance."""
+    ix, iy = int(round(x)), int(round(y))
+    box = (slice(max(iy - half, 0), iy + half + 1), slice(max(ix - half, 0), ix + half + 1))
+    local = [v[box] if v.shape == science_var.shape else v for v in (science_var, template_var)]
+    local = [v[v > 0] for v in local]
+    if not flux or not all(len(v) for v in local):
+        return np.nan
+    variance = proper_flux_variance(psf_science, psf_template, float(np.median(local[0])),
+                                    float(np.median(local[1])))
+    return abs(flux) / np.sqrt(variance)
 
 
 def proper_flux_variance(psf_science: np.ndarray, psf_template: np.ndarray,
