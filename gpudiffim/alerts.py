@@ -81,10 +81,18 @@ def _record_fields(schema, field: str) -> list:
     raise AlertError(f"alert field {field} is not a record")
 
 
+def _missing(value) -> bool:
+    """NaN, or pandas' NA (a nullable integer column's NULL), whose comparisons raise."""
+    try:
+        return bool(value != value)
+    except (TypeError, ValueError):
+        return True
+
+
 def _value(kind, value):
     """A Python value of the Avro type ``kind`` (a name or a [null, name] union)."""
     base = [k for k in (kind if isinstance(kind, list) else [kind]) if k != "null"][0]
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None or (base in ("long", "int", "float", "double") and _missing(value)):
         return None
     if isinstance(value, np.generic):
         value = value.item()

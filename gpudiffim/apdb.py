@@ -228,7 +228,6 @@ def dia_source_rows(table, difference, mjd: float) -> pd.DataFrame:
             difference.wcs, frame["x"].to_numpy(float), frame["y"].to_numpy(float),
             frame["xErr"].to_numpy(float), frame["yErr"].to_numpy(float))
     frame["isNegative"] = frame["psfFlux"] < 0 if "psfFlux" in frame else False
-    frame["parentDiaSourceId"] = 0
     frame["trailNdata"] = 0  # no trail fit
     return frame
 

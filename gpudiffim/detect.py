@@ -24,13 +24,15 @@ import numpy as np
 from scipy.signal import fftconvolve
 
 from .backend import get_backend
-from .deblend import FootprintPixels, local_maxima, split_peaks
+from .deblend import FootprintPixels, local_maxima, residual_peaks, split_peaks
 from .exposure import DETECTION_EXCLUDED, UNUSABLE_PLANES, Exposure, mask_bits
 from .matched_filter import matched_filter
 from .noise import NoiseModel, registration_scale, registration_variance, residual_scale
 from .options import configclass, option
+from .psf import psf_stack
 
-__all__ = ["DetectionConfig", "Detections", "significance_image", "detect"]
+__all__ = ["DetectionConfig", "Detections", "significance_image", "point_source_profiles",
+           "detect"]
 
 
 @configclass
@@ -53,6 +55,15 @@ class DetectionConfig:
                                          "fraction of its own...")
     deblendMinDip: float = option(2.0, "... and by at least this much")
     deblendMinSeparation: float = option(3.0, "peaks closer than this (pixels) are one source")
+    doDeblendResiduals: bool = option(True, "look for sources in what is left of a footprint "
+                                            "once its sources' profiles are taken off")
+    deblendResidualThreshold: float = option(7.0, "such a source's significance in what is "
+                                                  "left (the profiles' errors add to the "
+                                                  "noise there)...")
+    deblendResidualSeparation: float = option(1.0, "... its distance from every other of its "
+                                                   "footprint (PSF FWHM)...")
+    deblendResidualFloor: float = option(0.1, "... and has at least this fraction of the "
+                                              "brightest one's filtered flux")
     minFilterCorrelation: float = option(0.995, "the PSF at the detector's centre filters "
                                                 "all of it when it correlates this well with "
                                                 "the PSF everywhere; else the filter follows "
@@ -100,8 +111,29 @@ def significance_image(difference: Exposure, is_score: bool, backend=None,
                          DetectionConfig())[0]
 
 
+def point_source_profiles(difference: Exposure, is_score: bool, size: int | None = None):
+    """A function of float positions ``(xs, ys)`` giving the (n, size, size) host images of
+    the significance's numerator around a point source at each: the difference's PSF there
+    correlated with the filter (the PSF at the nearest pixel), or for a score, which is
+    filtered already, its PSF itself; centred on the nearest pixel, any normalisation."""
+    psf = difference.psf
+    if size is None:
+        full = psf.image_at().shape[0]
+        size = min(full - 1 + full % 2, 2 * int(np.ceil(3 * np.max(psf.fwhm()))) + 1)
+
+    def at(xs, ys):
+        moved = psf_stack(psf, xs, ys, size)
+        if is_score:
+            return moved
+        centred = psf_stack(psf, np.round(xs), np.round(ys), size)
+        return fftconvolve(moved, centred[:, ::-1, ::-1], mode="same", axes=(1, 2))
+
+    return at
+
+
 def _significance(difference, is_score, backend, noise, config):
-    """:func:`significance_image` and the residual scale it used (0: none)."""
+    """:func:`significance_image`, its noise (the numerator's standard deviation), and the
+    residual scale and misregistration it used (0: none)."""
     xp = backend.xp
     image, var = backend.asarray(difference.image), backend.asarray(difference.variance)
     unusable = (backend.asarray(difference.mask)
@@ -129,18 +161,19 @@ def _significance(difference, is_score, backend, noise, config):
         if scale > 0:
             var = var + scale * power
     ok = var > 0
-    return xp.where(ok, image / xp.sqrt(xp.where(ok, var, 1.0)), 0.0), scale, shift2
+    sigma = xp.sqrt(xp.where(ok, var, 0.0))
+    return xp.where(ok, image / xp.where(ok, sigma, 1.0), 0.0), sigma, scale, shift2
 
 
-def _footprint_pixels(backend, labels, snr, eligible) -> FootprintPixels:
-    """Every footprint pixel's position, label, significance and eligibility as a seed, on
-    the host (one device read)."""
+def _footprint_pixels(backend, labels, snr, eligible, sigma) -> FootprintPixels:
+    """Every footprint pixel's position, label, significance, eligibility as a seed and
+    noise, on the host (one device read)."""
     xp = backend.xp
     ys, xs = xp.nonzero(labels > 0)
     data = backend.to_host(xp.stack([xp.astype(a, xp.float64) for a in (
-        ys, xs, labels[ys, xs], snr[ys, xs], eligible[ys, xs])]))
+        ys, xs, labels[ys, xs], snr[ys, xs], eligible[ys, xs], sigma[ys, xs])]))
     return FootprintPixels(data[0].astype(np.int64), data[1].astype(np.int64),
-                           data[2].astype(np.int64), data[3], data[4] > 0)
+                           data[2].astype(np.int64), data[3], data[4] > 0, data[5])
 
 
 def _peaks(pixels: FootprintPixels, n: int, sign: float, threshold: float):
@@ -159,9 +192,10 @@ def _peaks(pixels: FootprintPixels, n: int, sign: float, threshold: float):
     return out[1:]
 
 
-def _deblended(pixels, pos, neg, config, nx):
-    """Per footprint (0-based label), the extra peaks (host (x, y, value) rows, brightest
-    first) that :func:`~gpudiffim.deblend.split_peaks` separates, for footprints of one
+def _deblended(pixels, pos, neg, config, nx, profiles, fwhm):
+    """Per footprint (0-based label), the extra peaks (host (x, y, value) rows) that
+    :func:`~gpudiffim.deblend.split_peaks` separates, then those
+    :func:`~gpudiffim.deblend.residual_peaks` finds beside them, for footprints of one
     sign only (a dipole stays whole)."""
     extra = {}
     for sign, own, other in ((1.0, pos, neg), (-1.0, neg, pos)):
@@ -173,6 +207,17 @@ def _deblended(pixels, pos, neg, config, nx):
             rest = [(pixels.xs[g], pixels.ys[g], pixels.values[g]) for g in group
                     if (pixels.xs[g], pixels.ys[g]) != (own[lab, 0], own[lab, 1])]
             extra[lab] = np.array(rest[:len(group) - 1], float)
+        if not config.doDeblendResiduals:
+            continue
+        labs = np.flatnonzero((own[:, 0] >= 0) & (other[:, 0] < 0))
+        known = [(own[lab, 0], own[lab, 1], lab + 1) for lab in labs]
+        known += [(x, y, lab + 1) for lab in labs for x, y, _ in extra.get(lab, ())]
+        for lab, x, y, v in residual_peaks(pixels, np.array(known), profiles, sign,
+                                           config.deblendResidualThreshold, nx,
+                                           config.deblendResidualSeparation * fwhm,
+                                           config.deblendResidualFloor):
+            lab = int(lab) - 1
+            extra[lab] = np.vstack([extra.get(lab, np.zeros((0, 3))), [(x, y, v)]])
     return extra
 
 
@@ -203,7 +248,7 @@ def detect(difference: Exposure, is_score: bool = False,
     config = config or DetectionConfig()
     backend = get_backend(backend)
     xp = backend.xp
-    snr, scale, shift2 = _significance(difference, is_score, backend,
+    snr, sigma, scale, shift2 = _significance(difference, is_score, backend,
                                        noise if config.doResidualVariance else None,
                                        config)
     mask = backend.asarray(difference.mask)
@@ -219,10 +264,13 @@ def detect(difference: Exposure, is_score: bool = False,
         empty = np.zeros(0)
         return Detections(*([empty.astype(int)] * 2), empty, empty.astype(int),
                           *([empty.astype(int)] * 4), merged, snr, scale, shift2)
-    pixels = _footprint_pixels(backend, merged, snr, ~bad)
+    pixels = _footprint_pixels(backend, merged, snr, ~bad, sigma)
     pos, neg = _peaks(pixels, n, 1.0, t), _peaks(pixels, n, -1.0, t)
     area = np.bincount(pixels.labels, minlength=n + 1)[1:]
-    extra = _deblended(pixels, pos, neg, config, difference.shape[1]) if config.doDeblend else {}
+    extra = (_deblended(pixels, pos, neg, config, difference.shape[1],
+                        point_source_profiles(difference, is_score),
+                        float(np.mean(difference.psf.fwhm())))
+             if config.doDeblend else {})
     use_pos = pos[:, 2] * (pos[:, 0] >= 0) >= -neg[:, 2] * (neg[:, 0] >= 0)
     peak = np.where(use_pos[:, None], pos, neg)
     rows, blend = [], []

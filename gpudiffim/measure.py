@@ -1,15 +1,16 @@
 """Measurement of diaSources, batched over all sources at once.
 
 Stamps around every source are gathered with one indexing operation (:class:`SourceStamps`)
-and each group of columns is measured from them with array math on the backend: PSF flux
-and error (linear fit with the difference's PSF and variance; for a score image its value
-at the centroid, Lanczos-interpolated), aperture flux and error, a sub-pixel centroid and
-its error, S/N, peak value, second moments, a two-lobe dipole fit for merged
-positive/negative pairs, forced PSF flux on the science image, and pixel flags in the
-footprint and at the centre. Errors take the subtraction's :class:`~gpudiffim.noise.NoiseModel`
-whole: correlated noise and the kernel's own error. Blank "sky sources" are measured the
-same way to give the noise floor. The result is an astropy Table with Rubin APDB DiaSource
-column names.
+and each group of columns is measured from them with array math on the backend: PSF flux and
+error (linear fit with the difference's PSF and variance; for a score image its value at the
+centroid, Lanczos- interpolated) with the fit's chi^2 over its stamp (``psfChi2`` over
+``psfNdata`` pixels: what is not one point source shows as an excess), aperture flux and
+error, a sub-pixel centroid and its error, S/N, peak value, second moments, a two-lobe
+dipole fit for merged positive/negative pairs, forced PSF flux on the science image, and
+pixel flags in the footprint and at the centre. Errors take the subtraction's
+:class:`~gpudiffim.noise.NoiseModel` whole: correlated noise and the kernel's own error.
+Blank "sky sources" are measured the same way to give the noise floor. The result is an
+astropy Table with Rubin APDB DiaSource column names.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ from .arrayops import shift_along
 from .backend import get_backend
 from .detect import DetectionConfig, Detections, detect
 from .exposure import MEASUREMENT_EXCLUDED, Exposure
-from .inject import shift_image
 from .io import atomic_path
 from .noise import NoiseModel, filtered_variance, position_residual_scale
 from .options import configclass, option
+from .psf import psf_stack
 from .stamps import gather_stamps, interpolate_stamps
 
 __all__ = ["PIXEL_FLAGS", "MeasureConfig", "SourceStamps", "measure", "dia_sources",
-           "write_dia_sources", "source_stamps", "psf_stack", "forced_psf_flux"]
+           "write_dia_sources", "source_stamps", "forced_psf_flux"]
 
 #: (column suffix, mask plane) for the pixel flags
 PIXEL_FLAGS = (("edge", "EDGE"), ("bad", "BAD"), ("saturated", "SAT"),
@@ -182,23 +183,6 @@ def source_stamps(difference: Exposure, detections: Detections,
                         failed)
 
 
-def psf_stack(psf, xs, ys, size):
-    """Host (n, size, size) PSF images shifted to sub-pixel positions. Each is the central
-    part of a unit-sum PSF, not renormalised: the fitted amplitude is then the total flux,
-    wings beyond the stamp included (renormalising the crop biased fluxes ~1% low)."""
-    out = np.zeros((len(xs), size, size))
-    if not len(xs):
-        return out
-    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
-    img = np.stack([psf.image_at(x, y) for x, y in zip(xs, ys)])
-    img = shift_image(img, xs - np.floor(xs + 0.5), ys - np.floor(ys + 0.5))  # one batch
-    img = img / img.sum(axis=(1, 2), keepdims=True)
-    h, half = img.shape[1] // 2, size // 2
-    c = min(h, half)
-    out[:, half - c:half + c + 1, half - c:half + c + 1] = img[:, h - c:h + c + 1, h - c:h + c + 1]
-    return out
-
-
 def _centroid(backend, image, weight, psf_image, is_score: bool):
     """Sub-pixel offsets (host arrays) of each stamp's peak, and where that failed (no
     maximum among the nine values below, or one beyond them: the peak pixel is kept).
@@ -326,10 +310,16 @@ def _photometry(st: SourceStamps, is_score: bool, config: MeasureConfig,
         n_ap = xp.sum(xp.astype(inap, xp.float32), axis=(1, 2))
         ap_err = xp.sqrt(ap_err * ap_err + extra * n_ap * n_ap)
     n_data = xp.sum(xp.astype(good, flux.dtype), axis=(1, 2))
-    flux, flux_err, ap, ap_err, n_data = backend.to_host(
-        xp.stack([flux, flux_err, ap, ap_err, n_data]))  # one device read
-    return {"psfFlux": flux, "psfFluxErr": flux_err, "psfNdata": n_data.astype(np.int64),
-            "apFlux": ap, "apFluxErr": ap_err, "snr": flux / flux_err}
+    if is_score:  # correlated pixels: no chi^2 of independent ones
+        chi2 = xp.full_like(flux, float("nan"))
+    else:
+        left = d - flux[:, None, None] * psf
+        chi2 = xp.sum(xp.where(good, left * left / xp.where(v > 0, v, 1.0), 0.0), axis=(1, 2))
+    flux, flux_err, ap, ap_err, n_data, chi2 = backend.to_host(
+        xp.stack([flux, flux_err, ap, ap_err, n_data, chi2]))  # one device read
+    return {"psfFlux": flux, "psfFluxErr": flux_err, "psfChi2": chi2,
+            "psfNdata": n_data.astype(np.int64), "apFlux": ap, "apFluxErr": ap_err,
+            "snr": flux / flux_err}
 
 
 def _blend_weights(backend, st: SourceStamps, blends, w_psf):

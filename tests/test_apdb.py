@@ -417,3 +417,34 @@ def test_an_exposure_without_diasources_still_measures_the_known_objects(repo, t
         == int(live["n"][0])
     again = ingest_exposure(url, difference.replace(info=info), catalogue, science)
     assert again["skipped"] and _counts(url) == after
+
+
+def test_deblended_diasources_name_their_blends_brightest_diasource():
+    """Two touching sources (S/N 34 and 31, 12 px apart) and a lone one: as APDB rows the
+    pair's parentDiaSourceId is the brighter one's diaSourceId, the lone one's NULL."""
+    from gpudiffim.apdb import dia_source_rows
+    from gpudiffim.detect import detect
+    from gpudiffim.exposure import Exposure, ExposureInfo
+    from gpudiffim.measure import measure
+    from gpudiffim.psf import gaussian_psf
+
+    rng = np.random.default_rng(5)
+    psf = gaussian_psf(2.0, 31)
+    p = psf.image_at()
+    image = rng.normal(size=(160, 200))
+    for x, y, snr in ((60, 60, 34.0), (72, 60, 31.0), (150, 110, 40.0)):
+        image[y - 15:y + 16, x - 15:x + 16] += snr * p / np.sqrt(np.sum(p * p))
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    wcs.wcs.crval, wcs.wcs.crpix, wcs.wcs.cdelt = [150.0, 2.0], [100, 80], [-5e-5, 5e-5]
+    exposure = Exposure.from_arrays(image, psf=psf, wcs=wcs, zero_point=31.4,
+                                    info=ExposureInfo(visit=1234, detector=49, band="g"))
+    table = measure(exposure, detect(exposure))
+    rows = dia_source_rows(table, exposure, 60000.0)
+    assert len(rows) == 3
+    near = lambda x: int(np.argmin(np.hypot(rows["x"] - x, rows["y"] - 60)))  # noqa: E731
+    bright, faint = near(60), near(72)
+    ids = rows["diaSourceId"].to_numpy()
+    assert rows["parentDiaSourceId"][faint] == rows["parentDiaSourceId"][bright] == ids[bright]
+    lone = int(np.argmin(np.hypot(rows["x"] - 150, rows["y"] - 110)))
+    assert rows["parentDiaSourceId"].isna()[lone]

@@ -2,12 +2,13 @@
 
 import numpy as np
 import pytest
+from scipy.signal import fftconvolve
 
 from gpudiffim.detect import DetectionConfig, detect
 from gpudiffim.exposure import Exposure
 from gpudiffim.measure import measure
 from gpudiffim.profiles import moffat
-from gpudiffim.psf import ImagePsf
+from gpudiffim.psf import ImagePsf, psf_stack
 
 from pairs import gaussian_image
 
@@ -93,3 +94,72 @@ def test_a_bright_source_is_not_split_by_its_own_noise(contrast):
     exposure, _ = _field(rng, sources, psf)
     det = detect(exposure, config=DetectionConfig(deblendContrast=contrast))
     assert len(det) == len(sources) and np.all(det.blend == -1)
+
+
+def _as_score(exposure, psf):
+    """``exposure`` matched-filtered into a score in flux units (its PSF: the filter's
+    response to a point source)."""
+    norm = np.sum(psf * psf)
+    score = fftconvolve(exposure.image, psf[::-1, ::-1], mode="same") / norm
+    response = fftconvolve(psf, psf[::-1, ::-1], mode="same")
+    return exposure.replace(image=score.astype(np.float32),
+                            variance=np.full(exposure.shape, 1 / norm, np.float32),
+                            psf=ImagePsf(response / response.sum()))
+
+
+@pytest.mark.parametrize("is_score", [False, True], ids=["difference", "score"])
+@pytest.mark.parametrize("separation", [2.5, 1.5])
+def test_a_faint_neighbour_in_a_bright_ones_shoulder_is_its_own_source(separation, is_score):
+    """S/N 30 and S/N 10 point sources 2.5 and 1.5 FWHM apart (FWHM 4.7 px; at 1.5 FWHM the
+    significance has no dip between them, only a shoulder), six noise draws: two
+    diaSources within 1.5 px of the truth, one blend (the brighter its parent), both fluxes within 3
+    sigma (a difference: fitted together; a score: its value). Without the residual search
+    the 1.5-FWHM pair is one source."""
+    psf = gaussian_image(31, 2.0)
+    dx = int(round(separation * 2.3548 * 2.0))
+    for seed in range(6):
+        exposure, fluxes = _field(np.random.default_rng(seed), [(150, 120, 30.0),
+                                                                (150 + dx, 120, 10.0)], psf)
+        if is_score:
+            exposure = _as_score(exposure, psf)
+        table = measure(exposure, detect(exposure, is_score=is_score), is_score=is_score)
+        table = table[~table["sky_source"]]
+        assert len(table) == 2, (seed, len(table))
+        bright, _ = _nearest(table, 150, 120)
+        for x, flux in ((150, fluxes[0]), (150 + dx, fluxes[1])):
+            i, d = _nearest(table, x, 120)
+            assert d < 1.5 and table["parentDiaSourceId"][i] == bright
+            assert abs(table["psfFlux"][i] - flux) < 3 * table["psfFluxErr"][i], seed
+        if separation < 2:
+            alone = detect(exposure, is_score=is_score,
+                           config=DetectionConfig(doDeblendResiduals=False))
+            assert len(alone) == 1
+
+
+@pytest.mark.parametrize("profile", ["gaussian", "moffat"])
+def test_bright_lone_sources_leave_no_residual_sources(profile):
+    """Thirty-six lone sources of 2e3-3e6 e- (S/N ~45-1500) on a sky of 100 e-, their own
+    photon noise in the variance (the significance is then no longer the filter's profile:
+    the search works in filtered flux), at random sub-pixel positions: each one source,
+    none with a child; the same with a Moffat PSF's wings (beta 2.5)."""
+    rng = np.random.default_rng(3)
+    if profile == "gaussian":
+        psf = gaussian_image(41, 2.0)
+    else:
+        py, px = np.mgrid[-20:21, -20:21]
+        psf = moffat(px, py, 4.0, 2.5)
+        psf /= psf.sum()
+    shape = (400, 400)
+    x = 40 + 55 * (np.arange(36) % 6) + rng.uniform(-0.5, 0.5, 36)
+    y = 40 + 55 * (np.arange(36) // 6) + rng.uniform(-0.5, 0.5, 36)
+    model = np.zeros(shape)
+    stamps = psf_stack(ImagePsf(psf), x, y, 41)
+    for k, flux in enumerate(np.geomspace(2e3, 3e6, 36)):
+        xi, yi = int(round(x[k])), int(round(y[k]))
+        model[yi - 20:yi + 21, xi - 20:xi + 21] += flux * stamps[k]
+    var = 100.0 + model
+    image = model + rng.normal(size=shape) * np.sqrt(var)
+    exposure = Exposure.from_arrays(image.astype(np.float32), variance=var.astype(np.float32),
+                                    psf=ImagePsf(psf))
+    det = detect(exposure)
+    assert len(det) == 36 and np.all(det.blend == -1)
