@@ -13,7 +13,7 @@ import numpy as np
 
 from .arrayops import window_or
 from .backend import get_backend, next_fast_len
-from .exposure import INTERPOLATED_PLANES, MASK_PLANES, UNBOUNDED_PLANES, mask_bits
+from .exposure import MASK_PLANES, REPLACED_PLANES, UNBOUNDED_PLANES, mask_bits
 
 __all__ = ["padded_shape", "fft_convolve", "fft_convolve_weighted_sum", "edge_mask",
            "grow_mask", "grow_convolved_mask", "convolve_exposure", "kernel_reach", "kernel_core",
@@ -117,15 +117,16 @@ def reach_box(kernel: np.ndarray, fraction: float) -> tuple[int, int]:
     return min(2 * r + 1, kernel.shape[0]), min(2 * r + 1, kernel.shape[1])
 
 
-def grow_convolved_mask(mask, kernel, backend=None, planes=MASK_PLANES,
-                        bulk: float = 0.9, core: float = 0.99,
+def grow_convolved_mask(mask, kernel, backend=None, planes=MASK_PLANES, core: float = 0.99,
                         unbounded_fraction: float = UNBOUNDED_FRACTION):
     """The mask of an image convolved with ``kernel``. Planes whose pixels hold no bounded
     value (:data:`~gpudiffim.exposure.UNBOUNDED_PLANES`) grow by the box holding
     ``unbounded_fraction`` of the kernel's absolute weight (:func:`grow_mask`, EDGE where it
-    leaves the image); interpolated ones (CR, INTRP: their pixels hold an estimate) by the
-    box holding ``bulk`` of it, every other plane by the box holding ``core`` of it; what
-    lies past those within the kernel's box is TOUCHED."""
+    leaves the image); pixels given an estimate before the convolution (INTRP: interpolated
+    cosmic rays; BAD, :data:`~gpudiffim.exposure.REPLACED_PLANES`: a bad column's values
+    replaced) stay where they are, the convolution spreading only the estimate's error, no
+    more than a pixel's noise; any other pixel grows by the box holding ``core`` of the
+    weight; the kernel's box around all but the unbounded ones is TOUCHED."""
     backend = get_backend(backend)
     xp = backend.xp
     kernel = np.asarray(kernel)
@@ -133,7 +134,7 @@ def grow_convolved_mask(mask, kernel, backend=None, planes=MASK_PLANES,
     def bits(names):
         return mask_bits(*[p for p in names if p in planes], planes=planes)
 
-    unbounded, interp = bits(UNBOUNDED_PLANES), bits(INTERPOLATED_PLANES)
+    unbounded = bits(UNBOUNDED_PLANES)
     touched = bits(("TOUCHED",))
     top = bits(tuple(planes))
     rest = mask & ~(unbounded | touched)
@@ -142,9 +143,10 @@ def grow_convolved_mask(mask, kernel, backend=None, planes=MASK_PLANES,
                     bool(some[0]))
     if not some[1]:
         return out | (mask & touched)
-    for part, fraction in ((rest & interp, bulk), (rest & ~interp, core)):
-        box = reach_box(kernel, fraction)
-        out = out | window_or(backend, part, box, (-(box[0] // 2), -(box[1] // 2)), top)
+    estimated = (mask & bits(("INTRP",) + REPLACED_PLANES)) != 0
+    box = reach_box(kernel, core)
+    out = out | xp.where(estimated, rest, 0) | window_or(
+        backend, xp.where(estimated, 0, rest), box, (-(box[0] // 2), -(box[1] // 2)), top)
     if touched:  # a box sum of the flags (any box size at one cost), not a bitwise OR
         size = max(kernel.shape)
         near = backend.uniform_filter(xp.astype(rest != 0, xp.float32), size) > 0.5 / size**2

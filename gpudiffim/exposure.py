@@ -27,13 +27,14 @@ MEASUREMENT_EXCLUDED = UNUSABLE_PLANES + ("EDGE",)
 DETECTION_EXCLUDED = MEASUREMENT_EXCLUDED + ("CR",)
 #: pixels the kernel fit and PSF measurement give no weight: injected fakes too
 KERNEL_FIT_EXCLUDED = DETECTION_EXCLUDED + ("INJECTED",)
-#: pixels that hold an estimate (interpolated): a convolution spreads their error only as far
-#: as the bulk of its kernel
+#: an interpolated cosmic ray: its pixels (INTRP) hold an estimate, whose error is all a
+#: convolution spreads, so their mask does not grow (TOUCHED the kernel's box around them)
 INTERPOLATED_PLANES = ("CR", "INTRP")
 #: pixels whose true value is unknown and unbounded (no data, a saturated core) or whose
-#: convolution left the image: a convolution spreads them as far as its kernel reaches. Any
-#: other masked pixel spreads only as far as 99% of the kernel's weight (its value replaced
-#: first when it is BAD), and TOUCHED the rest of the kernel's box
+#: convolution left the image: a convolution spreads them as far as its kernel reaches. A
+#: pixel holding an estimate (INTRP, or BAD, its value replaced first) stays as it is, any
+#: other masked pixel spreads as far as 99% of the kernel's weight, and TOUCHED marks the
+#: rest of the kernel's box
 UNBOUNDED_PLANES = ("NO_DATA", "SAT", "SAT_TEMPLATE", "EDGE")
 #: pixels whose values are wrong in a sound neighbourhood (a hot column): given their
 #: neighbours' mean before any convolution spreads them

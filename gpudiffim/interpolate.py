@@ -3,8 +3,8 @@
 A filter spreads whatever a pixel holds: a hot column's counts, a cosmic ray's charge. Pixels
 whose value is known to be wrong but whose neighbourhood is fine (a bad column, a cosmic ray)
 take the mean of the usable pixels in a small box around them first, so that a convolution
-spreads only that estimate's error, and their masks need grow only as far as the bulk of the
-kernel (:func:`~gpudiffim.convolve.grow_convolved_mask`).
+spreads only that estimate's error and their masks need not grow
+(:func:`~gpudiffim.convolve.grow_convolved_mask`).
 """
 
 from __future__ import annotations

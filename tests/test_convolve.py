@@ -100,8 +100,10 @@ def test_masks_grow_by_kernel_and_edges_flagged(backend):
     shape, kshape = (100, 90), (9, 7)
     mask = np.zeros(shape, np.int32)
     nodata, bad, edge = mask_bits("NO_DATA"), mask_bits("BAD"), mask_bits("EDGE")
+    suspect, touched = mask_bits("SUSPECT"), mask_bits("TOUCHED")
     mask[50, 40] = nodata
-    mask[20, 60] = bad
+    mask[20, 60] = bad  # its value replaced before any convolution: it stays one pixel
+    mask[80, 30] = suspect
     img = np.ones(shape, np.float32)
     img[50, 40] = np.nan  # NO_DATA pixels are ignored, so no NaN spreads
     out, m, _ = convolve_exposure(backend.to_device(img), backend.to_device(mask),
@@ -111,7 +113,8 @@ def test_masks_grow_by_kernel_and_edges_flagged(backend):
     assert np.all(np.isfinite(backend.to_host(out)))
     ys, xs = np.nonzero(m & nodata)
     assert (ys.min(), ys.max(), xs.min(), xs.max()) == (46, 54, 37, 43)
-    assert np.count_nonzero(m & bad) == 63
+    assert np.count_nonzero(m & bad) == 1 and np.count_nonzero(m & suspect) == 63
+    assert np.count_nonzero(m & touched) == 2 * 9 * 9  # a square of the larger side
     edges = (m & edge) != 0
     assert edges[:4].all() and edges[-4:].all() and edges[:, :3].all() and edges[:, -3:].all()
     assert not edges[4:-4, 3:-3].any()

@@ -33,25 +33,29 @@ def _extent(plane):
 def test_planes_grow_as_far_as_their_values_matter(backend):
     """A 41 x 41 Gaussian kernel (sigma 2 px): no data and a saturated core spread over the
     box holding 99.99% of its weight (beyond it a pixel gets at most 1e-4 of theirs, spread
-    over the whole ring); a bad pixel over the box holding 99%, a cosmic ray (its value
-    interpolated) over 90%; TOUCHED marks the rest of the box around the last two."""
+    over the whole ring); a bad pixel (its value replaced before any convolution) and an
+    interpolated cosmic ray (CR | INTRP) stay where they are, the convolution spreading only
+    their estimates' error; a cosmic ray nobody interpolated (CR alone) grows by the box
+    holding 99%; TOUCHED marks the kernel's box around the last three."""
     kernel = gaussian_image(41, 2.0)
-    shape = (200, 200)
+    shape = (200, 300)
     mask = np.zeros(shape, np.int32)
     planes = {"BAD": (50, 50), "CR": (50, 140), "SAT": (140, 50), "NO_DATA": (140, 140)}
     for name, (y, x) in planes.items():
         mask[y, x] = mask_bits(name) | (mask_bits("INTRP") if name == "CR" else 0)
+    mask[100, 250] = mask_bits("CR")  # charge still there
     grown = backend.to_host(grow_convolved_mask(backend.to_device(mask), kernel, backend))
-    r9999, r99, r90 = _reach(kernel, 0.9999), _reach(kernel, 0.99), _reach(kernel, 0.90)
-    # sigma 2: 4.1, 2.6 and 2.1 sigma per axis, Chebyshev
-    assert (r9999, r99, r90) == (8, 6, 4)
+    r9999, r99 = _reach(kernel, 0.9999), _reach(kernel, 0.99)
+    # sigma 2: 4.1 and 2.6 sigma per axis, Chebyshev
+    assert (r9999, r99) == (8, 6)
     assert _extent(grown & mask_bits("NO_DATA")) == (2 * r9999 + 1,) * 2
     assert _extent(grown & mask_bits("SAT")) == (2 * r9999 + 1,) * 2
-    assert _extent(grown & mask_bits("BAD")) == (2 * r99 + 1,) * 2
-    assert _extent(grown & mask_bits("CR")) == (2 * r90 + 1,) * 2
+    assert np.sum((grown & mask_bits("BAD")) != 0) == 1
+    assert np.sum((grown[:, :200] & mask_bits("CR")) != 0) == 1
+    assert _extent(grown[:, 200:] & mask_bits("CR")) == (2 * r99 + 1,) * 2
     touched = (grown & mask_bits("TOUCHED")) != 0
-    assert touched.sum() == 2 * 41 * 41  # around the bad pixel and the cosmic ray only
-    assert not touched[100:, :].any()
+    assert touched.sum() == 3 * 41 * 41  # around the bad pixel and the cosmic rays only
+    assert not touched[121:, :].any()
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +87,14 @@ def masked_science_pair():
 
 
 def test_a_convolved_science_keeps_its_detector(masked_science_pair):
-    """With the science convolved (what `auto` picks for a wider template), its 0.4%
-    masked pixels leave 2.9% of the difference where detection cannot seed (the 1-px
-    column 11 px wide, the 99% reach of the fitted kernel; with every plane grown by the
-    kernel's 43-px box: 10.0%), every new source beside the column and the cosmic rays is
-    found (16 of 16; 8 before: the column's 8 lost), TOUCHED where the column's reach
-    ends, and past the bulk of the kernel the hot column's counts are not in the
-    difference: its noise there is what its variance says."""
+    """With the science convolved (what `auto` picks for a wider template), its 0.22%
+    masked pixels (a hot column, replaced by its neighbours' mean, and interpolated cosmic
+    rays) leave 0.25% of the difference where detection cannot seed (2.9% with the column
+    grown by the box holding 99% of the fitted kernel, 10.0% by the kernel's 43-px box),
+    every new source beside the column and the cosmic rays is found (16 of 16; 8 with the
+    43-px box), each TOUCHED, and nothing else; the hot column's counts are not in the
+    difference: beside it, 1-3 and 4-18 px away, its noise is what its variance says (pull
+    1.03 and 1.01)."""
     science, template, new = masked_science_pair
     backend = get_backend("cpu")
     result = subtract(science, template, SubtractConfig(mode="auto"), backend)
@@ -98,17 +103,18 @@ def test_a_convolved_science_keeps_its_detector(masked_science_pair):
     excluded = (d.mask & d.bit(*[p for p in DETECTION_EXCLUDED if p not in ("EDGE", "NO_DATA")])
                 ) != 0
     inner = (slice(30, -30), slice(30, -30))
-    assert excluded[inner].mean() < 0.035, excluded[inner].mean()
+    assert excluded[inner].mean() < 1.5 * (science.mask != 0).mean(), excluded[inner].mean()
     table = dia_sources(result, science, backend=backend)
     real = table[~table["sky_source"]]
     found = [np.hypot(real["x"] - x, real["y"] - y).min() < 2 for x, y in new]
-    assert all(found), np.flatnonzero(~np.array(found))
+    assert all(found) and len(real) == len(new), (np.flatnonzero(~np.array(found)), len(real))
     near_column = Table(real[np.abs(real["x"] - 256) < 20])
     assert near_column["pixelFlags_touched"].all()
-    beside = np.zeros(d.shape, bool)
-    beside[40:-40, 256 - 18:256 - 9] = beside[40:-40, 256 + 10:256 + 19] = True
-    beside &= (d.mask == 0) | (d.mask == d.bit("TOUCHED"))
-    for x, y in new:  # away from the sources
-        beside[int(y) - 8:int(y) + 9, int(x) - 8:int(x) + 9] = False
-    pull = mad_std(d.image[beside] / np.sqrt(d.variance[beside]))
-    assert 0.85 < pull < 1.15, pull
+    for near, far in ((1, 4), (4, 19)):
+        beside = np.zeros(d.shape, bool)
+        beside[40:-40, 257 - far:257 - near] = beside[40:-40, 256 + near:256 + far] = True
+        beside &= (d.mask == 0) | (d.mask == d.bit("TOUCHED"))
+        for x, y in new:  # away from the sources
+            beside[int(y) - 8:int(y) + 9, int(x) - 8:int(x) + 9] = False
+        pull = d.image[beside] / np.sqrt(d.variance[beside])
+        assert 0.9 < mad_std(pull) < 1.1 and abs(np.mean(pull)) < 0.05, (near, pull)
