@@ -5,10 +5,11 @@ template and one science exposure per visit (LSST-style FITS with PSF models), a
 manifest table and truth tables (see :data:`PRESETS`). Scenes hold stars from a
 power-law luminosity function up to saturation, Sersic galaxies, variable stars and
 transients (half on galaxies); science images get a sky gradient, Poisson and read
-noise, masked cosmic rays and a bad column; each exposure has its own Moffat PSF
+noise, masked cosmic rays and bad columns; each exposure has its own Moffat PSF
 (seeing, wing slope, variation across the detector), zero point and WCS offset.
 Fakes go into the science images (positive in the difference) and the templates
-(negative) through :func:`gpudiffim.inject.inject`.
+(negative) through :func:`gpudiffim.inject.inject`; the demo and sprint presets set a
+fifth of the science fakes 1-3 FWHM from another, so that they blend.
 
 This is the data generator at the edge of the engine: it runs on the host (NumPy).
 """
@@ -54,10 +55,14 @@ class SimConfig:
     galaxy_density: float = option(200.0, "galaxies per million pixels")
     fakes_per_science: int = option(40, "fakes injected into each science exposure")
     fakes_per_template: int = option(10, "fakes injected into each template")
-    fake_separation: float = option(30.0, "pixels between fakes, so that they never blend")
+    fake_separation: float = option(30.0, "pixels between fakes placed alone")
+    fake_pair_fraction: float = option(0.0, "fraction of science fakes placed 1-3 PSF FWHM "
+                                            "from another (blends)")
     transients_per_visit: int = option(6, "transients per visit, half on galaxies")
     variable_fraction: float = option(0.03, "fraction of 17-22 mag stars that vary")
     cr_density: float = option(8.0, "cosmic rays per million pixels")
+    bad_columns: int = option(1, "bad columns per detector (after the first, some partial, "
+                                 "some two pixels wide)")
     seeing: tuple = option((0.5, 1.3), "science seeing range (arcsec FWHM)")
     template_seeing: tuple = option((0.55, 0.7), "good templates' seeing range (arcsec)")
     bad_template_seeing: tuple = option((1.15, 1.3), "bad templates' seeing range (arcsec)")
@@ -78,10 +83,12 @@ PRESETS = {
                     fakes_per_science=50, fakes_per_template=8,
                     transients_per_visit=4),
     "demo": SimConfig("demo", {"g": HSC_G_VISITS[:4], "r": HSC_R_VISITS[:4]},
-                      HSC_DETECTORS[:2], (2048, 1024), bad_template_detectors=(50,)),
+                      HSC_DETECTORS[:2], (2048, 1024), bad_template_detectors=(50,),
+                      fake_pair_fraction=0.2, cr_density=30.0, bad_columns=4),
     "sprint": SimConfig("sprint", {"g": HSC_G_VISITS, "r": HSC_R_VISITS}, HSC_DETECTORS,
                         (4176, 2048), bad_template_detectors=(58, 66), fakes_per_science=80,
-                        fakes_per_template=20, transients_per_visit=12),
+                        fakes_per_template=20, transients_per_visit=12,
+                        fake_pair_fraction=0.2, cr_density=30.0, bad_columns=4),
 }
 
 
@@ -251,6 +258,17 @@ def _place(rng, n, shape, margin, min_sep, avoid=()):
     return np.array(out).reshape(-1, 2)
 
 
+def _companions(rng, around, n, fwhm, shape, margin):
+    """``n`` positions each 1-3 ``fwhm`` from a random one of ``around`` (x, y)."""
+    ny, nx = shape
+    if not len(around) or n <= 0:
+        return np.zeros((0, 2))
+    base = around[rng.integers(0, len(around), n)]
+    r, phi = rng.uniform(1.0, 3.0, n) * fwhm, rng.uniform(0, 2 * np.pi, n)
+    return np.column_stack([np.clip(base[:, 0] + r * np.cos(phi), margin, nx - margin),
+                            np.clip(base[:, 1] + r * np.sin(phi), margin, ny - margin)])
+
+
 def _target_snr(rng, n):
     """Most fakes at SNR 3-10 where efficiency is decided, the rest log-uniform 2-100."""
     core = rng.random(n) < 0.7
@@ -387,15 +405,30 @@ def _make_science(cfg: SimConfig, band, detector, seed, vp: _Visit, scene, trans
     image[sat] = cfg.saturation
     mask[sat] |= mask_bits("SAT")
     add_cosmic_rays(image, mask, rng, cfg.cr_density, expect, cfg.read_noise)
-    bad_col = int(np.random.default_rng([seed, detector]).integers(nx // 8, nx - nx // 8))
-    image[:, bad_col] *= 0.3
-    mask[:, bad_col] |= mask_bits("BAD")
+    for rows, cols in bad_columns(cfg.shape, cfg.bad_columns,
+                                  np.random.default_rng([seed, detector])):
+        image[rows, cols] *= 0.3
+        mask[rows, cols] |= mask_bits("BAD")
     info = ExposureInfo(visit=vp.visit, detector=detector, band=band, exptime=30.0,
                         mjd=vp.mjd, extra={"GAIN": 1.0})
     science = Exposure.from_arrays(image, mask, variance, psf=s_psf.model(_psf_model_size(cfg)),
                                    wcs=make_wcs(cfg.shape, detector, vp.offset), zero_point=vp.zp,
                                    info=info)
     return science, s_psf, variance
+
+
+def bad_columns(shape, n: int, rng) -> list[tuple[slice, slice]]:
+    """A detector's ``n`` bad columns as (rows, columns) slices: the first whole and one
+    pixel wide; the others each whole or running from a random row to the readout edge,
+    one or two pixels wide (a detector's defects, the same in every visit)."""
+    ny, nx = shape
+    out = []
+    for k in range(n):
+        x = int(rng.integers(nx // 8, nx - nx // 8))
+        width = 1 if k == 0 else int(rng.integers(1, 3))
+        start = 0 if k == 0 or rng.random() < 0.5 else int(rng.integers(0, ny // 2))
+        out.append((slice(start, ny), slice(x, x + width)))
+    return out
 
 
 def _template_variance_on(template, vp: _Visit, cfg: SimConfig) -> np.ndarray:
@@ -410,7 +443,11 @@ def _science_fakes(cfg: SimConfig, science, diff_var, vp: _Visit, tf_truth, rng)
     """Fakes in the science (positive in the difference), apart from the template's, their
     S/N set on the difference's variance ``diff_var``."""
     avoid = np.column_stack([tf_truth["x"] + vp.offset[0], tf_truth["y"] + vp.offset[1]])
-    fx, fy = _place(rng, cfg.fakes_per_science, cfg.shape, 40, cfg.fake_separation, avoid).T
+    n_pair = int(round(cfg.fake_pair_fraction * cfg.fakes_per_science))
+    alone = _place(rng, cfg.fakes_per_science - n_pair, cfg.shape, 40, cfg.fake_separation,
+                   avoid)
+    fx, fy = np.vstack([alone, _companions(rng, alone, n_pair, _arcsec_to_px(vp.fwhm),
+                                           cfg.shape, 40)]).T
     fflux = [_flux_for_snr(science.psf, x, y, s, diff_var)
              for x, y, s in zip(fx, fy, _target_snr(rng, len(fx)))]
     return inject(science, Table({"x": fx, "y": fy, "flux": fflux}), rng=rng)

@@ -178,3 +178,36 @@ def test_truth_carries_the_optimal_snr_of_each_change(tmp_path):
     ratio = np.asarray(truth["optimal_snr"] / truth["snr"])
     good, bad = np.asarray(truth["detector"]) == 49, np.asarray(truth["detector"]) == 50
     assert np.median(ratio[good]) > 1.01 and np.median(ratio[bad]) < 0.99
+
+
+def test_demo_fakes_blend_and_detectors_carry_bad_columns_and_cosmic_rays(tmp_path):
+    """The demo preset's physics on one 1024^2 visit: a fifth of the science fakes sit 1-3
+    FWHM from another (the rest 30 px apart), four bad columns (the first whole, the others
+    whole or partial, one or two pixels wide), cosmic rays at 30 per million pixels."""
+    import dataclasses
+
+    from scipy import ndimage
+
+    cfg = dataclasses.replace(PRESETS["demo"], name="honest", visits={"g": (11690,)},
+                              detectors=(49,), shape=(1024, 1024))
+    simulate(tmp_path, cfg, seed=2, workers=1)
+    manifest = Table.read(tmp_path / "manifest.ecsv")
+    truth = Table.read(tmp_path / "truth.ecsv")
+    fakes = truth[(truth["kind"] == "fake") & (truth["image"] == "science")]
+    assert len(fakes) == cfg.fakes_per_science
+    xy = np.column_stack([fakes["x"], fakes["y"]])
+    d = np.hypot(*(xy[:, None, :] - xy[None, :, :]).T)
+    np.fill_diagonal(d, np.inf)
+    fwhm = manifest["science_fwhm"][0] / 0.168
+    close = d.min(axis=0) < 3.05 * fwhm
+    assert np.sum(close) >= round(0.2 * cfg.fakes_per_science)
+    assert d.min() > 0.95 * fwhm
+    sci = read_exposure(tmp_path / manifest["science"][0])
+    bad = (sci.mask & mask_bits("BAD")) != 0
+    columns, n = ndimage.label(bad.any(axis=0))
+    assert n == 4 and bad.sum(axis=0).max() == 1024
+    assert set(np.bincount(columns)[1:]) <= {1, 2}
+    cr = (sci.mask & mask_bits("CR")) != 0
+    tracks = ndimage.label(cr, structure=np.ones((3, 3)))[1]
+    expected = cfg.cr_density * 1024 * 1024 / 1e6
+    assert abs(tracks - expected) < 4 * np.sqrt(expected)
