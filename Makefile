@@ -29,7 +29,7 @@ demo: $(STAMP)
 # the HSC sprint's shape: 33 visits x 6 detectors of 2048 x 4176, four flavors
 study: $(STAMP)
 	$(VENV)/bin/gpudiffim simulate $(STUDY)/repo --preset sprint --seed 0
-	$(VENV)/bin/gpudiffim study $(STUDY)/repo -o $(STUDY)/study --inject-fakes 100 \
+	$(VENV)/bin/gpudiffim study $(STUDY)/repo -o $(STUDY)/study --inject-fakes 100 --compress \
 		--template-fakes 10
 
 bench: $(STAMP)

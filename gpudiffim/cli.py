@@ -122,6 +122,7 @@ def _cmd_run(args) -> int:
 
     config = RunConfig(backend=args.backend, readers=args.workers, dask=args.dask,
                        force=args.force, apdb=args.apdb, alerts=args.alerts,
+                       compress=args.compress,
                        pipeline=PipelineConfig(subtract=SubtractConfig(mode=args.flavor)),
                        fakes=FakeConfig(nScience=args.inject_fakes,
                                         nTemplate=args.template_fakes, seed=args.fake_seed))
@@ -144,6 +145,7 @@ def _cmd_study(args) -> int:
     config = StudyConfig(flavors=flavors, apdb="" if args.no_apdb else args.apdb,
                          alerts=args.alerts, backend=args.backend, readers=args.workers,
                          dask=args.dask, force=args.force, stamps=args.stamps,
+                         compress=args.compress,
                          fakes=FakeConfig(nScience=args.inject_fakes,
                                           nTemplate=args.template_fakes, seed=args.fake_seed))
     start = time.perf_counter()
@@ -220,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("--workers", type=int, default=2, help="reader threads")
     run_p.add_argument("--dask", default=None, help="scheduler address, or local:N")
     run_p.add_argument("--force", action="store_true", help="redo finished exposures")
+    run_p.add_argument("--compress", action="store_true",
+                       help="tile-compress the differences (4-6x smaller; noise-level "
+                            "quantisation, mask lossless)")
     run_p.add_argument("--apdb", default=None,
                        help="associate and store the diaSources in the APDB at this URL")
     run_p.add_argument("--alerts", default=None,
@@ -256,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     study_p.add_argument("--workers", type=int, default=2, help="reader threads")
     study_p.add_argument("--dask", default=None, help="scheduler address, or local:N")
     study_p.add_argument("--force", action="store_true", help="redo finished exposures")
+    study_p.add_argument("--compress", action="store_true",
+                         help="tile-compress the differences (4-6x smaller; noise-level "
+                              "quantisation, mask lossless)")
     study_p.add_argument("--stamps", type=int, default=8,
                          help="triplets of detections and of lost fakes per flavor")
     study_p.set_defaults(func=_cmd_study)

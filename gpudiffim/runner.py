@@ -70,6 +70,9 @@ class RunConfig:
     writers: int = option(2, "writer threads")
     template_cache: int = option(4, "decoded templates kept for the visits that share them")
     force: bool = option(False, "redo exposures already done")
+    compress: bool = option(False, "tile-compress the differences written (image and variance "
+                                   "quantised at 1/16 of the noise, mask lossless): 4-6x "
+                                   "smaller, ~0.5 s more per million pixels on a CPU")
     dask: str | None = option(None, "a Dask scheduler address, or local:N; None: in process")
     apdb: str | None = option(None, "an APDB's SQLAlchemy URL: each exposure's diaSources are "
                                     "associated and stored there (gpudiffim make-apdb)")
@@ -268,7 +271,8 @@ def process_exposure(repo, outdir, row, config: RunConfig, pair=None) -> dict:
     Never raises for a bad exposure: the reason goes into the status row.
     """
     status, outputs = compute_exposure(repo, row, config, pair)
-    return write_outputs(outdir, row, status, outputs, config.apdb, config.alerts)
+    return write_outputs(outdir, row, status, outputs, config.apdb, config.alerts,
+                         config.compress)
 
 
 def compute_exposure(repo, row, config: RunConfig, pair=None, on_device=None):
@@ -366,14 +370,15 @@ def _json_value(o):
 
 
 def write_outputs(outdir, row, status: dict, outputs: ExposureOutputs | None,
-                  apdb: str | None = None, alerts=None) -> dict:
-    """Write an exposure's outputs atomically, store it in the APDB at ``apdb`` (when
-    given, with its alerts in ``alerts``), then write its status row (the resume marker)."""
+                  apdb: str | None = None, alerts=None, compress: bool = False) -> dict:
+    """Write an exposure's outputs atomically (the difference tile-compressed with
+    ``compress``), store it in the APDB at ``apdb`` (when given, with its alerts in
+    ``alerts``), then write its status row (the resume marker)."""
     here = exposure_dir(outdir, row)
     if outputs is not None:
         t = time.perf_counter()
         try:
-            write_exposure(outputs.difference, here / "difference.fits")
+            write_exposure(outputs.difference, here / "difference.fits", compress)
             if outputs.fakes is not None:
                 with atomic_path(here / "fakes.ecsv") as tmp:
                     outputs.fakes.write(tmp, format="ascii.ecsv", overwrite=True)
@@ -508,7 +513,8 @@ def run(repo, outdir, config: RunConfig | None = None, *, flavor: str | None = N
                 if config.force or not _done_with(_status(outdir, r), key, config.apdb)]
         log.info("%d of %d exposures to process (%d already done)", len(todo), len(manifest),
                  len(manifest) - len(todo))
-        check_output_space(outdir, len(todo) * _exposure_output_bytes(repo, todo))
+        check_output_space(outdir, len(todo) * _exposure_output_bytes(repo, todo,
+                                                                      config.compress))
         bar = _Progress(len(todo)) if progress else None
         try:
             if config.dask:
@@ -522,7 +528,7 @@ def run(repo, outdir, config: RunConfig | None = None, *, flavor: str | None = N
     return table
 
 
-def _exposure_output_bytes(repo: Path, todo) -> int:
+def _exposure_output_bytes(repo: Path, todo, compressed: bool = False) -> int:
     """About what one exposure's outputs take: from the first science file's image size
     (its header only), else from its size on disk."""
     if not todo:
@@ -531,7 +537,7 @@ def _exposure_output_bytes(repo: Path, todo) -> int:
     try:
         with fits.open(path, memmap=True) as hdul:
             hdu = next(h for h in hdul if h.header.get("NAXIS", 0) == 2)
-            return output_bytes((hdu.header["NAXIS2"], hdu.header["NAXIS1"]))
+            return output_bytes((hdu.header["NAXIS2"], hdu.header["NAXIS1"]), compressed)
     except Exception:  # unreadable files fail on their own, named, when processed
         return path.stat().st_size if path.is_file() else 0
 
@@ -643,7 +649,7 @@ def _run_local(repo, outdir, todo, config: RunConfig, bar):
                     status, outputs = compute_exposure(repo, row, config, pair, on_device)
                     del pair, on_device, read
                 writing.append(writers.submit(write_outputs, outdir, row, status, outputs,
-                                              config.apdb, config.alerts))
+                                              config.apdb, config.alerts, config.compress))
                 drain(config.writers)  # bounded: memory stays flat
                 release_freed_memory()
         finally:

@@ -47,6 +47,7 @@ class StudyConfig:
     readers: int = option(2, "reader threads of each run")
     dask: str | None = option(None, "a Dask scheduler address, or local:N; None: in process")
     force: bool = option(False, "redo exposures already done")
+    compress: bool = option(False, "tile-compress the differences written (see RunConfig)")
     stamps: int = option(8, "triplets of detections and of lost fakes shown per flavor")
 
 
@@ -94,6 +95,7 @@ def study(repo, outdir, config: StudyConfig | None = None) -> Path:
         run(repo, outdir / flavor,
             RunConfig(pipeline=pipeline, backend=config.backend, readers=config.readers,
                       dask=config.dask, force=config.force, apdb=url, fakes=config.fakes,
+                      compress=config.compress,
                       alerts=str(outdir / flavor / "alerts") if config.alerts and url
                       else None))
         truth = Path(repo) / "truth.ecsv"  # the simulator's changes: not contamination

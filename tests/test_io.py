@@ -53,6 +53,33 @@ def test_lsst_roundtrip_bit_for_bit(tmp_path, rng):
         assert hdul["MASK"].header["MP_DETECTED_NEGATIVE"] == 6
 
 
+def test_compressed_exposure_keeps_its_mask_and_the_noise_level(tmp_path, rng):
+    """A tile-compressed exposure reads back with the same mask bit for bit, the same WCS,
+    PSF and metadata, zeros kept exact (a NO_DATA row), the image within 0.03 of its noise
+    rms (quantised at 1/16 of it) with no bias, the variance likewise within 0.03 of its
+    own pixel-to-pixel scatter; at least 4x smaller than the plain file; the same bytes
+    each time it is written."""
+    exp = _exposure(rng, shape=(512, 384))
+    image = exp.image.copy()
+    image[100, :] = 0.0
+    exp = exp.replace(image=image)
+    plain = write_exposure(exp, tmp_path / "plain.fits")
+    packed = write_exposure(exp, tmp_path / "packed.fits", compress=True)
+    back = read_exposure(packed)
+    assert back.mask.dtype == np.int32 and back.mask.tobytes() == exp.mask.tobytes()
+    assert back.wcs.to_header() == exp.wcs.to_header() and back.zero_point == exp.zero_point
+    assert back.info == dataclasses.replace(exp.info, path=str(packed))
+    np.testing.assert_allclose(back.psf.image, exp.psf.image, rtol=1e-12)
+    error = (back.image - exp.image) / 5.0  # the image's noise is 5
+    assert np.all(back.image[100] == 0.0)
+    assert np.std(error) < 0.03 and abs(np.mean(error)) < 0.005
+    v_error = (back.variance - exp.variance) / np.std(exp.variance)
+    assert np.std(v_error) < 0.03 and abs(np.mean(v_error)) < 0.005
+    assert packed.stat().st_size * 4 < plain.stat().st_size
+    assert read_exposure(write_exposure(exp, tmp_path / "again.fits", compress=True)
+                         ).image.tobytes() == back.image.tobytes()  # reproducible
+
+
 def test_foreign_mask_bits_are_remapped(tmp_path, rng):
     shape = (20, 30)
     mask = np.zeros(shape, np.int32)
