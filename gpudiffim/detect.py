@@ -6,7 +6,9 @@ filtered noise, so the significance image is in units of the optimal point-sourc
 S/N; a score image is already matched-filtered and is thresholded as it is. Pixels
 above ``thresholdValue`` and below ``-thresholdValue`` form positive and negative
 footprints (8-connected), grown by ``growFootprint`` pixels; positive and negative
-footprints that touch merge into one source, a dipole candidate. Masked pixels
+footprints that touch merge into one source, a dipole candidate; a footprint of one sign
+is split into its sources (:mod:`~gpudiffim.deblend`: peaks separated by a dip, then those
+left standing once the others' profiles are taken off). Masked pixels
 (:data:`~gpudiffim.exposure.DETECTION_EXCLUDED`: NO_DATA, EDGE, BAD, SAT, SAT_TEMPLATE, and
 CR, interpolated cosmic rays) cannot seed a detection. With the subtraction's
 :class:`~gpudiffim.noise.NoiseModel` the noise also carries the template's misregistration
