@@ -6,8 +6,7 @@ filtered noise, so the significance image is in units of the optimal point-sourc
 S/N; a score image is already matched-filtered and is thresholded as it is. Pixels
 above ``thresholdValue`` and below ``-thresholdValue`` form positive and negative
 footprints (8-connected), grown by ``growFootprint`` pixels; positive and negative
-footprints that touch merge into one source, a dipole candidate (two sources when their
-peaks are over ``dipoleMaxSeparation`` FWHM apart); a footprint of one sign
+footprints that touch merge into one source, a dipole candidate; a footprint of one sign
 is split into its sources (:mod:`~gpudiffim.deblend`: peaks separated by a dip, then those
 left standing once the others' profiles are taken off). Masked pixels
 (:data:`~gpudiffim.exposure.DETECTION_EXCLUDED`: NO_DATA, EDGE, BAD, SAT, SAT_TEMPLATE, and
@@ -67,9 +66,6 @@ class DetectionConfig:
                                                    "footprint (PSF FWHM)...")
     deblendResidualFloor: float = option(0.1, "... and has at least this fraction of the "
                                               "brightest one's filtered flux")
-    dipoleMaxSeparation: float = option(2.0, "positive and negative peaks of one footprint "
-                                              "further apart than this many PSF FWHM are two "
-                                              "sources, not a dipole's lobes")
     minFilterCorrelation: float = option(0.995, "the PSF at the detector's centre filters "
                                                 "all of it when it correlates this well with "
                                                 "the PSF everywhere; else the filter follows "
@@ -273,24 +269,15 @@ def detect(difference: Exposure, is_score: bool = False,
     pixels = _footprint_pixels(backend, merged, snr, ~bad, sigma)
     pos, neg = _peaks(pixels, n, 1.0, t), _peaks(pixels, n, -1.0, t)
     area = np.bincount(pixels.labels, minlength=n + 1)[1:]
-    fwhm = float(np.mean(difference.psf.fwhm()))
     extra = (_deblended(pixels, pos, neg, config, difference.shape[1],
-                        point_source_profiles(difference, is_score), fwhm)
+                        point_source_profiles(difference, is_score),
+                        float(np.mean(difference.psf.fwhm())))
              if config.doDeblend else {})
     use_pos = pos[:, 2] * (pos[:, 0] >= 0) >= -neg[:, 2] * (neg[:, 0] >= 0)
     peak = np.where(use_pos[:, None], pos, neg)
-    # a new source beside one that faded (a template fake, a variable) is no dipole
-    apart = ((pos[:, 0] >= 0) & (neg[:, 0] >= 0)
-             & (np.hypot(pos[:, 0] - neg[:, 0], pos[:, 1] - neg[:, 1])
-                > config.dipoleMaxSeparation * fwhm))
     rows, blend = [], []
     for lab in np.flatnonzero((peak[:, 0] >= 0) & (area >= config.minPixels)):
         first = len(rows)
-        if apart[lab]:
-            rows += [(*pos[lab], area[lab], *pos[lab, :2], -1, -1),
-                     (*neg[lab], area[lab], -1, -1, *neg[lab, :2])]
-            blend += [-1, -1]
-            continue
         rows.append((*peak[lab], area[lab], *pos[lab, :2], *neg[lab, :2]))
         for x, y, v in extra.get(lab, ()):  # the footprint's other sources, one sign
             p, q = ((x, y), (-1, -1)) if v > 0 else ((-1, -1), (x, y))

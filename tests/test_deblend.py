@@ -186,27 +186,3 @@ def test_blended_pulls_are_unbiased_in_a_shoulder(is_score):
         row = table[~table["sky_source"]][i]
         pulls.append((row["psfFlux"] - fluxes[1]) / row["psfFluxErr"])
     assert abs(np.mean(pulls)) < 0.45 and 0.7 < np.std(pulls) < 1.3, pulls
-
-
-def test_a_new_source_beside_one_that_faded_is_not_a_dipole():
-    """A S/N 36 source 2.5 FWHM from a S/N -70 one (a transient beside a template fake or
-    a fading variable; their footprints touch): two diaSources, neither a dipole, each
-    flux within 3 sigma (one dipole source before, the new source lost). A dipole (lobes
-    3 px apart) stays one."""
-    psf = gaussian_image(31, 2.0)
-    dx = int(round(2.5 * 2.3548 * 2.0))
-    for seed in range(4):
-        exposure, fluxes = _field(np.random.default_rng(20 + seed),
-                                  [(150, 120, 36.0), (150 + dx, 120, -70.0),
-                                   (80, 60, 30.0), (83, 60, -30.0)], psf)
-        table = measure(exposure, detect(exposure))
-        table = table[~table["sky_source"]]
-        assert len(table) == 3, len(table)
-        for x, flux in ((150, fluxes[0]), (150 + dx, fluxes[1])):
-            i, d = _nearest(table, x, 120)
-            assert d < 1.5 and not table["isDipole"][i]
-            assert abs(table["psfFlux"][i] - flux) < 3 * table["psfFluxErr"][i]
-        dipole, _ = _nearest(table, 81.5, 60)
-        assert table["isDipole"][dipole]
-    merged = detect(exposure, config=DetectionConfig(dipoleMaxSeparation=10.0))
-    assert len(merged) == 2
