@@ -218,18 +218,19 @@ def residual_peaks(pixels: FootprintPixels, sources: np.ndarray, profiles, sign:
     found = local_maxima(residual, 1.0, threshold, nx)
     found = found[np.lexsort((-r[found], pixels.labels[found]))]
     cx, cy = x + dx, y + dy
+    strong = np.flatnonzero(r > 2.0)  # the residual the balance is taken over
     rows = []
     for i in found:  # few: a footprint's shoulders
         # one source wider than the profile (two unresolved ones, a trail, a galaxy's
         # residual) leaves a residual balanced about it; a neighbour's is on one side
         j = closest[i]
-        mine = (closest == j) & (r > 2.0)
+        mine = strong[closest[strong] == j]
         side = ((pixels.xs[mine] - cx[j]) * (pixels.xs[i] - cx[j])
                 + (pixels.ys[mine] - cy[j]) * (pixels.ys[i] - cy[j]))
         if np.sum(r[mine][side < 0]) > 0.5 * np.sum(r[mine][side > 0]):
             continue
-        mine = [(px, py) for lb, px, py, _ in rows if lb == pixels.labels[i]]
+        kept = [(px, py) for lb, px, py, _ in rows if lb == pixels.labels[i]]
         if all(np.hypot(pixels.xs[i] - px, pixels.ys[i] - py) >= min_separation
-               for px, py in mine):
+               for px, py in kept):
             rows.append((pixels.labels[i], pixels.xs[i], pixels.ys[i], sign * r[i]))
     return np.array(rows, float).reshape(-1, 4)

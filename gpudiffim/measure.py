@@ -3,7 +3,7 @@
 Stamps around every source are gathered with one indexing operation (:class:`SourceStamps`)
 and each group of columns is measured from them with array math on the backend: PSF flux and
 error (linear fit with the difference's PSF and variance; for a score image its value at the
-centroid, Lanczos- interpolated) with the fit's chi^2 over its stamp (``psfChi2`` over
+centroid, Lanczos-interpolated) with the fit's chi^2 over its stamp (``psfChi2`` over
 ``psfNdata`` pixels: what is not one point source shows as an excess), aperture flux and
 error, a sub-pixel centroid and its error, S/N, peak value, second moments, a two-lobe
 dipole fit for merged positive/negative pairs, forced PSF flux on the science image, and
@@ -339,16 +339,14 @@ def _deblended_stamps(st: SourceStamps, blends, flux, difference: Exposure, is_s
     rows, cleaned = [], []
     for members in blends:
         for i in members:
-            near = [j for j in members if j != i and max(abs(st.xs[j] - st.xs[i]),
-                                                         abs(st.ys[j] - st.ys[i])) < h]
+            near = _neighbours(st, members, i)
             if not near:
                 continue
             model = 0.0
             for j in near:
-                unit = st.psf[j, ...] / st.psf[j, h, h] if is_score else st.psf[j, ...]
-                moved = shift_along(backend, shift_along(backend, unit, int(st.xs[i] - st.xs[j]),
-                                                         1, 0.0), int(st.ys[i] - st.ys[j]), 0, 0.0)
-                model = model + float(flux[j]) * moved
+                moved = _moved_psf(backend, st, j, i)
+                scale = float(flux[j]) / st.psf[j, h, h] if is_score else float(flux[j])
+                model = model + scale * moved
             rows.append(i)
             cleaned.append(st.image[i, ...] - model)
     if not rows:
@@ -381,25 +379,32 @@ def _deblended_stamps(st: SourceStamps, blends, flux, difference: Exposure, is_s
                    yy=st.yy - shift_y, centroid_failed=failed_all)
 
 
+def _neighbours(st: SourceStamps, members, i) -> list:
+    """The members of ``i``'s blend whose centres lie in the central half of its stamp."""
+    h = st.image.shape[-1] // 2
+    return [j for j in members
+            if j != i and max(abs(st.xs[j] - st.xs[i]), abs(st.ys[j] - st.ys[i])) < h]
+
+
+def _moved_psf(backend, st: SourceStamps, j, i):
+    """Source ``j``'s PSF stamp moved into source ``i``'s stamp (whole pixels; its sub-pixel
+    part is in its own PSF stamp already)."""
+    return shift_along(backend, shift_along(backend, st.psf[j, ...], int(st.xs[i] - st.xs[j]),
+                                            1, 0.0), int(st.ys[i] - st.ys[j]), 0, 0.0)
+
+
 def _blend_weights(backend, st: SourceStamps, blends, w_psf):
     """``w_psf`` with each blended source's row replaced by the weights of its flux in a
     joint linear fit of its blend's PSFs on its stamp (inverse-variance weights): a
     neighbour's wing no longer counts as the source's flux. One small solve per source."""
     xp = backend.xp
-    S = st.image.shape[-1]
     rows, index = [], np.arange(st.n)
     for members in blends:
         for i in members:
-            near = [j for j in members if j != i and max(abs(st.xs[j] - st.xs[i]),
-                                                         abs(st.ys[j] - st.ys[i])) < S // 2]
+            near = _neighbours(st, members, i)
             if not near:  # no neighbour reaches this stamp's centre half
                 continue
-            # each neighbour's PSF moved into this stamp (whole pixels; its sub-pixel part
-            # is in its own PSF stamp already)
-            basis = [st.psf[i, ...]] + [
-                shift_along(backend, shift_along(backend, st.psf[j, ...],
-                                                 int(st.xs[i] - st.xs[j]), 1, 0.0),
-                            int(st.ys[i] - st.ys[j]), 0, 0.0) for j in near]
+            basis = [st.psf[i, ...]] + [_moved_psf(backend, st, j, i) for j in near]
             a = xp.stack(basis)
             v = st.variance[i, ...]
             w = xp.where(st.good[i, ...], 1.0 / xp.where(v > 0, v, 1.0), 0.0)
