@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=MODES)
     run_p.add_argument("--backend", choices=BACKEND_NAMES, default=None)
     run_p.add_argument("--workers", type=int, default=2, help="reader threads")
-    run_p.add_argument("--dask", default=None, help="scheduler address, or local:N")
+    run_p.add_argument("--dask", default=None, help="scheduler address, local:N, or local-cuda "
+                        "(one worker per GPU, dask-cuda)")
     run_p.add_argument("--force", action="store_true", help="redo finished exposures")
     run_p.add_argument("--compress", action="store_true",
                        help="tile-compress the differences (4-6x smaller; noise-level "
@@ -259,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="write each flavor's alerts to OUTPUT/<flavor>/alerts")
     study_p.add_argument("--backend", choices=BACKEND_NAMES, default=None)
     study_p.add_argument("--workers", type=int, default=2, help="reader threads")
-    study_p.add_argument("--dask", default=None, help="scheduler address, or local:N")
+    study_p.add_argument("--dask", default=None, help="scheduler address, local:N, or local-cuda "
+                        "(one worker per GPU, dask-cuda)")
     study_p.add_argument("--force", action="store_true", help="redo finished exposures")
     study_p.add_argument("--compress", action="store_true",
                          help="tile-compress the differences (4-6x smaller; noise-level "

@@ -73,7 +73,8 @@ class RunConfig:
     compress: bool = option(False, "tile-compress the differences written (image and variance "
                                    "quantised at 1/16 of the noise, mask lossless): 4-6x "
                                    "smaller, ~0.5 s more per million pixels on a CPU")
-    dask: str | None = option(None, "a Dask scheduler address, or local:N; None: in process")
+    dask: str | None = option(None, "a Dask scheduler address, local:N or local-cuda (a worker "
+                              "per GPU); None: in process")
     apdb: str | None = option(None, "an APDB's SQLAlchemy URL: each exposure's diaSources are "
                                     "associated and stored there (gpudiffim make-apdb)")
     alerts: str | None = option(None, "a directory for one Avro alert per diaSource (with apdb)")
@@ -693,13 +694,8 @@ def _run_dask(repo, outdir, todo, config: RunConfig, address: str, bar):
     except ImportError as exc:
         raise GpuDiffimError("--dask needs dask.distributed "
                              "(pip install 'gpudiffim[dist]')") from exc
-    cluster = None
-    if address.startswith("local:"):
-        cluster = LocalCluster(n_workers=int(address.split(":", 1)[1]), threads_per_worker=1,
-                               processes=True, dashboard_address=None)
-        client = Client(cluster)
-    else:
-        client = Client(address)
+    cluster = _local_cluster(address, LocalCluster)
+    client = Client(cluster if cluster is not None else address)
     try:
         rows = [dict(zip(r.colnames, r.as_void().tolist())) for r in todo]
         futures = [client.submit(_dask_task, str(repo), str(outdir), r, config, pure=False)
@@ -712,6 +708,26 @@ def _run_dask(repo, outdir, todo, config: RunConfig, address: str, bar):
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _local_cluster(address: str, local_cluster):
+    """``local:N``: N single-threaded worker processes; ``local-cuda``: one worker per GPU
+    (dask-cuda's LocalCUDACluster, each pinned to its device); anything else is a scheduler
+    address (None)."""
+    if address == "local-cuda":
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError as exc:
+            raise GpuDiffimError("--dask local-cuda needs dask-cuda "
+                                 "(pip install 'gpudiffim[dist-gpu]')") from exc
+        return LocalCUDACluster(threads_per_worker=1, dashboard_address=None)
+    if address.startswith("local:"):
+        n = address.split(":", 1)[1]
+        if not n.isdigit() or int(n) < 1:
+            raise GpuDiffimError(f"--dask {address}: local:N needs a worker count N >= 1")
+        return local_cluster(n_workers=int(n), threads_per_worker=1, processes=True,
+                             dashboard_address=None)
+    return None
 
 
 def _dask_task(repo, outdir, row: dict, config: RunConfig) -> dict:

@@ -415,3 +415,15 @@ def test_compressed_differences_are_what_the_study_reads(tmp_path):
         assert np.std(error) < 0.03
     a, b = load_run(tmp_path / "plain"), load_run(tmp_path / "packed")
     assert np.array_equal(a.fakes["found"], b.fakes["found"]) and a.fakes["found"].sum() > 10
+
+
+def test_dask_addresses_that_cannot_start_say_why(demo_repo, tmp_path):
+    from gpudiffim.errors import GpuDiffimError
+    with pytest.raises(GpuDiffimError, match="worker count"):
+        run(demo_repo, tmp_path / "none", dask="local:0", progress=False)
+    try:
+        import dask_cuda  # noqa: F401
+    except ImportError:
+        with pytest.raises(GpuDiffimError, match=r"dask-cuda .*gpudiffim\[dist-gpu\]"):
+            run(demo_repo, tmp_path / "cuda", dask="local-cuda", progress=False)
+    assert not list((tmp_path).rglob("status.json"))
