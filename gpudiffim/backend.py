@@ -12,7 +12,8 @@ Every stage takes a :class:`Backend` and does its array work through it:
   (``dtype`` is always a NumPy dtype, applied on the host); ``upload`` is ``to_device`` for
   bulk pixel planes sent ahead of the compute (on GPU: through pinned host memory on a
   non-blocking stream, so the copy overlaps compute); ``scalar`` reads one value back (a
-  device sync on CuPy: every such read goes through it, so they can be counted);
+  device sync on CuPy: every such read goes through it, so they can be counted), and
+  ``to_host_all`` several small arrays in one transfer;
 * ``synchronize`` — wait for queued device work (timings).
 
 ``get_backend("strict")`` runs the same code on ``array_api_strict`` arrays placed
@@ -79,6 +80,38 @@ class Backend:
         """One value of a 0-d (or one-element) backend array as a Python scalar: the single
         named place where a device value is read back for host control flow."""
         return self.to_host(a).item()
+
+    def to_host_all(self, *arrays) -> tuple:
+        """Several small arrays read back in one transfer (one sync on CuPy where each
+        :meth:`to_host` is one): packed as float64 on the device, then each returned with its
+        shape and dtype. Host arrays pass through. Integers must be exact in float64 (below
+        2**53); complex arrays cannot go this way."""
+        xp = self.xp
+        on_device = [i for i, a in enumerate(arrays) if not _is_host(a)]
+        out = [np.asarray(a) if _is_host(a) else None for a in arrays]
+        if not on_device:
+            return tuple(out)
+        packed = self.to_host(xp.concat([xp.reshape(xp.astype(arrays[i], xp.float64), (-1,))
+                                         for i in on_device]))
+        start = 0
+        for i in on_device:
+            a = arrays[i]
+            n = int(np.prod(a.shape))
+            out[i] = packed[start:start + n].reshape(tuple(a.shape)).astype(
+                self._host_dtype(a.dtype))
+            start += n
+        return tuple(out)
+
+    def to_host_columns(self, columns: dict) -> dict:
+        """:meth:`to_host_all` over a dict's values (a catalogue's columns)."""
+        return dict(zip(columns, self.to_host_all(*columns.values())))
+
+    def _host_dtype(self, dtype):
+        for kind in (np.bool_, np.float32, np.float64, np.int64, np.int32, np.int16, np.int8,
+                     np.uint64, np.uint32, np.uint16, np.uint8):
+            if dtype == self.xp_dtype(kind):
+                return kind
+        raise TypeError(f"to_host_all: no host dtype for {dtype}")
 
     def xp_dtype(self, dtype):
         """This namespace's dtype for a NumPy ``dtype``."""
@@ -225,6 +258,9 @@ class CpuBackend(Backend):
 
     def scalar(self, a):
         return np.asarray(a).item()
+
+    def to_host_all(self, *arrays) -> tuple:
+        return tuple(np.asarray(a) for a in arrays)
 
     def _plan(self, kind, shape, dtype, s):
         key = (kind, shape, np.dtype(dtype).str, s)
@@ -489,6 +525,10 @@ def _probe(cupy) -> str | None:
         if not ok:
             return f"CuPy sees a CUDA device but {what} gives wrong values"
     return None
+
+
+def _is_host(a) -> bool:
+    return isinstance(a, (np.ndarray, np.generic, int, float, bool))
 
 
 @lru_cache(maxsize=None)

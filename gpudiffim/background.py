@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .spatial import chebyshev_terms, linear_term_map, polynomial_terms, scaled_coords, term_factors
-from .stats import robust_sigma_where
+from .stats import robust_sigma_where_device
 
 __all__ = ["QUIET", "BLOCK", "quiet_blocks", "quiet_pixels", "refit_sky_plane"]
 
@@ -60,7 +60,7 @@ def refit_sky_plane(backend, diff, good, sky, bbox, order: int, block: int = BLO
     xp = backend.xp
     ny, nx = (diff.shape[0] // block) * block, (diff.shape[1] // block) * block
     d = diff[:ny, :nx]
-    sigma = robust_sigma_where(backend, d, good[:ny, :nx])
+    sigma = robust_sigma_where_device(backend, d, good[:ny, :nx])
     use = good[:ny, :nx] & (xp.abs(d) < clip * sigma)
     shape = (ny // block, block, nx // block, block)
     w = xp.sum(xp.astype(xp.reshape(use, shape), xp.float64), axis=(1, 3))
@@ -72,10 +72,11 @@ def refit_sky_plane(backend, diff, good, sky, bbox, order: int, block: int = BLO
     powers = polynomial_terms(order)
     t = backend.to_device(np.array([np.outer(tv[:, b], tu[:, a]).ravel() for a, b in powers]))
     w, wd = xp.reshape(w, (-1,)), xp.reshape(wd, (-1,))
-    if backend.scalar(xp.sum(w)) < 100 * t.shape[0]:
+    total, normal, rhs = backend.to_host_all(  # one device read
+        xp.sum(w), xp.matmul(t * w, backend.matrix_transpose(t)), xp.matmul(t, wd))
+    if total < 100 * t.shape[0]:
         return 0.0, 0.0
-    normal = backend.to_host(xp.matmul(t * w, backend.matrix_transpose(t)))
-    coeffs = np.linalg.solve(normal, backend.to_host(xp.matmul(t, wd)))
+    coeffs = np.linalg.solve(normal, rhs)
     plane = linear_term_map(coeffs, diff.shape, bbox, order, backend)
     u, v = scaled_coords(diff.shape[1] // 2, diff.shape[0] // 2, bbox)
     return plane, float(np.sum(coeffs * chebyshev_terms(np, np.asarray(u), np.asarray(v), order)))

@@ -24,7 +24,7 @@ from .arrayops import window_or
 from .exposure import Exposure
 from .interpolate import interpolate_masked
 from .options import configclass, option
-from .stats import median_where
+from .stats import median_where_device
 
 __all__ = ["CosmicRayConfig", "psf_neighbour_ratios", "find_cosmic_rays", "repair_cosmic_rays"]
 
@@ -135,11 +135,12 @@ def repair_cosmic_rays(exposure: Exposure, psf: np.ndarray, config: CosmicRayCon
             xp.any((exposure.mask & exposure.bit("CR")) != 0)):
         return exposure
     good = _usable(exposure)
-    sky = median_where(backend, exposure.image, good)
-    cr = find_cosmic_rays(exposure, psf, config, backend, 0.0 if sky is None else sky, good)
+    sky = median_where_device(backend, exposure.image, good)
+    sky = 0.0 if sky is None else sky
+    cr = find_cosmic_rays(exposure, psf, config, backend, sky, good)
     if cr is None:
         return exposure
-    image = interpolate_masked(backend, exposure.image, cr, good, config.repairBox, sky or 0.0)
+    image = interpolate_masked(backend, exposure.image, cr, good, config.repairBox, sky)
     mask = xp.where(cr, exposure.mask | exposure.bit("CR", "INTRP"), exposure.mask)
     log.info("cosmic rays found, masked and interpolated")
     return exposure.replace(image=image, mask=mask)

@@ -168,7 +168,7 @@ class KernelStamps:
     rhs_noise: object  # (n, nb + 1) the noise the inputs share, its share of ``rhs``, or None
     pos: np.ndarray  # host (n, 2)
     roughness: np.ndarray | None = None  # host (nb + 1, nb + 1) penalty matrix, or None
-    penalty_scale: np.ndarray | None = None  # host (n,): its weight in each stamp's ``normal``
+    penalty_scale: object = None  # device (n,): its weight in each stamp's ``normal``
 
 
 def build_stamps(source, target, variance, bad, positions, basis: KernelBasis,
@@ -241,7 +241,6 @@ def build_stamps(source, target, variance, bad, positions, basis: KernelBasis,
                      else basis.expected_sigma)
             rough = centred_on_gaussian(rough, basis, sigma, config.psfKernelShapePenalty)
         normal = normal + scale[:, None, None] * backend.to_device(rough)[None, ...]
-        scale = backend.to_host(scale)
     else:
         rough = scale = None
     # a whisper of ridge keeps fully masked or degenerate stamps solvable
@@ -395,13 +394,12 @@ def _residual_stats(backend, stamps: KernelStamps, coeffs, unexplained: bool = F
     mean = xp.sum(chi, axis=1) / n
     std = xp.sqrt(xp.sum(chi * chi, axis=1) / n - mean * mean)
     if not unexplained:
-        return backend.to_host(mean), backend.to_host(std)
+        return mean, std
     w = stamps.weight
     t_mean = xp.sum(w * stamps.target, axis=1) / xp.sum(w, axis=1)
     spread = xp.sum(w * (stamps.target - t_mean[:, None]) ** 2, axis=1)
     chi2 = xp.sum(chi * chi, axis=1)
-    out = backend.to_host(xp.stack([mean, std, chi2 / spread, spread - chi2]))
-    return out[0], out[1], out[2], out[3]
+    return mean, std, chi2 / spread, spread - chi2
 
 
 def _residual_ok(mean, std, among, config: KernelFitConfig):
@@ -418,11 +416,11 @@ def _residual_ok(mean, std, among, config: KernelFitConfig):
     return (np.abs(mean) <= mean_max) & (std <= std_max)
 
 
-def _centre_sum_error(backend, gram, orders, bbox) -> float:
+def _centre_sum_error(gram: np.ndarray, orders, bbox) -> float:
     """Standard error of the spatial fit's kernel sum at the detector's centre, from the
-    inverse of its normal matrix ``gram`` (the sum's terms come first)."""
+    inverse of its (host) normal matrix ``gram`` (the sum's terms come first)."""
     m = len(polynomial_terms(orders[0]))
-    cov = np.linalg.pinv(backend.to_host(gram))[:m, :m]
+    cov = np.linalg.pinv(gram)[:m, :m]
     w, h = bbox
     u, v = scaled_coords(np.asarray((w - 1) / 2), np.asarray((h - 1) / 2), bbox)
     t = chebyshev_terms(np, u, v, orders[0]).ravel()
@@ -539,18 +537,16 @@ def aperture_fluxes(source, target, source_psf, target_psf, positions, backend=N
         ap = backend.to_device(aperture.astype(np.float64))
         flux = xp.sum((st - sky[:, None, None]) * ap, axis=(1, 2)) / enclosed
         if var is None:
-            return backend.to_host(flux), None
+            return (flux,)
         v = xp.astype(gather_stamps(backend, var, pos, size), xp.float64)
-        both = backend.to_host(xp.stack([flux, xp.sum(v * ap, axis=(1, 2)) / enclosed**2]))
-        return both[0], both[1]
+        return flux, xp.sum(v * ap, axis=(1, 2)) / enclosed**2
 
     vs, vt = (None, None) if variances is None else variances
-    fs, es = fluxes(source, np.asarray(source_psf), vs)
-    ft, et = fluxes(target, np.asarray(target_psf), vt)
+    fs, *es = fluxes(source, np.asarray(source_psf), vs)
+    ft, *et = fluxes(target, np.asarray(target_psf), vt)
+    fs, ft, *errors = backend.to_host_all(fs, ft, *es, *et)  # one device read
     ok = np.isfinite(fs) & np.isfinite(ft)
-    if variances is None:
-        return fs[ok], ft[ok]
-    return fs[ok], ft[ok], es[ok], et[ok]
+    return (fs[ok], ft[ok], *(e[ok] for e in errors))
 
 
 def psf_flux_ratio(source, target, source_psf, target_psf, positions,
@@ -677,13 +673,14 @@ def fit_kernel(source, target, source_var, target_var, bad, basis: KernelBasis,
         stamps.rhs = stamps.rhs + (stiff * kernel_sum)[:, None] * pin[None, :]
     # 1. each stamp on its own: reject bad residuals and kernel-sum outliers
     single = backend.solve(stamps.normal, stamps.rhs)
-    mean, std = _residual_stats(backend, stamps, single)
-    ksum = backend.to_host(single[:, 0])
+    pinned = kernel_sum is not None
+    mean, std, ksum, *ksum_err = backend.to_host_all(  # one device read
+        *_residual_stats(backend, stamps, single), single[:, 0],
+        *(() if pinned else (_ksum_error(backend, stamps.normal),)))
     ok = _residual_ok(mean, std, np.isfinite(std), config)
     ok &= np.isfinite(ksum)
-    if kernel_sum is None:
-            ok &= _ksum_inliers(ksum, backend.to_host(_ksum_error(backend, stamps.normal)), ok,
-                            config.maxKsumSigma)
+    if not pinned:
+        ok &= _ksum_inliers(ksum, ksum_err[0], ok, config.maxKsumSigma)
     if ok.sum() < config.minKernelSources:
         ok = np.isfinite(ksum) & (std < 3 * config.candidateResidualStdMax)  # keep the best
     stats = {"n_candidates": int(len(positions)), "n_single_ok": int(ok.sum())}
@@ -706,14 +703,13 @@ def fit_kernel(source, target, source_var, target_var, bad, basis: KernelBasis,
         normal = stamps.normal
         if stamps.roughness is not None:  # the stamps' penalty, spread over the detector
             rough = backend.to_device(stamps.roughness)
-            scale = backend.to_device(stamps.penalty_scale)
-            normal = normal - scale[:, None, None] * rough[None, ...]
+            normal = normal - stamps.penalty_scale[:, None, None] * rough[None, ...]
         phi_ok = backend.matrix_transpose(xp.reshape(phi * okd[:, None, None],
                                                      (-1, phi.shape[-1])))
         gram, rhs = _over_stamps(backend, phi, phi_ok, normal), (phi_ok @ xp.reshape(
             stamps.rhs, (-1, 1)))[:, 0]
         if stamps.roughness is not None:
-            gram = gram + float(np.sum(stamps.penalty_scale[ok])) * backend.to_device(
+            gram = gram + xp.sum(stamps.penalty_scale * okd) * backend.to_device(
                 _penalty_over_detector(stamps.roughness, bbox, orders))
         if stamps.noise is None:
             theta = backend.solve(gram, rhs)
@@ -727,14 +723,15 @@ def fit_kernel(source, target, source_var, target_var, bad, basis: KernelBasis,
             except np.linalg.LinAlgError:
                 theta = backend.full((gram.shape[0],), float("nan"), dtype=rhs.dtype)
         per_stamp = xp.matmul(phi, theta[:, None])[..., 0]
-        mean, std, unexplained, explained = _residual_stats(backend, stamps, per_stamp, True)
+        mean, std, unexplained, explained = backend.to_host_all(
+            *_residual_stats(backend, stamps, per_stamp, True))
         bad_fit = ok & ~_residual_ok(mean, std, ok, config)
         if not bad_fit.any() or iteration == config.maxIter:
             break
         # drop the worst offenders only, so a globally poor model does not empty the set
         worst = np.argsort(-np.where(bad_fit, std, -np.inf))[:max(1, int(bad_fit.sum() // 2))]
         ok[worst[bad_fit[worst]]] = False
-    theta = backend.to_host(theta)
+    theta, gram = backend.to_host_all(theta, gram)
     if not np.all(np.isfinite(theta)):  # a singular system: NaN here, on every backend
         raise KernelFitError(f"the kernel fit's normal equations are singular "
                              f"({int(ok.sum())} kernel sources): non-finite coefficients")
@@ -744,6 +741,6 @@ def fit_kernel(source, target, source_var, target_var, bad, basis: KernelBasis,
                   "residual_std": float(np.median(std[ok])),
                   "residual_unexplained": float(np.median(unexplained[ok])),
                   "explained_chi2": float(np.median(explained[ok])),
-                  "kernel_sum_error": _centre_sum_error(backend, gram, orders, bbox),
+                  "kernel_sum_error": _centre_sum_error(gram, orders, bbox),
                   "iterations": iteration + 1})
     return KernelSolution(basis, kc, bg, kernel_order, config.spatialBgOrder, bbox, stats)

@@ -31,7 +31,7 @@ from .psf import psf_stack
 from .stamps import gather_stamps, interpolate_stamps
 
 __all__ = ["PIXEL_FLAGS", "MeasureConfig", "SourceStamps", "measure", "dia_sources",
-           "write_dia_sources", "source_stamps", "forced_psf_flux"]
+           "write_dia_sources", "source_stamps", "forced_psf_flux", "forced_psf_fit"]
 
 #: (column suffix, mask plane) for the pixel flags
 PIXEL_FLAGS = (("edge", "EDGE"), ("bad", "BAD"), ("saturated", "SAT"),
@@ -147,7 +147,7 @@ def measure(difference: Exposure, detections: Detections, science: Exposure | No
                **(_forced(st, science, backend) if science is not None else {}),
                **_footprints(st, detections, difference, backend),
                "sky_source": np.arange(st.n) >= st.n_det}
-    return Table(columns)
+    return Table(backend.to_host_columns(columns))  # the columns still on the device: one read
 
 
 def source_stamps(difference: Exposure, detections: Detections,
@@ -422,10 +422,10 @@ def _blend_weights(backend, st: SourceStamps, blends, w_psf):
 
 
 def _detection_values(st: SourceStamps, det: Detections, backend) -> dict:
-    h = st.half
-    return {"peakValue": backend.to_host(st.image[:, h, h]),
-            "significance": np.concatenate([det.significance,
-                                            backend.to_host(st.snr[st.n_det:, h, h])]),
+    xp, h = backend.xp, st.half
+    return {"peakValue": st.image[:, h, h],
+            "significance": xp.concat([backend.to_device(det.significance, np.float64),
+                                       xp.astype(st.snr[st.n_det:, h, h], xp.float64)]),
             "footprintArea": np.concatenate([det.area, np.zeros(st.n - st.n_det, int)])}
 
 
@@ -437,9 +437,9 @@ def _moments(st: SourceStamps, backend) -> dict:
            * xp.astype(st.good, xp.float32))
     wsum = xp.sum(wgt, axis=(1, 2))
     wsum = xp.where(wsum > 0, wsum, 1.0)
-    return {"ixx": backend.to_host(xp.sum(wgt * xx * xx, axis=(1, 2)) / wsum),
-            "iyy": backend.to_host(xp.sum(wgt * yy * yy, axis=(1, 2)) / wsum),
-            "ixy": backend.to_host(xp.sum(wgt * xx * yy, axis=(1, 2)) / wsum)}
+    return {"ixx": xp.sum(wgt * xx * xx, axis=(1, 2)) / wsum,
+            "iyy": xp.sum(wgt * yy * yy, axis=(1, 2)) / wsum,
+            "ixy": xp.sum(wgt * xx * yy, axis=(1, 2)) / wsum}
 
 
 def _dipoles(st: SourceStamps, det: Detections, difference: Exposure, backend) -> dict:
@@ -482,8 +482,8 @@ def _dipoles(st: SourceStamps, det: Detections, difference: Exposure, backend) -
 
 
 def _forced(st: SourceStamps, science: Exposure, backend) -> dict:
-    """Forced PSF flux on the science image at each source's centroid."""
-    flux, err = forced_psf_flux(science, st.cx, st.cy, backend=backend)
+    """Forced PSF flux on the science image at each source's centroid (device columns)."""
+    flux, err = forced_psf_fit(science, st.cx, st.cy, backend=backend)
     return {"scienceFlux": flux, "scienceFluxErr": err}
 
 
@@ -496,6 +496,12 @@ def forced_psf_flux(exposure: Exposure, xs, ys, is_score: bool = False,
     on a score image (``is_score``) the flux is its value there, interpolated.
     """
     backend = get_backend(backend)
+    return backend.to_host_all(*forced_psf_fit(exposure, xs, ys, is_score, backend))
+
+
+def forced_psf_fit(exposure: Exposure, xs, ys, is_score: bool = False, backend=None):
+    """:func:`forced_psf_flux` left on the device: backend ``(flux, error)`` arrays."""
+    backend = get_backend(backend)
     xp = backend.xp
     xs, ys = np.asarray(xs, float), np.asarray(ys, float)
     pos = np.column_stack([np.floor(xs + 0.5), np.floor(ys + 0.5)]).astype(np.int64)
@@ -503,8 +509,8 @@ def forced_psf_flux(exposure: Exposure, xs, ys, is_score: bool = False,
     v = gather_stamps(backend, backend.asarray(exposure.variance), pos, FORCED_STAMP, 0.0)
     if is_score:
         h = FORCED_STAMP // 2
-        return (backend.to_host(interpolate_stamps(backend, d, xs - pos[:, 0], ys - pos[:, 1])),
-                backend.to_host(xp.sqrt(v[:, h, h])))
+        return (interpolate_stamps(backend, d, xs - pos[:, 0], ys - pos[:, 1]),
+                xp.sqrt(v[:, h, h]))
     p = backend.to_device(psf_stack(exposure.psf, xs, ys, FORCED_STAMP), np.float32)
     w = xp.where(v > 0, 1.0 / xp.where(v > 0, v, 1.0), 0.0)
     spp = xp.sum(w * p * p, axis=(1, 2))
@@ -514,18 +520,18 @@ def forced_psf_flux(exposure: Exposure, xs, ys, is_score: bool = False,
     s1d = xp.sum(w * d, axis=(1, 2))
     det = spp * s11 - sp1 * sp1
     det = xp.where(det > 0, det, 1.0)
-    return (backend.to_host((s11 * spd - sp1 * s1d) / det),
-            backend.to_host(xp.sqrt(s11 / det)))
+    return (s11 * spd - sp1 * s1d) / det, xp.sqrt(s11 / det)
 
 
 def _footprints(st: SourceStamps, det: Detections, difference: Exposure, backend) -> dict:
     """Each plane of :data:`PIXEL_FLAGS` anywhere in the footprint and at the centre, and
     the side of the footprint's bounding box (``bboxSize``; a sky source's: its stamp)."""
-    centre = backend.to_host(st.mask[:, st.half, st.half])
+    xp = backend.xp
+    centre = xp.astype(st.mask[:, st.half, st.half], xp.int64)
     bits, side = _footprint_bits(backend, det, backend.asarray(difference.mask))
-    fp_bits = np.concatenate([bits, centre[st.n_det:]])
+    fp_bits = xp.concat([backend.to_device(bits, np.int64), centre[st.n_det:]])
     out = {"bboxSize": np.concatenate([side, np.full(st.n - st.n_det, st.image.shape[-1])])}
-    for name, plane in PIXEL_FLAGS:
+    for name, plane in PIXEL_FLAGS:  # device columns
         if plane in difference.mask_planes:
             bit = difference.bit(plane)
             out[f"pixelFlags_{name}"] = (fp_bits & bit) != 0
@@ -539,8 +545,10 @@ def _footprint_bits(backend, detections, mask):
     xp = backend.xp
     labels = backend.asarray(detections.labels)
     ys, xs = xp.nonzero(labels > 0)
-    lab, bits, hx, hy = backend.to_host(xp.stack([xp.astype(a, xp.int64) for a in (
-        labels[ys, xs], mask[ys, xs], xs, ys)]))  # one device read
+    # detections keep the footprint ids of their peaks
+    peak_ids = labels[backend.to_device(detections.y), backend.to_device(detections.x)]
+    lab, bits, hx, hy, ids = backend.to_host_all(labels[ys, xs], mask[ys, xs], xs, ys,
+                                                 peak_ids)  # one device read
     n = int(lab.max()) + 1 if len(lab) else 1
     out = np.zeros(n, np.int64)
     np.bitwise_or.at(out, lab, bits)
@@ -553,8 +561,6 @@ def _footprint_bits(backend, detections, mask):
     np.maximum.at(hi_x, lab, hx)
     np.maximum.at(hi_y, lab, hy)
     side = np.maximum(hi_x - lo_x, hi_y - lo_y) + 1
-    # detections keep the footprint ids of their peaks
-    ids = backend.to_host(labels[backend.to_device(detections.y), backend.to_device(detections.x)])
     return out[ids], np.where(side[ids] > 0, side[ids], 1)
 
 

@@ -199,10 +199,10 @@ def residual_scale(backend, image, var, power, good, positions, box: int) -> flo
     w = xp.astype(gather_stamps(backend, good, p, box), xp.float64)
     excess = (xp.astype(gather_stamps(backend, image, p, box), xp.float64) ** 2
               - xp.astype(gather_stamps(backend, var, p, box), xp.float64))
-    e = backend.to_host(xp.sum(xp.reshape(excess * w, (w.shape[0], -1)), axis=1))
-    pw = backend.to_host(xp.sum(xp.reshape(
-        xp.astype(gather_stamps(backend, power, p, box), xp.float64) * w, (w.shape[0], -1)),
-        axis=1))
+    e, pw = backend.to_host_all(  # one device read
+        xp.sum(xp.reshape(excess * w, (w.shape[0], -1)), axis=1),
+        xp.sum(xp.reshape(xp.astype(gather_stamps(backend, power, p, box), xp.float64) * w,
+                          (w.shape[0], -1)), axis=1))
     use = pw > 0
     if not use.any():
         return 0.0

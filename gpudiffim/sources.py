@@ -118,19 +118,17 @@ def select_kernel_sources(target, target_var, bad, psf_image,
     half = (stamp_size + kernel_size - 1) // 2 + 1
     ys, xs = ((all_y, all_x) if config.detectionThreshold >= PEAK_FLOOR
               else local_peaks(backend, snr, config.detectionThreshold))
-    take = ((snr[ys, xs] >= config.detectionThreshold) & (ys >= half) & (ys < ny - half)
-            & (xs >= half) & (xs < nx - half))
-    ys, xs = ys[take], xs[take]
-    s_cand = backend.to_host(snr[ys, xs])
-    f_cand = backend.to_host(flux_map[ys, xs])
-    pos = np.column_stack([backend.to_host(xs), backend.to_host(ys)])
-    others = np.column_stack([backend.to_host(all_x), backend.to_host(all_y)])
-    f_others = backend.to_host(flux_map[all_y, all_x])
-    if len(pos):  # a clean core (masked pixels elsewhere in the stamp just get no weight)
-        stamps = gather_stamps(backend, bad, pos, config.cleanCore)
-        clean = ~backend.to_host(xp.any(xp.reshape(stamps, (stamps.shape[0], -1)), axis=1))
-        pos, s_cand, f_cand = pos[clean], s_cand[clean], f_cand[clean]
-    keep = s_cand <= config.maxSnr
+    # a clean core (masked pixels elsewhere in the stamp just get no weight)
+    if xs.shape[0]:
+        stamps = gather_stamps(backend, bad, xp.stack([xs, ys], axis=1), config.cleanCore)
+        dirty = xp.any(xp.reshape(stamps, (stamps.shape[0], -1)), axis=1)
+    else:
+        dirty = backend.zeros((0,), dtype=xp.bool)
+    hx, hy, s_cand, f_cand, dirty, ox, oy, f_others = backend.to_host_all(  # one device read
+        xs, ys, snr[ys, xs], flux_map[ys, xs], dirty, all_x, all_y, flux_map[all_y, all_x])
+    pos, others = np.column_stack([hx, hy]), np.column_stack([ox, oy])
+    keep = ((s_cand >= config.detectionThreshold) & (s_cand <= config.maxSnr) & ~dirty
+            & (hy >= half) & (hy < ny - half) & (hx >= half) & (hx < nx - half))
     pos, s_cand, f_cand = pos[keep], s_cand[keep], f_cand[keep]
     # maxima a pixel or two apart are one source, which must neither count twice nor be
     # taken for its own neighbour

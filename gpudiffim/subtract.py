@@ -80,7 +80,13 @@ from .psf import ImagePsf, PsfMeasurementError, convolved_psf, kernel_convolved_
 from .quality import QualityConfig, SubtractionQualityError, quality_failures
 from .score import filter_response, prefilter, score_norm, self_convolved
 from .sources import select_kernel_sources, source_snr_maps
-from .stats import mean_where, median_where, robust_sigma_of_sorted, sorted_subsample
+from .stats import (
+    mean_where,
+    median_where_device,
+    medians_where,
+    robust_sigma_of_sorted,
+    sorted_subsample,
+)
 from .validation import checked_psf_model, usable_exposure
 from .zogy import proper_correlation, proper_filters_over
 
@@ -324,8 +330,8 @@ def subtract_proper(sci: Exposure, tmpl: Exposure, config: SubtractConfig,
     # so taking the science's off both leaves masked pixels (zeroed) at the sky's level
     level = mean_where(backend, science, ~problem.bad & ~problem.nodata)
     science, template = (xp.where(problem.nodata, 0.0, a - level) for a in (science, template))
-    s_var, t_var = (median_where(backend, v, ~problem.bad & ~problem.nodata)
-                    for v in (science_var, template_var))
+    s_var, t_var = medians_where(backend, ~problem.bad & ~problem.nodata, science_var,
+                                 template_var)
     filters = proper_filters_over(matched_psfs(problem, solution, sci, tmpl), s_var, t_var,
                                   sci.shape)
     k_n, k_r = filters.science[filters.centre], filters.template[filters.centre]
@@ -736,8 +742,7 @@ def empty_sky_background(diff, mask, good, sky, solution: KernelSolution,
 
 
 def _median_variances(sci, tmpl, good, backend):
-    s_var = median_where(backend, sci.variance, good)
-    t_var = median_where(backend, tmpl.variance, good)
+    s_var, t_var = medians_where(backend, good, sci.variance, tmpl.variance)  # one read
     if s_var is None or t_var is None:
         raise GpuDiffimError("no pixel is usable in both the science and the template")
     return s_var, t_var
@@ -839,10 +844,10 @@ def noise_model(problem: MatchingProblem, solution: KernelSolution, kernel: np.n
 
 
 def _less_sky(image, good, backend):
-    """float32 ``image`` less its median where ``good``, 0 elsewhere."""
+    """float32 ``image`` less its median where ``good``, 0 elsewhere (no device read)."""
     xp = backend.xp
-    sky = median_where(backend, image, good)
-    return xp.astype(xp.where(good, image - (sky or 0.0), 0.0), xp.float32)
+    sky = median_where_device(backend, image, good)
+    return xp.astype(xp.where(good, image - (0.0 if sky is None else sky), 0.0), xp.float32)
 
 
 def _less_mean(image, good, backend):

@@ -185,11 +185,13 @@ def test_a_run_config_reaches_subtract_unchanged(tmp_path, monkeypatch):
 
 
 # device reads (to_host and scalar reads, each a sync on CuPy) of one 512^2 subtraction
-# with detection and measurement, as counted on the strict backend: a budget, not a goal
-# (cosmic-ray finding costs 3 per input with no CR pixel: are there any, the sky, any found;
-# input validation 1 per input, the shared-noise check 1, the quality gates' figures 3, the
-# template's misregistration 1 but for preconvolve's score)
-READ_BUDGET = {"convolveTemplate": 54, "convolveScience": 80, "preconvolve": 53, "zogy": 58}
+# with detection and measurement, as counted on the strict backend: a budget to keep, the
+# count issue 17 asks to bring to 10 and below (cosmic-ray finding costs 2 per input with no
+# CR pixel: are there any, any found; input validation 1 per input; the kernel fit 1 per
+# rejection round; measurement 6, its columns read together; the template's misregistration
+# 1 but for preconvolve's score). Was 54 / 80 / 53 / 58 before reads were gathered
+# (Backend.to_host_all).
+READ_BUDGET = {"convolveTemplate": 26, "convolveScience": 33, "preconvolve": 25, "zogy": 29}
 
 
 @pytest.mark.parametrize("mode", sorted(READ_BUDGET))

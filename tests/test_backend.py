@@ -218,3 +218,23 @@ def test_auto_probes_the_gpu_before_choosing_it(monkeypatch, broken, step):
         assert gpu_unavailable_reason() is None
     finally:
         _make.cache_clear()
+
+
+def test_several_arrays_come_back_in_one_read(backend, rng, monkeypatch):
+    """to_host_all returns each array as to_host would (values, shape, dtype), in one
+    device read; host arrays pass through."""
+    arrays = [rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=5),
+              np.arange(-3, 9, dtype=np.int32).reshape(2, 6), np.array(2**40, np.int64),
+              rng.random(7) > 0.5, np.zeros((0, 2), np.float32)]
+    on_device = [backend.to_device(a) for a in arrays]
+    reads = []
+    to_host = backend.to_host
+    monkeypatch.setattr(backend, "to_host", lambda a: reads.append(1) or to_host(a))
+    got = backend.to_host_all(*on_device, np.array([1.5]))
+    assert len(reads) <= 1
+    for a, g in zip(arrays + [np.array([1.5])], got):
+        assert g.dtype == a.dtype and g.shape == a.shape
+        np.testing.assert_array_equal(g, a)
+    cols = backend.to_host_columns({"x": on_device[1], "flag": on_device[4], "n": 3})
+    np.testing.assert_array_equal(cols["x"], arrays[1])
+    assert cols["flag"].dtype == bool and int(cols["n"]) == 3
