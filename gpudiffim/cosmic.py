@@ -127,12 +127,17 @@ def find_cosmic_rays(exposure: Exposure, psf: np.ndarray, config: CosmicRayConfi
                      1) > 0
 
 
-def repair_cosmic_rays(exposure: Exposure, psf: np.ndarray, config: CosmicRayConfig, backend):
+def repair_cosmic_rays(exposure: Exposure, psf: np.ndarray, config: CosmicRayConfig, backend,
+                       has_cosmic_rays: bool | None = None):
     """The exposure (on the backend) with its cosmic rays found, flagged CR | INTRP and
-    interpolated; as it is when its mask already has cosmic rays or none are found."""
+    interpolated; as it is when its mask already has cosmic rays (``has_cosmic_rays``, when
+    already known) or none are found."""
     xp = backend.xp
-    if "CR" not in exposure.mask_planes or backend.scalar(
-            xp.any((exposure.mask & exposure.bit("CR")) != 0)):
+    if "CR" not in exposure.mask_planes:
+        return exposure
+    if has_cosmic_rays is None:
+        has_cosmic_rays = backend.scalar(xp.any((exposure.mask & exposure.bit("CR")) != 0))
+    if has_cosmic_rays:
         return exposure
     good = _usable(exposure)
     sky = median_where_device(backend, exposure.image, good)

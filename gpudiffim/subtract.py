@@ -87,7 +87,7 @@ from .stats import (
     robust_sigma_of_sorted,
     sorted_subsample,
 )
-from .validation import checked_psf_model, usable_exposure
+from .validation import checked_psf_model, pixel_counts, usable_exposure
 from .zogy import proper_correlation, proper_filters_over
 
 __all__ = ["MODES", "SubtractConfig", "SubtractionResult", "MatchingProblem", "subtract",
@@ -223,9 +223,10 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | Non
     """
     config = config or SubtractConfig()
     backend = get_backend(backend)
-    sci, tmpl = (_prepared(e, role, config, backend)
-                 for e, role in zip(_on_backend(science, template, backend),
-                                    ("science", "template")))
+    science, template = _on_backend(science, template, backend)
+    counts = backend.to_host_all(pixel_counts(science, backend), pixel_counts(template, backend))
+    sci, tmpl = (_prepared(e, role, config, backend, c)
+                 for e, role, c in zip((science, template), ("science", "template"), counts))
     config = replace(config, mode=choose_flavor(sci, tmpl, config.mode))
     rejected, last = [], None
     zero_points = sci.zero_point is not None and tmpl.zero_point is not None
@@ -413,14 +414,17 @@ def _on_backend(science: Exposure, template: Exposure, backend):
     return science.to_backend(backend), template.to_backend(backend)
 
 
-def _prepared(exposure: Exposure, role: str, config: SubtractConfig, backend) -> Exposure:
+def _prepared(exposure: Exposure, role: str, config: SubtractConfig, backend,
+              counts: np.ndarray) -> Exposure:
     """An input with its unusable pixels masked, a PSF model and, when configured, its
-    cosmic rays repaired (:mod:`gpudiffim.validation` refuses what cannot be used)."""
-    exposure = with_psf(usable_exposure(exposure, role, backend), backend)
+    cosmic rays repaired (:mod:`gpudiffim.validation` refuses what cannot be used;
+    ``counts``: its :func:`~gpudiffim.validation.pixel_counts`)."""
+    exposure = with_psf(usable_exposure(exposure, role, backend, counts), backend)
     checked_psf_model(exposure, role)
     if not config.cosmicRays.doFindCosmicRays:
         return exposure
-    return repair_cosmic_rays(exposure, psf_centre(exposure), config.cosmicRays, backend)
+    return repair_cosmic_rays(exposure, psf_centre(exposure), config.cosmicRays, backend,
+                              bool(counts[5]))
 
 
 def with_psf(exposure: Exposure, backend) -> Exposure:

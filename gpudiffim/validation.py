@@ -18,31 +18,48 @@ from .interpolate import interpolate_masked
 from .psf import psf_image_problem
 from .stats import mean_where, median_where
 
-__all__ = ["usable_exposure", "checked_psf_model"]
+__all__ = ["pixel_counts", "usable_exposure", "checked_psf_model"]
 
 log = logging.getLogger(__name__)
 
 
-def usable_exposure(exposure: Exposure, role: str, backend) -> Exposure:
-    """``exposure`` (on the backend) with its unusable pixels masked and its BAD pixels'
-    values replaced by their neighbours' mean, or an InputError naming its file (``role``:
-    "science" or "template", for messages) and the cause."""
+def pixel_counts(exposure: Exposure, backend):
+    """The counts :func:`usable_exposure` decides on, as one device vector (read back with
+    another input's in one transfer): non-finite image pixels, pixels without a positive
+    finite variance, usable pixels, pixels with a variance, pixels whose values are
+    replaced, and cosmic-ray pixels already flagged (for
+    :func:`~gpudiffim.cosmic.repair_cosmic_rays`), all outside the unusable planes where
+    it matters."""
     xp = backend.xp
-    where = exposure.info.describe()
     image, var, mask = exposure.image, exposure.variance, exposure.mask
     bad_image = ~xp.isfinite(image)
     bad_var = ~(xp.isfinite(var) & (var > 0))
     unusable = ((mask & exposure.bit(*[p for p in UNUSABLE_PLANES if p in exposure.mask_planes]))
                 != 0)
+    replaced = (mask & exposure.bit(*[p for p in REPLACED_PLANES
+                                      if p in exposure.mask_planes])) != 0
+    cr = ((mask & exposure.bit("CR")) != 0 if "CR" in exposure.mask_planes
+          else backend.zeros(mask.shape, dtype=xp.bool))
+    return xp.stack([xp.sum(xp.astype(a, xp.int64)) for a in (
+        bad_image & ~unusable, bad_var & ~unusable & ~bad_image,
+        ~(bad_image | bad_var | unusable), ~bad_var, replaced, cr)])
+
+
+def usable_exposure(exposure: Exposure, role: str, backend, counts=None) -> Exposure:
+    """``exposure`` (on the backend) with its unusable pixels masked and its BAD pixels'
+    values replaced by their neighbours' mean, or an InputError naming its file (``role``:
+    "science" or "template", for messages) and the cause. ``counts``: its host
+    :func:`pixel_counts`, when already read."""
+    xp = backend.xp
+    where = exposure.info.describe()
+    image, var, mask = exposure.image, exposure.variance, exposure.mask
+    bad_image = ~xp.isfinite(image)
+    bad_var = ~(xp.isfinite(var) & (var > 0))
     replaced_bits = exposure.bit(*[p for p in REPLACED_PLANES if p in exposure.mask_planes])
     replaced = (mask & replaced_bits) != 0
-    counts = backend.to_host(xp.stack([
-        xp.sum(xp.astype(bad_image & ~unusable, xp.int64)),
-        xp.sum(xp.astype(bad_var & ~unusable & ~bad_image, xp.int64)),
-        xp.sum(xp.astype(~(bad_image | bad_var | unusable), xp.int64)),
-        xp.sum(xp.astype(~bad_var, xp.int64)),
-        xp.sum(xp.astype(replaced, xp.int64))]))
-    n_image, n_var, n_good, n_var_ok, n_replaced = (int(c) for c in counts)
+    if counts is None:
+        counts = backend.to_host(pixel_counts(exposure, backend))
+    n_image, n_var, n_good, n_var_ok, n_replaced = (int(c) for c in counts[:5])
     if n_var_ok == 0:
         raise InputError(where, f"the {role}'s variance plane is nowhere positive and finite "
                                 "(is it a variance? give the noise with --science-noise or "
