@@ -86,7 +86,7 @@ def smoothed_variance(backend, variance, profile: np.ndarray, total: float):
     sizes = box_sizes(per_axis)
     for size in sizes:
         variance = backend.uniform_filter(variance, size)
-    blend = float(min(1.0, (per_axis - sum((s * s - 1) / 12.0 for s in sizes)) * 1.5))  # 2/3
+    blend = float(min(1.0, (per_axis - _boxes_variance(sizes)) * 1.5))  # a 3-box's is 2/3
     if blend > 0.01:
         variance = (1.0 - blend) * variance + blend * backend.uniform_filter(variance, 3)
     return variance * float(total)
@@ -98,9 +98,13 @@ def box_sizes(per_axis_variance: float, passes: int = 3) -> tuple:
     ``per_axis_variance``."""
     odd = range(1, 2 * int(np.sqrt(12.0 * per_axis_variance + 1.0)) + 4, 2)
     fits = [c for c in itertools.combinations_with_replacement(odd, passes)
-            if sum((s * s - 1) / 12.0 for s in c) <= per_axis_variance + 1e-9]
-    best = max(fits, key=lambda c: sum((s * s - 1) / 12.0 for s in c))
-    return tuple(s for s in best if s > 1)
+            if _boxes_variance(c) <= per_axis_variance + 1e-9]
+    return tuple(s for s in max(fits, key=_boxes_variance) if s > 1)
+
+
+def _boxes_variance(sizes) -> float:
+    """Per-axis variance of successive box passes of odd ``sizes``."""
+    return sum((s * s - 1) / 12.0 for s in sizes)
 
 
 def _box_count(backend, n: int, size: int):

@@ -67,17 +67,20 @@ def robust_sigma_where_device(backend, values, good):
     s = good_sample(backend, values, good)
     if s.shape[0] == 0:
         return backend.full((), float("nan"), dtype=s.dtype)
-    dev = backend.xp.sort(backend.xp.abs(s - s[s.shape[0] // 2]))
-    return 1.4826 * dev[dev.shape[0] // 2]
+    return _mad_sigma(backend, s)
 
 
 def robust_sigma_of_sorted(backend, s) -> float:
     """Robust standard deviation (MAD x 1.4826) of a sorted 1-D sample (NaN when empty)."""
-    xp = backend.xp
     if s.shape[0] == 0:
         return float("nan")
-    dev = xp.sort(xp.abs(s - s[s.shape[0] // 2]))
-    return float(backend.scalar(1.4826 * dev[dev.shape[0] // 2]))
+    return float(backend.scalar(_mad_sigma(backend, s)))
+
+
+def _mad_sigma(backend, s):
+    """MAD x 1.4826 of a non-empty sorted 1-D sample, as a 0-d device array."""
+    dev = backend.xp.sort(backend.xp.abs(s - s[s.shape[0] // 2]))
+    return 1.4826 * dev[dev.shape[0] // 2]
 
 
 def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:

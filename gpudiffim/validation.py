@@ -52,11 +52,7 @@ def usable_exposure(exposure: Exposure, role: str, backend, counts=None) -> Expo
     :func:`pixel_counts`, when already read."""
     xp = backend.xp
     where = exposure.info.describe()
-    image, var, mask = exposure.image, exposure.variance, exposure.mask
-    bad_image = ~xp.isfinite(image)
-    bad_var = ~(xp.isfinite(var) & (var > 0))
     replaced_bits = exposure.bit(*[p for p in REPLACED_PLANES if p in exposure.mask_planes])
-    replaced = (mask & replaced_bits) != 0
     if counts is None:
         counts = backend.to_host(pixel_counts(exposure, backend))
     n_image, n_var, n_good, n_var_ok, n_replaced = (int(c) for c in counts[:5])
@@ -67,11 +63,13 @@ def usable_exposure(exposure: Exposure, role: str, backend, counts=None) -> Expo
     if n_good == 0:
         raise InputError(where, f"the {role} has no usable pixel (every one is masked, "
                                 "non-finite or without a positive variance)")
-    if n_image or n_var:
+    if n_image or n_var:  # the planes pixel_counts looked at, again only where needed
+        bad_image = ~xp.isfinite(exposure.image)
+        bad_var = ~(xp.isfinite(exposure.variance) & (exposure.variance > 0))
         exposure = _masked(exposure, bad_image, bad_var, backend, where, role, n_image, n_var)
-        replaced = (exposure.mask & replaced_bits) != 0  # the variance's BAD pixels too
-    if n_replaced or (n_var and replaced_bits):
-        exposure = _with_values_replaced(exposure, replaced, backend)
+    if n_replaced or (n_var and replaced_bits):  # the variance's BAD pixels too
+        exposure = _with_values_replaced(exposure, (exposure.mask & replaced_bits) != 0,
+                                         backend)
     return exposure
 
 
