@@ -60,6 +60,9 @@ class Backend:
     name = "base"
     fft_library = "none"
     threads = 1
+    #: arrays live in host memory: a read costs nothing, and a selection whose size is data
+    #: (boolean indexing, ``nonzero``) is no device sync
+    host_memory = False
 
     def __init__(self, xp, device=None):
         self.xp = xp
@@ -101,6 +104,32 @@ class Backend:
                 self._host_dtype(a.dtype))
             start += n
         return tuple(out)
+
+    def masked_sample(self, values, good, max_n: int = 200_000) -> tuple:
+        """A sorted sample of 1-D ``values`` where ``good``, and how many it holds: ``(s, n)``
+        with ``s[:n]`` the sample in ascending order. On a device every k-th pixel is taken
+        (k from the array's size, so at most ~``max_n``), those not ``good`` set to +inf
+        past the others, and ``n`` is a 0-d device count: no device read, where boolean
+        indexing is one (its size is data). :class:`CpuBackend` indexes, every k-th of the
+        good values, ``n`` an int."""
+        xp = self.xp
+        step = max(1, int(values.shape[0]) // max_n)
+        v, g = values[::step], good[::step]
+        return xp.sort(xp.where(g, v, xp.inf)), xp.sum(xp.astype(g, xp.int64))
+
+    def take_at(self, a, index):
+        """``a[index]`` for a 1-d ``a`` and an index that may be a 0-d device integer (then
+        clipped to ``a``'s range and gathered on the device, no read)."""
+        if isinstance(index, (int, np.integer)):
+            return a[int(index)]
+        i = self.xp.clip(self.xp.reshape(index, (1,)), 0, a.shape[0] - 1)
+        return self.xp.reshape(self.xp.take(a, i), ())
+
+    def choose(self, condition, if_true, if_false):
+        """``if_true()`` where the 0-d boolean ``condition`` holds, else ``if_false()``: on a
+        device both are computed and selected there (no read); :class:`CpuBackend` reads
+        the condition and computes only the one it needs."""
+        return self.xp.where(condition, if_true(), if_false())
 
     def to_host_columns(self, columns: dict) -> dict:
         """:meth:`to_host_all` over a dict's values (a catalogue's columns)."""
@@ -227,6 +256,7 @@ class CpuBackend(Backend):
     """NumPy arrays, pyFFTW (all cores) with cached plans, SciPy ndimage and LAPACK."""
 
     name = "cpu"
+    host_memory = True
     max_plans = 40
     max_plan_bytes = 384 << 20  # pyFFTW plans own their buffers: bound them in bytes too
     chunk_bytes = 32 << 20  # FFT plans for stacks work on chunks of about this size
@@ -261,6 +291,14 @@ class CpuBackend(Backend):
 
     def to_host_all(self, *arrays) -> tuple:
         return tuple(np.asarray(a) for a in arrays)
+
+    def masked_sample(self, values, good, max_n: int = 200_000) -> tuple:
+        sample = values[good]
+        s = np.sort(sample[::max(1, sample.shape[0] // max_n)])
+        return s, s.shape[0]
+
+    def choose(self, condition, if_true, if_false):
+        return if_true() if bool(condition) else if_false()
 
     def _plan(self, kind, shape, dtype, s):
         key = (kind, shape, np.dtype(dtype).str, s)

@@ -99,7 +99,9 @@ def grow_mask(mask, kernel_shape, backend=None, planes=MASK_PLANES, any_set: boo
     start = (-(kh - 1 - (kh - 1) // 2), -(kw - 1 - (kw - 1) // 2))
     if any_set is None:
         any_set = backend.scalar(xp.any(mask != 0))
-    grown = window_or(backend, mask, (kh, kw), start) if any_set else mask
+    # the largest value the mask can hold: read in host memory, on a device its planes'
+    top = None if backend.host_memory else mask_bits(*planes, planes=planes)
+    grown = window_or(backend, mask, (kh, kw), start, top) if any_set else mask
     edge = mask_bits("EDGE", planes=planes)
     return xp.where(edge_mask(mask.shape, (kh, kw), backend), grown | edge, grown)
 
@@ -138,7 +140,10 @@ def grow_convolved_mask(mask, kernel, backend=None, planes=MASK_PLANES, core: fl
     touched = bits(("TOUCHED",))
     top = bits(tuple(planes))
     rest = mask & ~(unbounded | touched)
-    some = backend.to_host(xp.stack([xp.any((mask & unbounded) != 0), xp.any(rest != 0)]))
+    # in host memory the growth is skipped for planes with no pixel set; on a device it
+    # costs less than the read that would tell (real exposures have some)
+    some = (backend.to_host(xp.stack([xp.any((mask & unbounded) != 0), xp.any(rest != 0)]))
+            if backend.host_memory else (True, True))
     out = grow_mask(mask & unbounded, reach_box(kernel, unbounded_fraction), backend, planes,
                     bool(some[0]))
     if not some[1]:

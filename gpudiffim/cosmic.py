@@ -91,9 +91,10 @@ def find_cosmic_rays(exposure: Exposure, psf: np.ndarray, config: CosmicRayConfi
                      backend, sky: float = 0.0, usable=None):
     """Device boolean map of the exposure's cosmic-ray pixels, None when there is none
     (``sky``: the level the image's sources stand on; ``usable``: its pixels with a value,
-    when already at hand). The test runs first on the
-    significant pixels alone (a clean coadd costs little), then, when one is a cosmic ray,
-    over the frame for the tracks."""
+    when already at hand). In host memory the test runs first on the significant pixels
+    alone (a clean coadd costs little), then, when one is a cosmic ray, over the frame for
+    the tracks; on a device over the frame at once (one read, where a selection of the
+    significant pixels would be another)."""
     xp = backend.xp
     ny, nx = exposure.shape
     image = backend.asarray(exposure.image) - sky
@@ -102,6 +103,8 @@ def find_cosmic_rays(exposure: Exposure, psf: np.ndarray, config: CosmicRayConfi
         usable = _usable(exposure)
     significant = usable & (image > config.minSigma * sigma)
     ratios = psf_neighbour_ratios(psf)
+    if not backend.host_memory:
+        return _cosmic_ray_map(backend, image, sigma, usable, significant, ratios, config)
     idx = xp.nonzero(xp.reshape(significant, (-1,)))[0]
     ys, xs = idx // nx, idx % nx
 
@@ -114,9 +117,18 @@ def find_cosmic_rays(exposure: Exposure, psf: np.ndarray, config: CosmicRayConfi
                           config)
     if idx.shape[0] == 0 or not backend.scalar(xp.any(seeds)):
         return None
+    return _cosmic_ray_map(backend, image, sigma, usable, significant, ratios, config)
+
+
+def _cosmic_ray_map(backend, image, sigma, usable, significant, ratios, config):
+    """:func:`find_cosmic_rays` over the frame: the sharp significant pixels, their tracks,
+    grown; None when no pixel is sharp."""
+    xp = backend.xp
     sharp, loose = _sharpness(xp, image, sigma, lambda dy, dx: _shifted(backend, image, dy, dx),
                               lambda dy, dx: _shifted(backend, usable, dy, dx), ratios, config)
     cr = significant & sharp
+    if not backend.host_memory and not backend.scalar(xp.any(cr)):
+        return None
     # a track's pixels: significant, and sharper than the PSF (not a star it crosses)
     neighbours = usable & loose & (image > config.neighbourSigma * sigma)
     for _ in range(2):  # along the track
@@ -141,7 +153,7 @@ def repair_cosmic_rays(exposure: Exposure, psf: np.ndarray, config: CosmicRayCon
         return exposure
     good = _usable(exposure)
     sky = median_where_device(backend, exposure.image, good)
-    sky = 0.0 if sky is None else sky
+    sky = xp.where(xp.isnan(sky), 0.0, sky)  # no usable pixel: nothing to find anyway
     cr = find_cosmic_rays(exposure, psf, config, backend, sky, good)
     if cr is None:
         return exposure

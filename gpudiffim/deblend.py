@@ -37,6 +37,7 @@ class FootprintPixels:
     values: np.ndarray
     eligible: np.ndarray
     noise: np.ndarray | None = None  # the significance's noise (filtered-flux units)
+    bits: np.ndarray | None = None  # the difference's mask bits
 
     def seeds(self, sign: float, threshold: float) -> np.ndarray:
         """``sign`` x significance where a pixel may seed and reaches ``threshold``, -inf

@@ -89,6 +89,7 @@ class Detections:
     residual_scale: float = 0.0  # variance per unit of residual power (0: none added)
     registration_scale: float = 0.0  # misregistration variance per axis (pixels^2)
     blend: np.ndarray | None = None  # index of the blend's brightest source (-1: none)
+    pixels: FootprintPixels | None = None  # the footprints' pixels, as read (host)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -167,15 +168,16 @@ def _significance(difference, is_score, backend, noise, config):
     return xp.where(ok, image / xp.where(ok, sigma, 1.0), 0.0), sigma, scale, shift2
 
 
-def _footprint_pixels(backend, labels, snr, eligible, sigma) -> FootprintPixels:
-    """Every footprint pixel's position, label, significance, eligibility as a seed and
-    noise, on the host (one device read)."""
+def _footprint_pixels(backend, labels, snr, eligible, sigma, mask) -> FootprintPixels:
+    """Every footprint pixel's position, label, significance, eligibility as a seed, noise
+    and mask bits, on the host (one device read)."""
     xp = backend.xp
     ys, xs = xp.nonzero(labels > 0)
     data = backend.to_host(xp.stack([xp.astype(a, xp.float64) for a in (
-        ys, xs, labels[ys, xs], snr[ys, xs], eligible[ys, xs], sigma[ys, xs])]))
+        ys, xs, labels[ys, xs], snr[ys, xs], eligible[ys, xs], sigma[ys, xs], mask[ys, xs])]))
     return FootprintPixels(data[0].astype(np.int64), data[1].astype(np.int64),
-                           data[2].astype(np.int64), data[3], data[4] > 0, data[5])
+                           data[2].astype(np.int64), data[3], data[4] > 0, data[5],
+                           data[6].astype(np.int64))
 
 
 def _peaks(pixels: FootprintPixels, n: int, sign: float, threshold: float):
@@ -266,7 +268,7 @@ def detect(difference: Exposure, is_score: bool = False,
         empty = np.zeros(0)
         return Detections(*([empty.astype(int)] * 2), empty, empty.astype(int),
                           *([empty.astype(int)] * 4), merged, snr, scale, shift2)
-    pixels = _footprint_pixels(backend, merged, snr, ~bad, sigma)
+    pixels = _footprint_pixels(backend, merged, snr, ~bad, sigma, mask)
     pos, neg = _peaks(pixels, n, 1.0, t), _peaks(pixels, n, -1.0, t)
     area = np.bincount(pixels.labels, minlength=n + 1)[1:]
     extra = (_deblended(pixels, pos, neg, config, difference.shape[1],
@@ -286,4 +288,4 @@ def detect(difference: Exposure, is_score: bool = False,
     r = np.array(rows, float).reshape(-1, 8)
     i = r.astype(int)
     return Detections(i[:, 0], i[:, 1], r[:, 2], i[:, 3], i[:, 4], i[:, 5], i[:, 6], i[:, 7],
-                      merged, snr, scale, shift2, np.array(blend, int))
+                      merged, snr, scale, shift2, np.array(blend, int), pixels)

@@ -723,15 +723,15 @@ def fit_kernel(source, target, source_var, target_var, bad, basis: KernelBasis,
             except np.linalg.LinAlgError:
                 theta = backend.full((gram.shape[0],), float("nan"), dtype=rhs.dtype)
         per_stamp = xp.matmul(phi, theta[:, None])[..., 0]
-        mean, std, unexplained, explained = backend.to_host_all(
-            *_residual_stats(backend, stamps, per_stamp, True))
+        mean, std, unexplained, explained, theta_h, gram_h = backend.to_host_all(
+            *_residual_stats(backend, stamps, per_stamp, True), theta, gram)  # one read
         bad_fit = ok & ~_residual_ok(mean, std, ok, config)
         if not bad_fit.any() or iteration == config.maxIter:
             break
         # drop the worst offenders only, so a globally poor model does not empty the set
         worst = np.argsort(-np.where(bad_fit, std, -np.inf))[:max(1, int(bad_fit.sum() // 2))]
         ok[worst[bad_fit[worst]]] = False
-    theta, gram = backend.to_host_all(theta, gram)
+    theta, gram = theta_h, gram_h
     if not np.all(np.isfinite(theta)):  # a singular system: NaN here, on every backend
         raise KernelFitError(f"the kernel fit's normal equations are singular "
                              f"({int(ok.sum())} kernel sources): non-finite coefficients")

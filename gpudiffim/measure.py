@@ -541,19 +541,30 @@ def _footprints(st: SourceStamps, det: Detections, difference: Exposure, backend
 
 def _footprint_bits(backend, detections, mask):
     """OR of the mask bits over each footprint and the side of its bounding box (host int
-    arrays, one entry per detection)."""
+    arrays, one entry per detection); from the footprint pixels detection read, when it
+    kept them (no device read), else read here."""
+    if not len(detections):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    px = detections.pixels
+    if px is not None and px.bits is not None:
+        at = px.lookup(mask.shape[1], px.labels.astype(np.float64))
+        ids = at(detections.y, detections.x).astype(np.int64)  # the peaks' footprints
+        return _bits_and_sides(px.labels, px.bits, px.xs, px.ys, ids)
     xp = backend.xp
     labels = backend.asarray(detections.labels)
     ys, xs = xp.nonzero(labels > 0)
     # detections keep the footprint ids of their peaks
     peak_ids = labels[backend.to_device(detections.y), backend.to_device(detections.x)]
-    lab, bits, hx, hy, ids = backend.to_host_all(labels[ys, xs], mask[ys, xs], xs, ys,
-                                                 peak_ids)  # one device read
+    return _bits_and_sides(*backend.to_host_all(labels[ys, xs], mask[ys, xs], xs, ys,
+                                                peak_ids))  # one device read
+
+
+def _bits_and_sides(lab, bits, hx, hy, ids):
+    """Per footprint id in ``ids``: the OR of ``bits`` over the pixels labelled with it,
+    and the side of their bounding box."""
     n = int(lab.max()) + 1 if len(lab) else 1
     out = np.zeros(n, np.int64)
     np.bitwise_or.at(out, lab, bits)
-    if not len(detections):
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     lo_x, lo_y = np.full(n, np.iinfo(np.int64).max), np.full(n, np.iinfo(np.int64).max)
     hi_x, hi_y = np.full(n, -1), np.full(n, -1)
     np.minimum.at(lo_x, lab, hx)

@@ -10,14 +10,17 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["good_sample", "sorted_subsample", "median_where", "median_where_device",
-           "medians_where", "mean_where", "robust_sigma_where", "robust_sigma_where_device",
-           "robust_sigma_of_sorted", "weighted_median"]
+           "sample_median", "medians_where", "mean_where", "robust_sigma_where",
+           "robust_sigma_where_device", "robust_sigma_of_sorted", "sample_robust_sigma",
+           "weighted_median"]
 
 
-def good_sample(backend, values, good, max_n: int = 200_000):
-    """Sorted values where ``good``, every k-th of them so that at most ~``max_n`` remain."""
+def good_sample(backend, values, good, max_n: int = 200_000) -> tuple:
+    """A sorted sample of ``values`` where ``good`` (at most ~``max_n``) and how many it
+    holds, ``(s, n)``: :meth:`Backend.masked_sample` over the flattened arrays (no device
+    read; ``n`` a 0-d device count on a device)."""
     xp = backend.xp
-    return sorted_subsample(backend, xp.reshape(values, (-1,))[xp.reshape(good, (-1,))], max_n)
+    return backend.masked_sample(xp.reshape(values, (-1,)), xp.reshape(good, (-1,)), max_n)
 
 
 def sorted_subsample(backend, sample, max_n: int = 200_000):
@@ -32,18 +35,23 @@ def median_where(backend, values, good) -> float | None:
 
 def median_where_device(backend, values, good):
     """:func:`median_where` as a 0-d device array (no device read, for arithmetic that
-    stays on the device); None when no pixel is good."""
-    s = good_sample(backend, values, good)
-    return None if s.shape[0] == 0 else s[s.shape[0] // 2]
+    stays on the device); NaN when no pixel is good."""
+    return sample_median(backend, *good_sample(backend, values, good))
+
+
+def sample_median(backend, s, n):
+    """The median (upper, for an even count) of the sorted sample ``s[:n]`` as a 0-d array;
+    NaN when ``n`` is 0."""
+    if isinstance(n, int):
+        return backend.full((), float("nan"), dtype=s.dtype) if n == 0 else s[n // 2]
+    return backend.xp.where(n > 0, backend.take_at(s, n // 2), float("nan"))
 
 
 def medians_where(backend, good, *values) -> tuple:
     """:func:`median_where` of each of ``values`` over the same ``good`` pixels, read back
     in one transfer."""
-    meds = [median_where_device(backend, v, good) for v in values]
-    got = backend.to_host_all(*[m for m in meds if m is not None])
-    it = iter(got)
-    return tuple(None if m is None else float(next(it)) for m in meds)
+    got = backend.to_host_all(*[median_where_device(backend, v, good) for v in values])
+    return tuple(None if not np.isfinite(m) else float(m) for m in got)
 
 
 def mean_where(backend, values, good):
@@ -58,29 +66,26 @@ def mean_where(backend, values, good):
 def robust_sigma_where(backend, values, good) -> float:
     """Robust standard deviation (MAD x 1.4826) of ``values`` where ``good``, on a
     subsample; NaN when no pixel is good."""
-    return robust_sigma_of_sorted(backend, good_sample(backend, values, good))
+    return float(backend.scalar(robust_sigma_where_device(backend, values, good)))
 
 
 def robust_sigma_where_device(backend, values, good):
     """:func:`robust_sigma_where` as a 0-d device array (no device read; NaN when no pixel
     is good)."""
-    s = good_sample(backend, values, good)
-    if s.shape[0] == 0:
-        return backend.full((), float("nan"), dtype=s.dtype)
-    return _mad_sigma(backend, s)
+    return sample_robust_sigma(backend, *good_sample(backend, values, good))
 
 
 def robust_sigma_of_sorted(backend, s) -> float:
     """Robust standard deviation (MAD x 1.4826) of a sorted 1-D sample (NaN when empty)."""
-    if s.shape[0] == 0:
-        return float("nan")
-    return float(backend.scalar(_mad_sigma(backend, s)))
+    return float(backend.scalar(sample_robust_sigma(backend, s, int(s.shape[0]))))
 
 
-def _mad_sigma(backend, s):
-    """MAD x 1.4826 of a non-empty sorted 1-D sample, as a 0-d device array."""
-    dev = backend.xp.sort(backend.xp.abs(s - s[s.shape[0] // 2]))
-    return 1.4826 * dev[dev.shape[0] // 2]
+def sample_robust_sigma(backend, s, n):
+    """MAD x 1.4826 of the sorted sample ``s[:n]`` (past ``n``: +inf, or nothing) as a 0-d
+    array; NaN when ``n`` is 0."""
+    median = sample_median(backend, s, n)
+    deviation = backend.xp.sort(backend.xp.abs(s - median))  # +inf past n stays there
+    return 1.4826 * sample_median(backend, deviation, n)
 
 
 def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:

@@ -84,8 +84,7 @@ from .stats import (
     mean_where,
     median_where_device,
     medians_where,
-    robust_sigma_of_sorted,
-    sorted_subsample,
+    robust_sigma_where_device,
 )
 from .validation import checked_psf_model, pixel_counts, usable_exposure
 from .zogy import proper_correlation, proper_filters_over
@@ -713,8 +712,8 @@ def _saturated_wings(mask, kernel: np.ndarray, backend, fraction: float = UNBOUN
     ``kernel``'s absolute weight (saturated stars' wings reach past it)."""
     xp = backend.xp
     sat = mask & mask_bits("SAT", "SAT_TEMPLATE")
-    if not backend.scalar(xp.any(sat != 0)):
-        return mask
+    if backend.host_memory and not backend.scalar(xp.any(sat != 0)):
+        return mask  # on a device the growth costs less than the read
     box = reach_box(kernel, fraction)
     top = mask_bits("SAT", "SAT_TEMPLATE")
     return mask | window_or(backend, sat, box, (-(box[0] // 2), -(box[1] // 2)), top)
@@ -850,8 +849,8 @@ def noise_model(problem: MatchingProblem, solution: KernelSolution, kernel: np.n
 def _less_sky(image, good, backend):
     """float32 ``image`` less its median where ``good``, 0 elsewhere (no device read)."""
     xp = backend.xp
-    sky = median_where_device(backend, image, good)
-    return xp.astype(xp.where(good, image - (0.0 if sky is None else sky), 0.0), xp.float32)
+    sky = median_where_device(backend, image, good)  # NaN only where no pixel is good
+    return xp.astype(xp.where(good, image - sky, 0.0), xp.float32)
 
 
 def _less_mean(image, good, backend):
@@ -868,12 +867,13 @@ def difference_pull(diff, var, good, quiet, backend, min_fraction: float = 0.05)
     pixels out), or over all good pixels when empty sky is under ``min_fraction`` of the
     detector (a crowded field): 1 when the variance plane describes the noise."""
     xp = backend.xp
-    z = xp.reshape(diff / xp.sqrt(xp.where(var > 0, var, 1.0)), (-1,))
+    z = diff / xp.sqrt(xp.where(var > 0, var, 1.0))
     use = good & (var > 0)
-    sample = z[xp.reshape(use & quiet_pixels(backend, quiet, diff.shape), (-1,))]
-    if sample.shape[0] < min_fraction * z.shape[0]:
-        sample = z[xp.reshape(use, (-1,))]
-    return robust_sigma_of_sorted(backend, sorted_subsample(backend, sample))
+    empty = use & quiet_pixels(backend, quiet, diff.shape)
+    pull = backend.choose(xp.mean(xp.astype(empty, xp.float32)) >= min_fraction,
+                          lambda: robust_sigma_where_device(backend, z, empty),
+                          lambda: robust_sigma_where_device(backend, z, use))
+    return float(backend.scalar(pull))
 
 
 def variance_scale(pull: float, config: SubtractConfig) -> float:
