@@ -458,9 +458,8 @@ def _dipoles(st: SourceStamps, det: Detections, difference: Exposure, backend) -
         mx = np.round((px + nxn) / 2).astype(np.int64)
         my = np.round((py + nyn) / 2).astype(np.int64)
         pos = np.column_stack([mx, my])
-        d = backend.to_host(gather_stamps(backend, backend.asarray(difference.image), pos, S, 0.0))
-        v = backend.to_host(gather_stamps(backend, backend.asarray(difference.variance), pos, S,
-                                          0.0))
+        d, v = backend.to_host_all(*(gather_stamps(backend, backend.asarray(a), pos, S, 0.0)
+                                     for a in (difference.image, difference.variance)))
         for k in range(len(idx)):
             a = psf_stack(difference.psf, [px[k]], [py[k]], S)[0]
             b = psf_stack(difference.psf, [nxn[k]], [nyn[k]], S)[0]

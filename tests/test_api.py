@@ -187,13 +187,12 @@ def test_a_run_config_reaches_subtract_unchanged(tmp_path, monkeypatch):
 # device syncs of one 512^2 subtraction with detection and measurement, as issue 17 counts
 # them on the strict backend: every to_host, every scalar conversion of a device array
 # (float, int, bool, item), every boolean-mask index and every nonzero or unique (their
-# sizes are data). A budget to keep, the count issue 17 asks to bring to 10 and below:
-# input validation 1 for both inputs, cosmic rays 1 per input (whether any pixel is
-# sharp), kernel sources 2 (their peaks, then their values), the kernel fit 1 per
-# rejection round, detection 4 (footprints, their pixels, the residual and registration
-# scales), measurement 4. Was 54 / 80 / 53 / 58 counting to_host alone before session 14,
-# 37 / 45 / 35 / 40 counting all of them before session 15.
-SYNC_BUDGET = {"convolveTemplate": 20, "convolveScience": 28, "preconvolve": 18, "zogy": 23}
+# sizes are data). Two moved stars make dipoles, so detection and measurement have
+# sources to work on. A budget to keep, the count issue 17 asks to bring to 10 and below
+# (docs/algorithm.md section 16 lists what the syncs are). Was 54 / 80 / 53 / 58 counting
+# to_host alone before session 14; counting all of them, on the pair without dipoles,
+# 37 / 45 / 35 / 40 before session 15.
+SYNC_BUDGET = {"convolveTemplate": 24, "convolveScience": 29, "preconvolve": 22, "zogy": 23}
 
 
 def count_device_syncs(backend, monkeypatch) -> list:
@@ -234,14 +233,16 @@ def count_device_syncs(backend, monkeypatch) -> list:
 @pytest.mark.parametrize("mode", sorted(SYNC_BUDGET))
 def test_device_syncs_stay_within_budget(mode, monkeypatch):
     backend = get_backend("strict")
-    science, template = kernel_pair(shape=(512, 512), n_stars=300, seed=4)
+    science, template = kernel_pair(shape=(512, 512), n_stars=300, seed=4, moved=(
+        (150.3, 160.7, 4e4, 2.5, 0.0), (380.2, 300.6, 3e4, 0.0, 3.0)))
     syncs = count_device_syncs(backend, monkeypatch)
     # one model's syncs: convolveScience, a poor model for this sharper template, fails its
     # quality gates and each retry costs another subtraction's
     config = SubtractConfig(mode=mode, quality=QualityConfig(doQualityGates=False))
     result = subtract(science, template, config, backend)
     table = dia_sources(result, science, backend=backend)
-    assert len(table) > 0 and np.isfinite(result.quality["difference_pull_sigma"])
+    assert np.count_nonzero(~table["sky_source"]) >= 2
+    assert np.isfinite(result.quality["difference_pull_sigma"])
     assert len(syncs) <= SYNC_BUDGET[mode], sorted(syncs)
 
 
