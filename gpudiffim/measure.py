@@ -527,7 +527,7 @@ def _footprints(st: SourceStamps, det: Detections, difference: Exposure, backend
     the side of the footprint's bounding box (``bboxSize``; a sky source's: its stamp)."""
     xp = backend.xp
     centre = xp.astype(st.mask[:, st.half, st.half], xp.int64)
-    bits, side = _footprint_bits(backend, det, backend.asarray(difference.mask))
+    bits, side = _footprint_bits(det, difference.shape[1])
     fp_bits = xp.concat([backend.to_device(bits, np.int64), centre[st.n_det:]])
     out = {"bboxSize": np.concatenate([side, np.full(st.n - st.n_det, st.image.shape[-1])])}
     for name, plane in PIXEL_FLAGS:  # device columns
@@ -538,29 +538,15 @@ def _footprints(st: SourceStamps, det: Detections, difference: Exposure, backend
     return out
 
 
-def _footprint_bits(backend, detections, mask):
+def _footprint_bits(detections, nx: int):
     """OR of the mask bits over each footprint and the side of its bounding box (host int
-    arrays, one entry per detection); from the footprint pixels detection read, when it
-    kept them (no device read), else read here."""
+    arrays, one entry per detection), from the footprint pixels detection read (no device
+    read)."""
     if not len(detections):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     px = detections.pixels
-    if px is not None and px.bits is not None:
-        at = px.lookup(mask.shape[1], px.labels.astype(np.float64))
-        ids = at(detections.y, detections.x).astype(np.int64)  # the peaks' footprints
-        return _bits_and_sides(px.labels, px.bits, px.xs, px.ys, ids)
-    xp = backend.xp
-    labels = backend.asarray(detections.labels)
-    ys, xs = xp.nonzero(labels > 0)
-    # detections keep the footprint ids of their peaks
-    peak_ids = labels[backend.to_device(detections.y), backend.to_device(detections.x)]
-    return _bits_and_sides(*backend.to_host_all(labels[ys, xs], mask[ys, xs], xs, ys,
-                                                peak_ids))  # one device read
-
-
-def _bits_and_sides(lab, bits, hx, hy, ids):
-    """Per footprint id in ``ids``: the OR of ``bits`` over the pixels labelled with it,
-    and the side of their bounding box."""
+    lab, bits, hx, hy = px.labels, px.bits, px.xs, px.ys
+    ids = px.lookup(nx, lab.astype(np.float64))(detections.y, detections.x).astype(np.int64)
     n = int(lab.max()) + 1 if len(lab) else 1
     out = np.zeros(n, np.int64)
     np.bitwise_or.at(out, lab, bits)

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["good_sample", "sorted_subsample", "median_where", "median_where_device",
-           "sample_median", "medians_where", "mean_where", "robust_sigma_where",
-           "robust_sigma_where_device", "robust_sigma_of_sorted", "sample_robust_sigma",
-           "weighted_median"]
+__all__ = ["good_sample", "median_where", "median_where_device", "sample_median",
+           "medians_where", "mean_where", "robust_sigma_where", "robust_sigma_where_device",
+           "sample_robust_sigma", "weighted_median"]
 
 
 def good_sample(backend, values, good, max_n: int = 200_000) -> tuple:
@@ -21,11 +20,6 @@ def good_sample(backend, values, good, max_n: int = 200_000) -> tuple:
     read; ``n`` a 0-d device count on a device)."""
     xp = backend.xp
     return backend.masked_sample(xp.reshape(values, (-1,)), xp.reshape(good, (-1,)), max_n)
-
-
-def sorted_subsample(backend, sample, max_n: int = 200_000):
-    """A 1-D sample sorted, every k-th of it so that at most ~``max_n`` remain."""
-    return backend.xp.sort(sample[::max(1, int(sample.shape[0] // max_n))])
 
 
 def median_where(backend, values, good) -> float | None:
@@ -73,11 +67,6 @@ def robust_sigma_where_device(backend, values, good):
     """:func:`robust_sigma_where` as a 0-d device array (no device read; NaN when no pixel
     is good)."""
     return sample_robust_sigma(backend, *good_sample(backend, values, good))
-
-
-def robust_sigma_of_sorted(backend, s) -> float:
-    """Robust standard deviation (MAD x 1.4826) of a sorted 1-D sample (NaN when empty)."""
-    return float(backend.scalar(sample_robust_sigma(backend, s, int(s.shape[0]))))
 
 
 def sample_robust_sigma(backend, s, n):
