@@ -125,6 +125,33 @@ class Backend:
         i = self.xp.clip(self.xp.reshape(index, (1,)), 0, a.shape[0] - 1)
         return self.xp.reshape(self.xp.take(a, i), ())
 
+    def true_indices(self, flags, count: int):
+        """Flat indices (ascending) of the ``count`` true entries of a boolean array, the
+        count known on the host (read with others before): on a device a stable sort puts
+        them first, where ``nonzero`` would read its size back; :class:`CpuBackend`:
+        ``flatnonzero``."""
+        xp = self.xp
+        flat = xp.reshape(flags, (-1,))
+        return xp.argsort(xp.astype(~flat, xp.uint8), stable=True)[:count]
+
+    def put(self, a, index, values):
+        """A copy of ``a`` with its flat positions ``index`` (host or backend integers, no
+        repeats) set to ``values``. The array API has no scatter: on a device each element
+        finds its position among the sorted indices (one ``searchsorted``);
+        :class:`CpuBackend` and :class:`GpuBackend` put them directly."""
+        xp = self.xp
+        index = self.asarray(index, np.int64)
+        values = xp.astype(self.asarray(values), a.dtype)
+        if index.shape[0] == 0:
+            return a
+        order = xp.argsort(index)
+        index, values = xp.take(index, order), xp.take(values, order)
+        flat = xp.reshape(a, (-1,))
+        where = self.arange(flat.shape[0], dtype=xp.int64)
+        pos = xp.clip(xp.searchsorted(index, where), 0, index.shape[0] - 1)
+        hit = xp.take(index, pos) == where
+        return xp.reshape(xp.where(hit, xp.take(values, pos), flat), a.shape)
+
     def choose(self, condition, if_true, if_false):
         """``if_true()`` where the 0-d boolean ``condition`` holds, else ``if_false()``: on a
         device both are computed and selected there (no read); :class:`CpuBackend` reads
@@ -300,6 +327,14 @@ class CpuBackend(Backend):
     def choose(self, condition, if_true, if_false):
         return if_true() if bool(condition) else if_false()
 
+    def true_indices(self, flags, count: int):
+        return np.flatnonzero(flags)[:count]
+
+    def put(self, a, index, values):
+        out = np.array(a, copy=True)
+        np.put(out, np.asarray(index, np.int64), np.asarray(values, out.dtype))
+        return out
+
     def _plan(self, kind, shape, dtype, s):
         key = (kind, shape, np.dtype(dtype).str, s)
         plan = self._plans.get(key)
@@ -470,6 +505,12 @@ class GpuBackend(Backend):
 
     def matrix_transpose(self, a):
         return self._cp.swapaxes(a, -1, -2)
+
+    def put(self, a, index, values):
+        out = a.copy()
+        self._cp.put(out, self._cp.asarray(index, dtype=self._cp.int64),
+                     self._cp.asarray(values, dtype=out.dtype))
+        return out
 
     def describe(self):
         d = super().describe()

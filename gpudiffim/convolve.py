@@ -13,7 +13,13 @@ import numpy as np
 
 from .arrayops import window_or
 from .backend import get_backend, next_fast_len
-from .exposure import MASK_PLANES, REPLACED_PLANES, UNBOUNDED_PLANES, mask_bits
+from .exposure import (
+    MASK_PLANES,
+    REPLACED_PLANES,
+    SATURATED_PLANES,
+    UNBOUNDED_PLANES,
+    mask_bits,
+)
 
 __all__ = ["padded_shape", "fft_convolve", "fft_convolve_weighted_sum", "edge_mask",
            "grow_mask", "grow_convolved_mask", "convolve_exposure", "kernel_reach", "kernel_core",
@@ -128,7 +134,9 @@ def grow_convolved_mask(mask, kernel, backend=None, planes=MASK_PLANES, core: fl
     cosmic rays; BAD, :data:`~gpudiffim.exposure.REPLACED_PLANES`: a bad column's values
     replaced) stay where they are, the convolution spreading only the estimate's error, no
     more than a pixel's noise; any other pixel grows by the box holding ``core`` of the
-    weight; the kernel's box around all but the unbounded ones is TOUCHED."""
+    weight, a saturated core given a model (SAT or SAT_TEMPLATE, with INTRP) among them; the
+    kernel's box
+    around all but the unbounded ones is TOUCHED."""
     backend = get_backend(backend)
     xp = backend.xp
     kernel = np.asarray(kernel)
@@ -139,16 +147,28 @@ def grow_convolved_mask(mask, kernel, backend=None, planes=MASK_PLANES, core: fl
     unbounded = bits(UNBOUNDED_PLANES)
     touched = bits(("TOUCHED",))
     top = bits(tuple(planes))
+    # a saturated core given a model (SAT or SAT_TEMPLATE, with INTRP:
+    # :mod:`gpudiffim.saturation`) is bounded by the model's error: it grows as the other
+    # masked pixels do
+    sat, intrp = bits(SATURATED_PLANES), bits(("INTRP",))
+    core_model = (((mask & sat) != 0) & ((mask & intrp) != 0)) if sat and intrp else None
     rest = mask & ~(unbounded | touched)
+    if core_model is None:
+        unbounded_px = mask & unbounded
+    else:
+        unbounded_px = xp.where(core_model, mask & unbounded & ~sat, mask & unbounded)
+        rest = xp.where(core_model, rest | (mask & sat), rest)
     # in host memory the growth is skipped for planes with no pixel set; on a device it
     # costs less than the read that would tell (real exposures have some)
-    some = (backend.to_host(xp.stack([xp.any((mask & unbounded) != 0), xp.any(rest != 0)]))
+    some = (backend.to_host(xp.stack([xp.any(unbounded_px != 0), xp.any(rest != 0)]))
             if backend.host_memory else (True, True))
-    out = grow_mask(mask & unbounded, reach_box(kernel, unbounded_fraction), backend, planes,
+    out = grow_mask(unbounded_px, reach_box(kernel, unbounded_fraction), backend, planes,
                     bool(some[0]))
     if not some[1]:
         return out | (mask & touched)
     estimated = (mask & bits(("INTRP",) + REPLACED_PLANES)) != 0
+    if core_model is not None:
+        estimated = estimated & ~core_model
     box = reach_box(kernel, core)
     out = out | xp.where(estimated, rest, 0) | window_or(
         backend, xp.where(estimated, 0, rest), box, (-(box[0] // 2), -(box[1] // 2)), top)

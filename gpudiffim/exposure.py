@@ -39,11 +39,18 @@ UNBOUNDED_PLANES = ("NO_DATA", "SAT", "SAT_TEMPLATE", "EDGE")
 #: pixels whose values are wrong in a sound neighbourhood (a hot column): given their
 #: neighbours' mean before any convolution spreads them
 REPLACED_PLANES = ("BAD",)
+#: a saturated core given the model of its star (:mod:`gpudiffim.saturation`): bounded by
+#: the model's error, it grows as an ordinary masked pixel does, not as an unbounded one
+MODELLED_CORE_PLANES = ("SAT", "INTRP")
+#: the planes of saturated pixels, an input's and a template's in a difference: with INTRP
+#: too, a modelled core
+SATURATED_PLANES = ("SAT", "SAT_TEMPLATE")
 #: template planes carried into a difference (its SAT becomes SAT_TEMPLATE)
 TEMPLATE_PLANES = ("BAD", "NO_DATA", "EDGE", "CR", "INTRP", "SUSPECT", "INJECTED")
 
 __all__ = ["MASK_PLANES", "UNUSABLE_PLANES", "MEASUREMENT_EXCLUDED", "DETECTION_EXCLUDED",
            "KERNEL_FIT_EXCLUDED", "INTERPOLATED_PLANES", "UNBOUNDED_PLANES", "REPLACED_PLANES",
+           "MODELLED_CORE_PLANES", "SATURATED_PLANES",
            "TEMPLATE_PLANES", "mask_bits",
            "ExposureInfo", "Exposure"]
 

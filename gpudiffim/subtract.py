@@ -78,6 +78,14 @@ from .noise import (
 from .options import configclass, option
 from .psf import ImagePsf, PsfMeasurementError, convolved_psf, kernel_convolved_psf, measure_psf
 from .quality import QualityConfig, SubtractionQualityError, quality_failures
+from .saturation import (
+    SaturatedCoreConfig,
+    added_at,
+    difference_stars,
+    halo_rings,
+    model_saturated_cores,
+    wing_variance,
+)
 from .score import filter_response, prefilter, score_norm, self_convolved
 from .sources import select_kernel_sources, source_snr_maps
 from .stats import (
@@ -96,7 +104,8 @@ __all__ = ["MODES", "SubtractConfig", "SubtractionResult", "MatchingProblem", "s
            "empty_sky_background", "decorrelation", "decorrelate", "input_variances",
            "difference_variance", "noise_model", "noise_correlation", "with_psf",
            "difference_pull", "variance_scale", "MatchingFit", "matching_fit",
-           "subtract_proper", "flux_matched_template", "proper_mask"]
+           "subtract_proper", "flux_matched_template", "proper_mask",
+           "saturated_star_light"]
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +123,9 @@ class SubtractConfig:
     kernel: KernelFitConfig = option(factory=KernelFitConfig, doc="the kernel fit")
     cosmicRays: CosmicRayConfig = option(factory=CosmicRayConfig,
                                          doc="cosmic rays in inputs that have none masked")
+    saturatedCores: SaturatedCoreConfig = option(factory=SaturatedCoreConfig,
+                                                 doc="saturated cores given the model of "
+                                                     "their stars before any convolution")
     quality: QualityConfig = option(factory=QualityConfig, doc="the quality gates every "
                                                                 "subtraction must pass")
     refitBackground: bool = option(True, "re-fit the difference's background over empty sky")
@@ -224,8 +236,9 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | Non
     backend = get_backend(backend)
     science, template = _on_backend(science, template, backend)
     counts = backend.to_host_all(pixel_counts(science, backend), pixel_counts(template, backend))
-    sci, tmpl = (_prepared(e, role, config, backend, c)
-                 for e, role, c in zip((science, template), ("science", "template"), counts))
+    (sci, sci_stars), (tmpl, tmpl_stars) = (
+        _prepared(e, role, config, backend, c)
+        for e, role, c in zip((science, template), ("science", "template"), counts))
     config = replace(config, mode=choose_flavor(sci, tmpl, config.mode))
     rejected, last = [], None
     zero_points = sci.zero_point is not None and tmpl.zero_point is not None
@@ -234,7 +247,7 @@ def subtract(science: Exposure, template: Exposure, config: SubtractConfig | Non
             continue  # the fit already fell back to a constant kernel
         try:
             prepared = subtract_proper if attempt.mode == "zogy" else subtract_prepared
-            result = prepared(sci, tmpl, attempt, backend)
+            result = prepared(sci, tmpl, attempt, backend, saturated=(sci_stars, tmpl_stars))
         except KernelFitError as err:
             failures, figures = [str(err)], {}
         else:
@@ -284,11 +297,13 @@ def matching_fit(sci: Exposure, tmpl: Exposure, config: SubtractConfig, flavor: 
     return MatchingFit(problem, solution, positions, quiet, rho, ratios, pinned)
 
 
-def subtract_prepared(sci: Exposure, tmpl: Exposure, config: SubtractConfig,
-                      backend) -> SubtractionResult:
+def subtract_prepared(sci: Exposure, tmpl: Exposure, config: SubtractConfig, backend,
+                      saturated: tuple | None = None) -> SubtractionResult:
     """One subtraction of inputs on the backend with PSF models, by one model (the flavor
     of ``config.mode``, not ``auto`` or ``zogy``), without the quality gates: the stages in
-    order."""
+    order. ``saturated``: the inputs' modelled saturated stars
+    (:func:`~gpudiffim.saturation.model_saturated_cores`), whose light adds its error to
+    the variance."""
     flavor = config.mode
     fit = matching_fit(sci, tmpl, config, flavor, backend)
     problem, solution, positions, quiet = fit.problem, fit.solution, fit.positions, fit.quiet
@@ -308,6 +323,8 @@ def subtract_prepared(sci: Exposure, tmpl: Exposure, config: SubtractConfig,
     pull = difference_pull(diff, var, good, quiet, backend)
     scale = variance_scale(pull, config) if config.doScaleVariance else 1.0
     var, variances = var * scale, tuple(v * scale for v in variances)
+    diff, var, mask = saturated_star_light(diff, var, mask, problem, kernel, psf, saturated,
+                                           config, backend)
     noise = noise_model(problem, solution, kernel, phi, good, positions, variances, backend)
     quality = _quality(fit, kernel, phi, sky, s_var, t_var, pull, scale)
     difference = sci.replace(image=diff, mask=mask, variance=var, psf=psf)
@@ -315,8 +332,8 @@ def subtract_prepared(sci: Exposure, tmpl: Exposure, config: SubtractConfig,
                              noise, sci.psf, tmpl.psf)
 
 
-def subtract_proper(sci: Exposure, tmpl: Exposure, config: SubtractConfig,
-                    backend) -> SubtractionResult:
+def subtract_proper(sci: Exposure, tmpl: Exposure, config: SubtractConfig, backend,
+                    saturated: tuple | None = None) -> SubtractionResult:
     """:func:`subtract_prepared` for ``zogy``: the kernel, fitted in the direction ``auto``
     picks, puts the template on the science's flux scale and background; ZOGY's filters
     from the two PSFs and noise levels make the score, in flux units."""
@@ -356,8 +373,11 @@ def subtract_proper(sci: Exposure, tmpl: Exposure, config: SubtractConfig,
                           pull, scale), "flavor": "zogy", "zogy_fitted_as": problem.flavor,
                "zogy_filter_size": int(k_n.shape[0]),
                "zogy_filter_nodes": int(len(filters.science))}
-    difference = sci.replace(image=score, mask=mask, variance=var * scale,
-                             psf=convolved_psf(sci.psf, k_n))
+    psf = convolved_psf(sci.psf, k_n)
+    score, var, mask = saturated_star_light(score, var * scale, mask, problem,
+                                            _centre_kernel(problem, solution), psf, saturated,
+                                            config, backend, score=True)
+    difference = sci.replace(image=score, mask=mask, variance=var, psf=psf)
     return SubtractionResult(difference, solution, "zogy", True, quality, noise, sci.psf,
                              tmpl.psf)
 
@@ -414,16 +434,44 @@ def _on_backend(science: Exposure, template: Exposure, backend):
 
 
 def _prepared(exposure: Exposure, role: str, config: SubtractConfig, backend,
-              counts: np.ndarray) -> Exposure:
+              counts: np.ndarray) -> tuple:
     """An input with its unusable pixels masked, a PSF model and, when configured, its
-    cosmic rays repaired (:mod:`gpudiffim.validation` refuses what cannot be used;
-    ``counts``: its :func:`~gpudiffim.validation.pixel_counts`)."""
+    cosmic rays repaired and its saturated cores modelled (:mod:`gpudiffim.validation`
+    refuses what cannot be used; ``counts``: its
+    :func:`~gpudiffim.validation.pixel_counts`), and its saturated stars."""
     exposure = with_psf(usable_exposure(exposure, role, backend, counts), backend)
     checked_psf_model(exposure, role)
-    if not config.cosmicRays.doFindCosmicRays:
-        return exposure
-    return repair_cosmic_rays(exposure, psf_centre(exposure), config.cosmicRays, backend,
-                              bool(counts[5]))
+    if config.cosmicRays.doFindCosmicRays:
+        exposure = repair_cosmic_rays(exposure, psf_centre(exposure), config.cosmicRays,
+                                      backend, bool(counts[5]))
+    return model_saturated_cores(exposure, backend, config.saturatedCores, int(counts[6]))
+
+
+def saturated_star_light(diff, var, mask, problem: MatchingProblem, kernel: np.ndarray, psf,
+                         saturated, config: SubtractConfig, backend,
+                         score: bool | None = None) -> tuple:
+    """The difference, variance and mask with what the kernel left of the modelled
+    saturated stars' light: each star's ring out to ``haloRadius`` FWHM taken out
+    (:func:`~gpudiffim.saturation.halo_rings`) and its square added to the variance (what
+    the median leaves, the ring's uneven part, is as large), the star's light's own error
+    added too (:func:`~gpudiffim.saturation.wing_variance`). ``saturated``: the science's
+    and the template's stars, the template's put in the science's flux units by the
+    kernel's sum; ``psf``: the difference's."""
+    if saturated is None:
+        return diff, var, mask
+    ksum = float(kernel.sum())
+    stars = difference_stars(*saturated, 1.0 / ksum if problem.science_is_convolved else ksum)
+    if not len(stars):
+        return diff, var, mask
+    score = problem.flavor == "preconvolve" if score is None else score
+    ny, nx = diff.shape
+    cfg = config.saturatedCores
+    radius = int(np.ceil(cfg.haloRadius * _mean(psf.fwhm((nx - 1) / 2, (ny - 1) / 2))))
+    index, ring = halo_rings(diff, mask, stars, radius, backend)
+    diff = added_at(diff, index, -ring, backend)
+    var = added_at(var, index, ring * ring, backend)  # the ring's uneven part: as large
+    var, mask = wing_variance(var, mask, stars, psf, cfg, backend, score)
+    return diff, var, mask
 
 
 def with_psf(exposure: Exposure, backend) -> Exposure:
@@ -709,9 +757,11 @@ PROPER_UNBOUNDED_FRACTION = 0.999
 
 def _saturated_wings(mask, kernel: np.ndarray, backend, fraction: float = UNBOUNDED_FRACTION):
     """``mask`` with SAT and SAT_TEMPLATE grown once more by the box holding ``fraction`` of
-    ``kernel``'s absolute weight (saturated stars' wings reach past it)."""
+    ``kernel``'s absolute weight (saturated stars' wings reach past it), but for the
+    modelled cores."""
     xp = backend.xp
-    sat = mask & mask_bits("SAT", "SAT_TEMPLATE")
+    # a modelled core (INTRP too: :mod:`gpudiffim.saturation`) has no deficit to leak
+    sat = xp.where((mask & mask_bits("INTRP")) != 0, 0, mask & mask_bits("SAT", "SAT_TEMPLATE"))
     if backend.host_memory and not backend.scalar(xp.any(sat != 0)):
         return mask  # on a device the growth costs less than the read
     box = reach_box(kernel, fraction)

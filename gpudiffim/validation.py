@@ -27,9 +27,10 @@ def pixel_counts(exposure: Exposure, backend):
     """The counts :func:`usable_exposure` decides on, as one device vector (read back with
     another input's in one transfer): non-finite image pixels, pixels without a positive
     finite variance, usable pixels, pixels with a variance, pixels whose values are
-    replaced, and cosmic-ray pixels already flagged (for
+    replaced, cosmic-ray pixels already flagged (for
     :func:`~gpudiffim.cosmic.repair_cosmic_rays`), all outside the unusable planes where
-    it matters."""
+    it matters, and saturated pixels (for
+    :func:`~gpudiffim.saturation.model_saturated_cores`)."""
     xp = backend.xp
     image, var, mask = exposure.image, exposure.variance, exposure.mask
     bad_image = ~xp.isfinite(image)
@@ -38,11 +39,11 @@ def pixel_counts(exposure: Exposure, backend):
                 != 0)
     replaced = (mask & exposure.bit(*[p for p in REPLACED_PLANES
                                       if p in exposure.mask_planes])) != 0
-    cr = ((mask & exposure.bit("CR")) != 0 if "CR" in exposure.mask_planes
-          else backend.zeros(mask.shape, dtype=xp.bool))
+    cr, sat = ((mask & exposure.bit(p)) != 0 if p in exposure.mask_planes
+               else backend.zeros(mask.shape, dtype=xp.bool) for p in ("CR", "SAT"))
     return xp.stack([xp.sum(xp.astype(a, xp.int64)) for a in (
         bad_image & ~unusable, bad_var & ~unusable & ~bad_image,
-        ~(bad_image | bad_var | unusable), ~bad_var, replaced, cr)])
+        ~(bad_image | bad_var | unusable), ~bad_var, replaced, cr, sat)])
 
 
 def usable_exposure(exposure: Exposure, role: str, backend, counts=None) -> Exposure:
