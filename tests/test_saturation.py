@@ -15,6 +15,9 @@ from gpudiffim.saturation import (
     saturated_stars,
     wing_variance,
 )
+from gpudiffim.subtract import SubtractConfig, subtract
+
+from pairs import kernel_pair
 
 FULL_WELL = 50_000.0
 
@@ -116,3 +119,34 @@ def test_a_stars_light_adds_its_error_to_the_variance(backend):
     # where the star's error passes 10 sigma the pixel is the star's
     assert np.array_equal((new_mask & mask_bits("SAT")) != 0, (0.5 * light) ** 2 > 2500)
     assert ((new_mask & mask_bits("SAT")) != 0).sum() > 0
+
+
+def _saturated_pair(full_well=30_000.0):
+    """A known-kernel pair with one star bright enough to saturate both images."""
+    science, template = kernel_pair(shape=(256, 256), n_stars=80, seed=3,
+                                    moved=[(128.3, 127.6, 3.0e6, 0.0, 0.0)])
+    out = []
+    for e in (science, template):
+        sat = e.image >= full_well
+        out.append(e.replace(image=np.where(sat, full_well, e.image).astype(np.float32),
+                             mask=np.where(sat, mask_bits("SAT"), 0).astype(np.int32)))
+    return out
+
+
+def test_a_saturated_star_leaves_its_core_alone_in_the_difference(backend):
+    science, template = _saturated_pair()
+    result = subtract(science, template, SubtractConfig(mode="convolveTemplate"), backend)
+    old = subtract(science, template, SubtractConfig(
+        mode="convolveTemplate", saturatedCores=SaturatedCoreConfig(doModelCores=False)),
+        "cpu")
+    diff, var, mask = (backend.to_host(p) for p in (result.difference.image,
+                                                    result.difference.variance,
+                                                    result.difference.mask))
+    closed = (mask & mask_bits("SAT", "SAT_TEMPLATE")) != 0
+    closed_before = (old.difference.mask & mask_bits("SAT", "SAT_TEMPLATE")) != 0
+    assert closed.sum() < closed_before.sum() / 4
+    ys, xs = np.mgrid[:256, :256]
+    ring = (np.hypot(xs - 128.3, ys - 127.6) < 40) & ~closed & (var > 0)
+    assert ring.sum() > 2000
+    pull = diff[ring] / np.sqrt(var[ring])
+    assert abs(np.mean(pull)) < 0.1 and 0.8 < np.std(pull) < 1.2
