@@ -170,8 +170,10 @@ def _read_sources(path: Path, status: dict) -> Table:
     return cat
 
 
-#: difference mask planes where no subtraction can find anything
-UNUSABLE_PLANES = ("NO_DATA", "EDGE")
+#: difference mask planes where no subtraction can find anything: a fake centred there is
+#: not counted (one on a saturated core is, and is a miss; not
+#: :data:`gpudiffim.exposure.UNUSABLE_PLANES`, the pixels without a value)
+NO_FAKE_PLANES = ("NO_DATA", "EDGE")
 
 
 def _usable(path: Path, truth: Table) -> np.ndarray:
@@ -180,7 +182,7 @@ def _usable(path: Path, truth: Table) -> np.ndarray:
         header, mask = hdus["MASK"].header, hdus["MASK"].data
         bits = 0
         for key, value in header.items():
-            if key.startswith("MP_") and key[3:] in UNUSABLE_PLANES:
+            if key.startswith("MP_") and key[3:] in NO_FAKE_PLANES:
                 bits |= 1 << int(value)
         ny, nx = mask.shape
         ix = np.clip(np.round(np.asarray(truth["x"], float)).astype(int), 0, nx - 1)
