@@ -19,6 +19,7 @@ from .exposure import (
     SATURATED_PLANES,
     UNBOUNDED_PLANES,
     mask_bits,
+    modelled_cores,
 )
 
 __all__ = ["padded_shape", "fft_convolve", "fft_convolve_weighted_sum", "edge_mask",
@@ -135,8 +136,7 @@ def grow_convolved_mask(mask, kernel, backend=None, planes=MASK_PLANES, core: fl
     replaced) stay where they are, the convolution spreading only the estimate's error, no
     more than a pixel's noise; any other pixel grows by the box holding ``core`` of the
     weight, a saturated core given a model (SAT or SAT_TEMPLATE, with INTRP) among them; the
-    kernel's box
-    around all but the unbounded ones is TOUCHED."""
+    kernel's box around all but the unbounded ones is TOUCHED."""
     backend = get_backend(backend)
     xp = backend.xp
     kernel = np.asarray(kernel)
@@ -150,8 +150,8 @@ def grow_convolved_mask(mask, kernel, backend=None, planes=MASK_PLANES, core: fl
     # a saturated core given a model (SAT or SAT_TEMPLATE, with INTRP:
     # :mod:`gpudiffim.saturation`) is bounded by the model's error: it grows as the other
     # masked pixels do
-    sat, intrp = bits(SATURATED_PLANES), bits(("INTRP",))
-    core_model = (((mask & sat) != 0) & ((mask & intrp) != 0)) if sat and intrp else None
+    sat = bits(SATURATED_PLANES)
+    core_model = modelled_cores(mask, planes)
     rest = mask & ~(unbounded | touched)
     if core_model is None:
         unbounded_px = mask & unbounded

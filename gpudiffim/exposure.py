@@ -51,7 +51,7 @@ TEMPLATE_PLANES = ("BAD", "NO_DATA", "EDGE", "CR", "INTRP", "SUSPECT", "INJECTED
 __all__ = ["MASK_PLANES", "UNUSABLE_PLANES", "MEASUREMENT_EXCLUDED", "DETECTION_EXCLUDED",
            "KERNEL_FIT_EXCLUDED", "INTERPOLATED_PLANES", "UNBOUNDED_PLANES", "REPLACED_PLANES",
            "MODELLED_CORE_PLANES", "SATURATED_PLANES",
-           "TEMPLATE_PLANES", "mask_bits",
+           "TEMPLATE_PLANES", "mask_bits", "modelled_cores",
            "ExposureInfo", "Exposure"]
 
 
@@ -62,6 +62,17 @@ def mask_bits(*names: str, planes: Mapping[str, int] = MASK_PLANES) -> int:
         value |= 1 << planes[name]
     return value
 
+
+
+def modelled_cores(mask, planes: Mapping[str, int] = MASK_PLANES):
+    """Where ``mask`` (an input's or a difference's, any array namespace) holds a modelled
+    saturated core: SAT or SAT_TEMPLATE, with INTRP (:mod:`gpudiffim.saturation`). None
+    when ``planes`` lacks INTRP or both saturated planes."""
+    sat = [p for p in SATURATED_PLANES if p in planes]
+    if not sat or "INTRP" not in planes:
+        return None
+    return ((mask & mask_bits(*sat, planes=planes)) != 0) & (
+        (mask & mask_bits("INTRP", planes=planes)) != 0)
 
 @dataclass(frozen=True)
 class ExposureInfo:

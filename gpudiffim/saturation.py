@@ -16,8 +16,6 @@ grows as before.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 from astropy.table import Table
 from scipy import ndimage
@@ -33,8 +31,6 @@ from .stamps import gather_stamps
 __all__ = ["SaturatedCoreConfig", "saturated_stars", "fit_saturated_cores",
            "model_saturated_cores", "difference_stars", "wing_variance", "halo_rings",
            "added_at"]
-
-log = logging.getLogger(__name__)
 
 #: planes whose pixels the ring fit does not use (besides SAT, which it never does)
 _RING_EXCLUDED = ("NO_DATA", "BAD", "CR", "EDGE", "SUSPECT", "INTRP", "SAT_TEMPLATE")
@@ -64,18 +60,18 @@ def saturated_stars(flat_index: np.ndarray, shape) -> Table:
     """Group the flat indices of saturated pixels into stars (8-connected groups).
 
     Returns a Table with one row per star: ``x``, ``y`` (the core's mean position),
-    ``radius`` (its farthest pixel from there, plus half a pixel) and ``npix``; its
-    ``meta["labels"]`` gives each input pixel's row.
+    ``radius`` (its farthest pixel from there, plus half a pixel), ``npix``, and the fit's
+    ``flux``, ``background`` (NaN) and ``modelled`` (False) for
+    :func:`model_saturated_cores` to fill; its ``meta["labels"]`` gives each input pixel's
+    row.
     """
     flat_index = np.asarray(flat_index, np.int64)
     nx = int(shape[1])
     ys, xs = np.divmod(flat_index, nx)
     n = len(flat_index)
     if n == 0:
-        t = Table({"x": np.zeros(0), "y": np.zeros(0), "radius": np.zeros(0),
-                   "npix": np.zeros(0, np.int64)})
-        t.meta["labels"] = np.zeros(0, np.int64)
-        return t
+        return _stars_table(np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, np.int64),
+                            np.zeros(0, np.int64))
     # neighbours: each pixel and the 8 around it, found by a sorted lookup of flat indices
     order = np.argsort(flat_index)
     sorted_idx = flat_index[order]
@@ -100,7 +96,15 @@ def saturated_stars(flat_index: np.ndarray, shape) -> Table:
     d2 = (xs - cx[labels]) ** 2 + (ys - cy[labels]) ** 2
     radius = np.sqrt(np.maximum.reduceat(d2[np.argsort(labels, kind="stable")],
                                          np.r_[0, np.cumsum(npix)[:-1]])) + 0.5
-    t = Table({"x": cx, "y": cy, "radius": radius, "npix": npix})
+    return _stars_table(cx, cy, radius, npix, labels)
+
+
+def _stars_table(x, y, radius, npix, labels) -> Table:
+    """The stars' table, the fit's columns (``flux``, ``background``, ``modelled``) not
+    yet filled."""
+    t = Table({"x": x, "y": y, "radius": radius, "npix": npix,
+               "flux": np.full(len(x), np.nan), "background": np.full(len(x), np.nan),
+               "modelled": np.zeros(len(x), bool)})
     t.meta["labels"] = labels
     return t
 
@@ -132,14 +136,10 @@ def fit_saturated_cores(image, variance, usable, psf, x, y, config: SaturatedCor
     cx, cy = x0.copy(), y0.copy()
     ix, iy = np.floor(x0 + 0.5), np.floor(y0 + 0.5)  # the stamps' centres
     w = np.where(usable & (variance > 0), 1.0 / np.where(variance > 0, variance, 1.0), 0.0)
-    coeffs = np.zeros((n, 4))
     for _ in range(max(1, config.nIter)):
         basis = _psf_design(psf, ix, iy, cx - ix, cy - iy, size)
         design = np.concatenate([basis, np.ones((n, 1, size, size))], axis=1)
-        a = design.reshape(n, 4, -1)
-        ww = w.reshape(n, 1, -1)
-        normal = np.einsum("nip,njp->nij", a * ww, a)
-        rhs = np.einsum("nip,np->ni", a * ww, image.reshape(n, -1))
+        normal, rhs = _normal_equations(design, w, image)
         normal += np.eye(4) * 1e-12 * np.trace(normal, axis1=1, axis2=2)[:, None, None]
         with np.errstate(all="ignore"):
             coeffs = np.linalg.solve(normal, rhs[..., None])[..., 0]
@@ -150,10 +150,7 @@ def fit_saturated_cores(image, variance, usable, psf, x, y, config: SaturatedCor
         cy = np.where(good, cy + step_y, cy)
     # the flux and background at the final centre, derivatives left out
     p = _psf_design(psf, ix, iy, cx - ix, cy - iy, size)[:, 0]
-    a = np.stack([p, np.ones_like(p)], axis=1).reshape(n, 2, -1)
-    ww = w.reshape(n, 1, -1)
-    normal = np.einsum("nip,njp->nij", a * ww, a)
-    rhs = np.einsum("nip,np->ni", a * ww, image.reshape(n, -1))
+    normal, rhs = _normal_equations(np.stack([p, np.ones_like(p)], axis=1), w, image)
     with np.errstate(all="ignore"):
         det = normal[:, 0, 0] * normal[:, 1, 1] - normal[:, 0, 1] ** 2
         flux = (normal[:, 1, 1] * rhs[:, 0] - normal[:, 0, 1] * rhs[:, 1]) / det
@@ -163,6 +160,16 @@ def fit_saturated_cores(image, variance, usable, psf, x, y, config: SaturatedCor
     ok = (np.isfinite(flux) & (flux > 0) & np.isfinite(background)
           & (n_ring >= config.minRingPixels) & (shift <= config.maxShift))
     return flux, cx, cy, background, ok
+
+
+def _normal_equations(design, weight, image):
+    """Weighted least squares per stamp: the normal matrices (n, k, k) and right-hand
+    sides (n, k) of ``design`` (n, k, size, size) against ``image`` (n, size, size)."""
+    n, k = design.shape[:2]
+    a = design.reshape(n, k, -1)
+    aw = a * weight.reshape(n, 1, -1)
+    return (np.einsum("nip,njp->nij", aw, a),
+            np.einsum("nip,np->ni", aw, image.reshape(n, -1)))
 
 
 def _psf_design(psf, ix, iy, sx, sy, size):
@@ -197,15 +204,14 @@ def model_saturated_cores(exposure: Exposure, backend, config: SaturatedCoreConf
     """
     config = config or SaturatedCoreConfig()
     xp = backend.xp
-    empty = saturated_stars(np.zeros(0, np.int64), exposure.shape)
     if (not config.doModelCores or "SAT" not in exposure.mask_planes
             or exposure.psf is None):
-        return exposure, empty
+        return exposure, saturated_stars(np.zeros(0, np.int64), exposure.shape)
     sat = (exposure.mask & exposure.bit("SAT")) != 0
     if n_saturated is None:
         n_saturated = int(backend.scalar(xp.sum(xp.astype(sat, xp.int64))))
     if n_saturated == 0:
-        return exposure, empty
+        return exposure, saturated_stars(np.zeros(0, np.int64), exposure.shape)
     flat = backend.to_host(backend.true_indices(sat, n_saturated))  # one read
     stars = saturated_stars(flat, exposure.shape)
     ny, nx = exposure.shape
@@ -215,15 +221,11 @@ def model_saturated_cores(exposure: Exposure, backend, config: SaturatedCoreConf
     reach = np.minimum(np.asarray(stars["radius"]) + max(3.0, config.ringWidth * fwhm),
                        psf_size // 2 - 1)
     fits = reach >= np.asarray(stars["radius"]) + 3.0
-    stars["flux"] = np.full(len(stars), np.nan)
-    stars["background"] = np.full(len(stars), np.nan)
-    stars["modelled"] = np.zeros(len(stars), bool)
     if not fits.any():
         return exposure, stars
     rows = np.flatnonzero(fits)
     size = 2 * int(np.ceil(reach[rows].max())) + 1
-    centres = np.stack([np.floor(stars["x"][rows] + 0.5), np.floor(stars["y"][rows] + 0.5)],
-                       axis=1).astype(np.int64)
+    centres = _centres(np.asarray(stars["x"])[rows], np.asarray(stars["y"])[rows])
     outside = exposure.bit("NO_DATA") if "NO_DATA" in exposure.mask_planes else 0
     img, var, mask = backend.to_host_all(  # one read; pixels off the detector: no variance
         *(gather_stamps(backend, plane, centres, size, fill=fill) for plane, fill in
@@ -238,8 +240,8 @@ def model_saturated_cores(exposure: Exposure, backend, config: SaturatedCoreConf
     stars["modelled"][rows[ok]] = True
     if not ok.any():
         return exposure, stars
-    stamps = (img[ok], var[ok], mask[ok])
-    return _filled(exposure, stars, flat, rows[ok], centres[ok], stamps, backend), stars
+    return (_filled(exposure, stars, flat, rows[ok], centres[ok], (img[ok], mask[ok]), backend),
+            stars)
 
 
 def _ring_pixels(exposure, mask, dx, dy, reach):
@@ -247,15 +249,10 @@ def _ring_pixels(exposure, mask, dx, dy, reach):
     within a pixel, none of :data:`_RING_EXCLUDED`."""
     size = mask.shape[-1]
     half = size // 2
-    sat = (mask & exposure.bit("SAT")) != 0
-    near_sat = sat.copy()
-    near_sat[:, 1:, :] |= sat[:, :-1, :]
-    near_sat[:, :-1, :] |= sat[:, 1:, :]
-    grown = near_sat.copy()
-    grown[:, :, 1:] |= near_sat[:, :, :-1]
-    grown[:, :, :-1] |= near_sat[:, :, 1:]
+    grown = ndimage.binary_dilation((mask & exposure.bit("SAT")) != 0,
+                                    structure=np.ones((1, 3, 3), bool))
     planes = [p for p in _RING_EXCLUDED if p in exposure.mask_planes]
-    masked = (mask & exposure.bit(*planes)) != 0 if planes else np.zeros_like(sat)
+    masked = (mask & exposure.bit(*planes)) != 0 if planes else np.zeros_like(grown)
     off = np.arange(size) - half
     r2 = ((off[None, None, :] - np.asarray(dx)[:, None, None]) ** 2
           + (off[None, :, None] - np.asarray(dy)[:, None, None]) ** 2)
@@ -264,12 +261,12 @@ def _ring_pixels(exposure, mask, dx, dy, reach):
 
 def _filled(exposure, stars, flat, rows, centres, stamps, backend):
     """The exposure with the SAT pixels of the stars ``rows`` given their model (``stamps``:
-    their image, variance and mask stamps, centred on ``centres``)."""
+    their image and mask stamps, centred on ``centres``)."""
     labels = stars.meta["labels"]
     keep = np.isin(labels, rows)
     index = flat[keep]
     which = np.searchsorted(rows, labels[keep])  # rows is sorted: its position per pixel
-    img, _, mask = stamps
+    img, mask = stamps
     size = img.shape[-1]
     half = size // 2
     ys, xs = np.divmod(index, exposure.shape[1])
@@ -285,7 +282,6 @@ def _filled(exposure, stars, flat, rows, centres, stamps, backend):
                             mask=backend.put(exposure.mask, index, new_mask))
 
 
-
 def difference_stars(science: Table, template: Table, template_to_science: float,
                      match_radius: float = 3.0) -> Table:
     """The modelled stars of both inputs in the science's flux units (``x``, ``y``,
@@ -294,12 +290,9 @@ def difference_stars(science: Table, template: Table, template_to_science: float
     cols = ("x", "y", "flux")
     parts = []
     for t, factor in ((science, 1.0), (template, template_to_science)):
-        if len(t) and "modelled" in t.colnames:
-            t = t[np.asarray(t["modelled"], bool)]
-            parts.append(np.stack([np.asarray(t["x"], float), np.asarray(t["y"], float),
-                                   np.asarray(t["flux"], float) * factor], axis=1))
-        else:
-            parts.append(np.zeros((0, 3)))
+        t = t[np.asarray(t["modelled"], bool)]
+        parts.append(np.stack([np.asarray(t["x"], float), np.asarray(t["y"], float),
+                               np.asarray(t["flux"], float) * factor], axis=1).reshape(-1, 3))
     sci, tmpl = parts
     if len(sci) and len(tmpl):
         d2 = ((tmpl[:, None, :2] - sci[None, :, :2]) ** 2).sum(axis=2)
@@ -330,13 +323,10 @@ def wing_variance(variance, mask, stars: Table, psf, config: SaturatedCoreConfig
     if score:
         profile = profile / profile.max(axis=(1, 2), keepdims=True)
     add = (config.wingError * np.asarray(stars["flux"], float)[:, None, None] * profile) ** 2
-    off = np.arange(size) - size // 2
-    ys = np.floor(y + 0.5).astype(np.int64)[:, None, None] + off[None, :, None]
-    xs = np.floor(x + 0.5).astype(np.int64)[:, None, None] + off[None, None, :]
-    ys, xs = np.broadcast_to(ys, add.shape), np.broadcast_to(xs, add.shape)
+    ys, xs = _stamp_grid(_centres(x, y), size)
     inside = (ys >= 0) & (ys < ny) & (xs >= 0) & (xs < nx) & (add > 0)
-    index, where = np.unique(ys[inside] * nx + xs[inside], return_inverse=True)
-    added = backend.asarray(np.bincount(where, add[inside], len(index)))
+    index, summed = _summed_at(ys, xs, add, inside, nx)
+    added = backend.asarray(summed)
     at = backend.asarray(index, np.int64)
     held = xp.take(xp.reshape(variance, (-1,)), at)
     cap = config.maxWingVariance * held
@@ -364,13 +354,11 @@ def halo_rings(diff, mask, stars: Table, radius: int, backend, width: float = 2.
     ny, nx = diff.shape
     size = 2 * int(radius) + 1
     x, y = np.asarray(stars["x"], float), np.asarray(stars["y"], float)
-    centres = np.stack([np.floor(x + 0.5), np.floor(y + 0.5)], axis=1).astype(np.int64)
+    centres = _centres(x, y)
     values, bits = backend.to_host_all(  # one read
         gather_stamps(backend, diff, centres, size, fill=0),
         gather_stamps(backend, mask, centres, size, fill=mask_bits("NO_DATA")))
-    off = np.arange(size) - size // 2
-    ys = centres[:, 1, None, None] + off[None, :, None]
-    xs = centres[:, 0, None, None] + off[None, None, :]
+    ys, xs = _stamp_grid(centres, size)
     r = np.hypot(xs - x[:, None, None], ys - y[:, None, None])
     usable = ((bits.astype(np.int64) & mask_bits(*DETECTION_EXCLUDED)) == 0) & (r <= radius)
     n_ann = int(np.ceil(radius / width)) + 1
@@ -383,9 +371,28 @@ def halo_rings(diff, mask, stars: Table, radius: int, backend, width: float = 2.
     profile = np.nan_to_num(medians).reshape(len(x), n_ann)
     centre_r = (np.arange(n_ann) + 0.5) * width
     ring = np.stack([np.interp(r[i], centre_r, profile[i], right=0.0) for i in range(len(x))])
-    keep = usable & (ring != 0)
+    return _summed_at(ys, xs, ring, usable & (ring != 0), nx)
+
+
+def _centres(x, y) -> np.ndarray:
+    """(n, 2) integer (x, y): the pixels holding positions ``x``, ``y``."""
+    return np.stack([np.floor(x + 0.5), np.floor(y + 0.5)], axis=1).astype(np.int64)
+
+
+def _stamp_grid(centres, size: int) -> tuple:
+    """Frame row and column of every pixel of (n, size, size) stamps on ``centres``."""
+    off = np.arange(size) - size // 2
+    ys = centres[:, 1, None, None] + off[None, :, None]
+    xs = centres[:, 0, None, None] + off[None, None, :]
+    shape = (len(centres), size, size)
+    return np.broadcast_to(ys, shape), np.broadcast_to(xs, shape)
+
+
+def _summed_at(ys, xs, values, keep, nx: int) -> tuple:
+    """``values`` of stamp pixels ``keep`` summed where stamps overlap: host flat frame
+    indices (unique, ascending) and the sums there."""
     index, where = np.unique((ys * nx + xs)[keep], return_inverse=True)
-    return index, np.bincount(where, ring[keep], len(index))
+    return index, np.bincount(where, values[keep], len(index))
 
 
 def added_at(a, index, delta, backend):

@@ -55,10 +55,12 @@ from .errors import GpuDiffimError, InputError
 from .exposure import (
     DETECTION_EXCLUDED,
     KERNEL_FIT_EXCLUDED,
+    SATURATED_PLANES,
     TEMPLATE_PLANES,
     UNUSABLE_PLANES,
     Exposure,
     mask_bits,
+    modelled_cores,
 )
 from .kernel_fit import (
     KernelFitConfig,
@@ -760,8 +762,8 @@ def _saturated_wings(mask, kernel: np.ndarray, backend, fraction: float = UNBOUN
     ``kernel``'s absolute weight (saturated stars' wings reach past it), but for the
     modelled cores."""
     xp = backend.xp
-    # a modelled core (INTRP too: :mod:`gpudiffim.saturation`) has no deficit to leak
-    sat = xp.where((mask & mask_bits("INTRP")) != 0, 0, mask & mask_bits("SAT", "SAT_TEMPLATE"))
+    # a modelled core has no deficit to leak
+    sat = xp.where(modelled_cores(mask), 0, mask & mask_bits(*SATURATED_PLANES))
     if backend.host_memory and not backend.scalar(xp.any(sat != 0)):
         return mask  # on a device the growth costs less than the read
     box = reach_box(kernel, fraction)
