@@ -417,12 +417,20 @@ class CpuBackend(Backend):
         labels, n = _ndi.label(np.asarray(mask, dtype=bool), structure=np.ones((3, 3)))
         return labels.astype(np.int32), int(n)
 
+    # SciPy's 1-D filters are fast along a C-contiguous row and ~7x slower down the columns
+    # (each column copied out with a stride): the column pass runs on whole rows instead
     def maximum_filter(self, a, size):
         low = -np.inf if a.dtype.kind == "f" else np.iinfo(a.dtype).min
-        return _ndi.maximum_filter(a, size=size, mode="constant", cval=low)
+        if a.ndim != 2 or size <= 1:
+            return _ndi.maximum_filter(a, size=size, mode="constant", cval=low)
+        rows = _ndi.maximum_filter1d(a, size, axis=1, mode="constant", cval=low)
+        return window_reduce(self, rows, size, 0, np.maximum, low)
 
     def uniform_filter(self, a, size):
-        return _ndi.uniform_filter(a, size=size, mode="constant", cval=0.0)
+        if a.ndim != 2 or size <= 1:
+            return _ndi.uniform_filter(a, size=size, mode="constant", cval=0.0)
+        rows = _ndi.uniform_filter1d(a, size, axis=1, mode="constant", cval=0.0)
+        return _column_box_mean(rows, size).astype(rows.dtype, copy=False)
 
 
 class GpuBackend(Backend):
@@ -581,6 +589,24 @@ def gpu_unavailable_reason() -> str | None:
     if n <= 0:
         return "CuPy sees no CUDA device"
     return _probe(cupy)
+
+
+def _column_box_mean(a: np.ndarray, size: int) -> np.ndarray:
+    """Mean of each ``size``-row window down the columns of a 2-D host array (zero outside,
+    SciPy's centring), in float64: a running sum over whole rows."""
+    n = a.shape[0]
+    before, after = size // 2, size - 1 - size // 2  # rows each side of the window's centre
+    out = np.empty(a.shape, np.float64)
+    acc = a[:after + 1].sum(axis=0, dtype=np.float64)
+    out[0] = acc
+    for i in range(1, n):
+        if i + after < n:
+            acc += a[i + after]
+        if i - before - 1 >= 0:
+            acc -= a[i - before - 1]
+        out[i] = acc
+    out /= size
+    return out
 
 
 def _probe(cupy) -> str | None:

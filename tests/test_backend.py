@@ -71,7 +71,7 @@ def test_label_matches_scipy(backend, rng):
     np.testing.assert_array_equal(backend.to_host(labels), ref)
 
 
-@pytest.mark.parametrize("size", [1, 3, 4, 7])
+@pytest.mark.parametrize("size", [1, 3, 4, 7, 40])
 def test_filters_match_scipy(backend, rng, size):
     a = rng.normal(size=(31, 29))
     got = backend.to_host(backend.maximum_filter(backend.to_device(a), size))
@@ -79,6 +79,15 @@ def test_filters_match_scipy(backend, rng, size):
                                                               cval=-np.inf))
     got = backend.to_host(backend.uniform_filter(backend.to_device(a), size))
     np.testing.assert_allclose(got, ndimage.uniform_filter(a, size, mode="constant"), atol=1e-12)
+    # the types the stages filter: float32 images (within a rounding) and uint8 flags
+    b = (100.0 + rng.normal(size=(33, 27))).astype(np.float32)
+    got = backend.to_host(backend.uniform_filter(backend.to_device(b), size))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, ndimage.uniform_filter(b, size, mode="constant"),
+                               rtol=1e-5)
+    flags = (rng.random((33, 27)) > 0.95).astype(np.uint8)
+    got = backend.to_host(backend.maximum_filter(backend.to_device(flags), size))
+    np.testing.assert_array_equal(got, ndimage.maximum_filter(flags, size, mode="constant"))
 
 
 def test_batched_solve(backend, rng):
