@@ -25,6 +25,7 @@ import numpy as np
 from astropy.table import Table, vstack
 
 from .backend import get_backend
+from .exposure import UNUSABLE_PLANES
 from .inject import inject, optimal_snr, overlap_slices, psf_stamp
 from .options import configclass, option
 from .psf import adaptive_moments_batch
@@ -69,8 +70,11 @@ def _target_snr(rng, n: int, low: float, high: float) -> np.ndarray:
 def _galaxy_hosts(exposure, n_max: int, rng) -> np.ndarray:
     """(n, 3) x, y, size (pixels) of extended sources in ``exposure``: maxima of 8 x 8
     blocks 5 sigma above the sky whose adaptive-moment size exceeds the PSF's by 30%, one
-    per galaxy."""
+    per galaxy. None with an unusable pixel in its stamp: a saturated star's flat top
+    measures wider than the PSF, but it is no galaxy."""
     image = np.asarray(exposure.image, float)
+    planes = [p for p in UNUSABLE_PLANES if p in exposure.mask_planes]
+    unusable = (np.asarray(exposure.mask) & exposure.bit(*planes)) != 0
     var = np.asarray(exposure.variance, float)
     ny, nx = image.shape
     sigma = np.sqrt(np.median(var[var > 0])) if np.any(var > 0) else 1.0
@@ -89,7 +93,8 @@ def _galaxy_hosts(exposure, n_max: int, rng) -> np.ndarray:
         sub = blocks[by, :, bx, :]
         dy, dx = np.unravel_index(np.argmax(sub), sub.shape)
         y, x = by * step + dy, bx * step + dx
-        if half <= y < ny - half and half <= x < nx - half:
+        if (half <= y < ny - half and half <= x < nx - half
+                and not unusable[y - half:y + half + 1, x - half:x + half + 1].any()):
             pos.append((x, y))
             stamps.append(image[y - half:y + half + 1, x - half:x + half + 1] - sky)
     if not pos:
