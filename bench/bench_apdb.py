@@ -7,8 +7,8 @@ around the exposure, so the footprint query finds the same few dozen whatever th
 what grows with it is the table and its spatial index."""
 
 import dataclasses
+import importlib.util
 import itertools
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +22,13 @@ from gpudiffim.pipeline import PipelineConfig, process_pair  # noqa: E402
 from gpudiffim.simulate import PRESETS, simulate  # noqa: E402
 from gpudiffim.warp import template_on_science_grid  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import postgres_server  # noqa: E402, F401  (the tests' throwaway server)
+# the tests' throwaway PostgreSQL server (their conftest, under a name of its own: the
+# benchmarks have a conftest too)
+_spec = importlib.util.spec_from_file_location(
+    "gpudiffim_tests_conftest", Path(__file__).resolve().parents[1] / "tests" / "conftest.py")
+_tests_conftest = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tests_conftest)
+postgres_server = _tests_conftest.postgres_server
 
 DENSITY = 2e4  # stored diaObjects per square degree
 _visits = itertools.count(100000)

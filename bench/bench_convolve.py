@@ -1,9 +1,9 @@
-"""FFT convolution throughput on the CPU backend (pyFFTW, all cores)."""
+"""FFT convolution throughput on each backend (the CPU: pyFFTW, all cores)."""
 
 import numpy as np
 import pytest
+from harness import synchronized
 
-from gpudiffim.backend import get_backend
 from gpudiffim.convolve import convolve_exposure, fft_convolve
 
 
@@ -14,13 +14,13 @@ def frame():
             np.zeros((2048, 4096), np.int32), np.ones((2048, 4096), np.float32))
 
 
-def test_convolve_exposure_2048x4096(benchmark, frame):
-    cpu = get_backend("cpu")
+def test_convolve_exposure_2048x4096(benchmark, frame, bench_backend):
+    planes = [bench_backend.to_device(a) for a in frame]
     kernel = np.ones((21, 21), np.float32) / 441
-    benchmark(convolve_exposure, *frame, kernel, cpu)
+    benchmark(synchronized(bench_backend, convolve_exposure), *planes, kernel, bench_backend)
 
 
-def test_convolve_six_kernels_2048x4096(benchmark, frame):
-    cpu = get_backend("cpu")
+def test_convolve_six_kernels_2048x4096(benchmark, frame, bench_backend):
+    image = bench_backend.to_device(frame[0])
     kernels = np.ones((6, 21, 21), np.float32) / 441
-    benchmark(fft_convolve, frame[0], kernels, cpu)
+    benchmark(synchronized(bench_backend, fft_convolve), image, kernels, bench_backend)

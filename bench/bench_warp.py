@@ -1,10 +1,10 @@
-"""Template resampling onto the science grid (Lanczos-3) on the CPU backend."""
+"""Template resampling onto the science grid (Lanczos-3) on each backend."""
 
 import numpy as np
 import pytest
 from astropy.wcs import WCS
+from harness import synchronized
 
-from gpudiffim.backend import get_backend
 from gpudiffim.exposure import Exposure
 from gpudiffim.warp import warp_exposure
 
@@ -30,8 +30,8 @@ def template():
 
 
 @pytest.mark.parametrize("angle", [0.0, 0.3], ids=["shift (separable taps)", "rotation 0.3 deg"])
-def test_warp_1024x2048(benchmark, template, angle):
-    cpu = get_backend("cpu")
+def test_warp_1024x2048(benchmark, template, angle, bench_backend):
     science_wcs = _wcs(angle, shift=(3.3, -2.7))
-    benchmark.pedantic(warp_exposure, args=(template, science_wcs, SHAPE, cpu), rounds=3,
-                       warmup_rounds=1)
+    benchmark.pedantic(synchronized(bench_backend, warp_exposure),
+                       args=(template.upload(bench_backend), science_wcs, SHAPE, bench_backend),
+                       rounds=3, warmup_rounds=1)
