@@ -40,7 +40,7 @@ from .errors import BackendError
 from .hostmem import tune_host_allocator
 
 __all__ = ["BACKEND_NAMES", "Backend", "CpuBackend", "GpuBackend", "StrictBackend",
-           "get_backend", "gpu_unavailable_reason", "next_fast_len"]
+           "get_backend", "gpu_unavailable_reason", "host_threads", "next_fast_len"]
 
 log = logging.getLogger(__name__)
 
@@ -291,10 +291,7 @@ class CpuBackend(Backend):
     def __init__(self, threads: int | None = None):
         super().__init__(np, device="cpu")
         tune_host_allocator()
-        if threads is None:
-            threads = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                       else os.cpu_count() or 1)
-        self.threads = threads
+        self.threads = threads or host_threads()
         self._plans: OrderedDict = OrderedDict()  # LRU: plans own their buffers
         self._plan_bytes: dict = {}
         self._lock = threading.Lock()
@@ -589,6 +586,16 @@ def gpu_unavailable_reason() -> str | None:
     if n <= 0:
         return "CuPy sees no CUDA device"
     return _probe(cupy)
+
+
+def host_threads() -> int:
+    """Threads for the CPU's FFTs and filters: ``OMP_NUM_THREADS`` where set (Dask sets it to
+    each worker's share of the cores), else every core this process may run on."""
+    given = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1)
 
 
 def _column_box_mean(a: np.ndarray, size: int) -> np.ndarray:

@@ -1,10 +1,12 @@
 """Backend conformance: every backend gives the same answers as NumPy/SciPy."""
 
+import os
+
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from gpudiffim.backend import get_backend
+from gpudiffim.backend import CpuBackend, get_backend
 from gpudiffim.errors import BackendError
 
 
@@ -247,3 +249,13 @@ def test_several_arrays_come_back_in_one_read(backend, rng, monkeypatch):
     cols = backend.to_host_columns({"x": on_device[1], "flag": on_device[4], "n": 3})
     np.testing.assert_array_equal(cols["x"], arrays[1])
     assert cols["flag"].dtype == bool and int(cols["n"]) == 3
+
+
+def test_cpu_threads_follow_omp_num_threads(monkeypatch):
+    """A Dask worker's share of the cores (it sets OMP_NUM_THREADS=1 for single-threaded
+    workers) bounds the CPU backend's FFT threads; unset, every core is used."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert CpuBackend().threads == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert CpuBackend().threads == len(os.sched_getaffinity(0))
+    assert CpuBackend(threads=3).threads == 3
