@@ -123,77 +123,123 @@ def new_object_sources(sources: pd.DataFrame, matched: np.ndarray) -> np.ndarray
     return (matched < 0) & ~flagged
 
 
-def _weighted(values, errors):
-    """Inverse-variance weighted mean and its error (NaN without a usable value)."""
+def _grouped_weighted(group, n: int, values, errors):
+    """Per group of ``group`` (0..n-1): the inverse-variance weighted mean of ``values`` and
+    its error (NaN where the group has no finite value with a positive error)."""
     ok = np.isfinite(values) & np.isfinite(errors) & (errors > 0)
-    if not ok.any():
-        return np.nan, np.nan
-    w = 1.0 / errors[ok] ** 2
-    return float(np.sum(w * values[ok]) / w.sum()), float(1.0 / np.sqrt(w.sum()))
+    w = np.where(ok, 1.0 / np.where(ok, errors, 1.0) ** 2, 0.0)
+    total = np.bincount(group, w, n)
+    summed = np.bincount(group, w * np.where(ok, values, 0.0), n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (np.where(total > 0, summed / total, np.nan),
+                np.where(total > 0, 1.0 / np.sqrt(total), np.nan))
 
 
-def _band_columns(band: str, src: pd.DataFrame, forced: pd.DataFrame | None) -> dict:
-    flux, err = src["psfFlux"].to_numpy(float), src["psfFluxErr"].to_numpy(float)
-    times = src["midpointMjdTai"].to_numpy(float)
-    ok = np.isfinite(flux)
-    mean, mean_err = _weighted(flux, err)
-    out = {f"{band}_psfFluxMean": mean, f"{band}_psfFluxMeanErr": mean_err,
-           f"{band}_psfFluxSigma": float(np.std(flux[ok], ddof=1)) if ok.sum() > 1 else np.nan,
-           f"{band}_psfFluxNdata": int(ok.sum()),
-           f"{band}_psfFluxMin": float(flux[ok].min()) if ok.any() else np.nan,
-           f"{band}_psfFluxMax": float(flux[ok].max()) if ok.any() else np.nan,
-           f"{band}_psfFluxErrMean": float(np.nanmean(err)) if np.isfinite(err).any() else np.nan}
-    order = np.argsort(times[ok], kind="stable")
-    t, f = times[ok][order], flux[ok][order]
+def _grouped_extremes(group, n: int, values, ok):
+    """Per group: (min, max) of ``values`` where ``ok`` (NaN for a group with none)."""
+    lo, hi = np.full(n, np.inf), np.full(n, -np.inf)
+    np.minimum.at(lo, group[ok], values[ok])
+    np.maximum.at(hi, group[ok], values[ok])
+    return np.where(np.isfinite(lo), lo, np.nan), np.where(np.isfinite(hi), hi, np.nan)
+
+
+def _grouped_max_slope(group, n: int, flux, times, ok):
+    """Per group: of the flux changes per day between time-ordered neighbours (finite
+    fluxes, distinct times), the one of largest size, the earliest on a tie (NaN: none)."""
+    rows = np.flatnonzero(ok)
+    order = rows[np.lexsort((rows, times[rows], group[rows]))]
+    g, t, f = group[order], times[order], flux[order]
     dt = np.diff(t)
-    slopes = np.diff(f)[dt > 0] / dt[dt > 0]
-    out[f"{band}_psfFluxMaxSlope"] = float(slopes[np.argmax(np.abs(slopes))]) if len(slopes) \
-        else np.nan
-    if "scienceFlux" in src:
-        out[f"{band}_scienceFluxMean"], out[f"{band}_scienceFluxMeanErr"] = _weighted(
-            src["scienceFlux"].to_numpy(float), src["scienceFluxErr"].to_numpy(float))
-    if forced is not None and len(forced):
-        out[f"{band}_fpFluxMean"], out[f"{band}_fpFluxMeanErr"] = _weighted(
-            forced["psfFlux"].to_numpy(float), forced["psfFluxErr"].to_numpy(float))
+    pair = (g[1:] == g[:-1]) & (dt > 0)
+    out = np.full(n, np.nan)
+    if not pair.any():
+        return out
+    slope = np.diff(f)[pair] / dt[pair]
+    pg, at = g[1:][pair], np.arange(len(dt))[pair]
+    best = np.lexsort((at, -np.abs(slope), pg))
+    first = np.r_[True, pg[best][1:] != pg[best][:-1]]
+    out[pg[best][first]] = slope[best][first]
     return out
+
+
+def _band_columns(band: str, group, n: int, src: pd.DataFrame, forced_group,
+                  forced: pd.DataFrame | None) -> dict:
+    """One band's DiaObject columns for the ``n`` objects (``group``: each of ``src``'s
+    sources' object; ``forced_group``: each forced row's object, -1 for another band's):
+    NaN, and a count of 0, for objects with no source in the band."""
+    flux, err = src["psfFlux"].to_numpy(float), src["psfFluxErr"].to_numpy(float)
+    has = np.bincount(group, minlength=n) > 0
+    ok = np.isfinite(flux)
+    count = np.bincount(group[ok], minlength=n)
+    mean, mean_err = _grouped_weighted(group, n, flux, err)
+    centre = np.bincount(group[ok], flux[ok], n) / np.maximum(count, 1)
+    spread = np.bincount(group[ok], (flux[ok] - centre[group[ok]]) ** 2, n)
+    finite_err = np.isfinite(err)
+    n_err = np.bincount(group[finite_err], minlength=n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sigma = np.where(count > 1, np.sqrt(spread / (count - 1)), np.nan)
+        err_mean = np.where(n_err > 0, np.bincount(group[finite_err], err[finite_err], n)
+                            / n_err, np.nan)
+    low, high = _grouped_extremes(group, n, flux, ok)
+    out = {f"{band}_psfFluxMean": mean, f"{band}_psfFluxMeanErr": mean_err,
+           f"{band}_psfFluxSigma": sigma, f"{band}_psfFluxNdata": count,
+           f"{band}_psfFluxMin": low, f"{band}_psfFluxMax": high,
+           f"{band}_psfFluxErrMean": err_mean,
+           f"{band}_psfFluxMaxSlope": _grouped_max_slope(
+               group, n, flux, src["midpointMjdTai"].to_numpy(float), ok)}
+    if "scienceFlux" in src:
+        out[f"{band}_scienceFluxMean"], out[f"{band}_scienceFluxMeanErr"] = _grouped_weighted(
+            group, n, src["scienceFlux"].to_numpy(float), src["scienceFluxErr"].to_numpy(float))
+    if forced is not None and (forced_group >= 0).any():
+        mine = forced_group >= 0
+        out[f"{band}_fpFluxMean"], out[f"{band}_fpFluxMeanErr"] = _grouped_weighted(
+            forced_group[mine], n, forced["psfFlux"].to_numpy(float)[mine],
+            forced["psfFluxErr"].to_numpy(float)[mine])
+    return {k: v if k.endswith("Ndata") else np.where(has, v, np.nan) for k, v in out.items()}
 
 
 def summarize_objects(sources: pd.DataFrame, forced: pd.DataFrame | None = None,
                       ) -> pd.DataFrame:
     """One DiaObject row per ``diaObjectId`` of ``sources`` (each object's whole source
     history: ra, dec, raErr, decErr, psfFlux(Err), scienceFlux(Err), midpointMjdTai, band),
-    with the forced photometry history ``forced`` (DiaForcedSource rows) when given."""
+    with the forced photometry history ``forced`` (DiaForcedSource rows) when given.
+    Grouped sums over all objects at once, in ``diaObjectId`` order."""
     import pandas as pd  # on demand: commands that store nothing start without it
 
-    rows = []
-    forced_by = dict(tuple(forced.groupby("diaObjectId"))) if forced is not None and len(
-        forced) else {}
-    for object_id, src in sources.groupby("diaObjectId", sort=True):
-        v = unit_vectors(src["ra"], src["dec"])
-        cos_dec = np.cos(np.radians(src["dec"].to_numpy(float)))
-        sig = np.hypot(src["raErr"].to_numpy(float) * cos_dec, src["decErr"].to_numpy(float))
-        w = np.where(np.isfinite(sig) & (sig > 0), 1.0 / np.where(sig > 0, sig, 1.0) ** 2, 0.0)
-        w = w if w.sum() > 0 else np.ones(len(src))
-        mean = (w[:, None] * v).sum(axis=0)
-        ra = float(np.degrees(np.arctan2(mean[1], mean[0])) % 360.0)
-        dec = float(np.degrees(np.arcsin(mean[2] / np.linalg.norm(mean))))
-        row = {"diaObjectId": int(object_id), "ra": ra, "dec": dec,
-               "raErr": _mean_error(src["raErr"].to_numpy(float)),
-               "decErr": _mean_error(src["decErr"].to_numpy(float)), "ra_dec_Cov": 0.0,
-               "nDiaSources": len(src),
-               "firstDiaSourceMjdTai": float(src["midpointMjdTai"].min()),
-               "lastDiaSourceMjdTai": float(src["midpointMjdTai"].max()),
-               **{f"{b}_psfFluxNdata": 0 for b in BANDS}}
-        obj_forced = forced_by.get(object_id)
-        for band, in_band in src.groupby("band"):
-            if band in BANDS:
-                fb = obj_forced[obj_forced["band"] == band] if obj_forced is not None else None
-                row.update(_band_columns(band, in_band, fb))
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _mean_error(errors: np.ndarray) -> float:
-    """The error of an inverse-variance weighted mean of values with these errors."""
-    ok = np.isfinite(errors) & (errors > 0)
-    return float(1.0 / np.sqrt(np.sum(1.0 / errors[ok] ** 2))) if ok.any() else np.nan
+    object_ids = sources["diaObjectId"].to_numpy(np.int64)
+    ids, group = np.unique(object_ids, return_inverse=True)
+    group, n = group.ravel(), len(ids)
+    v = unit_vectors(sources["ra"], sources["dec"])
+    ra_err, dec_err = sources["raErr"].to_numpy(float), sources["decErr"].to_numpy(float)
+    sig = np.hypot(ra_err * np.cos(np.radians(sources["dec"].to_numpy(float))), dec_err)
+    w = np.where(np.isfinite(sig) & (sig > 0), 1.0 / np.where(sig > 0, sig, 1.0) ** 2, 0.0)
+    w = np.where(np.bincount(group, w, n)[group] > 0, w, 1.0)  # none weighted: all equal
+    mean = np.stack([np.bincount(group, w * v[:, k], n) for k in range(3)], axis=1)
+    times = sources["midpointMjdTai"].to_numpy(float)
+    first, last = _grouped_extremes(group, n, times, np.ones(len(times), bool))
+    columns = {"diaObjectId": ids,
+               "ra": np.degrees(np.arctan2(mean[:, 1], mean[:, 0])) % 360.0,
+               "dec": np.degrees(np.arcsin(mean[:, 2] / np.linalg.norm(mean, axis=1))),
+               "raErr": _grouped_weighted(group, n, ra_err, ra_err)[1],
+               "decErr": _grouped_weighted(group, n, dec_err, dec_err)[1],
+               "ra_dec_Cov": np.zeros(n), "nDiaSources": np.bincount(group, minlength=n),
+               "firstDiaSourceMjdTai": first, "lastDiaSourceMjdTai": last,
+               **{f"{b}_psfFluxNdata": np.zeros(n, np.int64) for b in BANDS}}
+    bands = sources["band"].to_numpy()
+    forced_object = forced_bands = None
+    if forced is not None and len(forced):
+        fid = forced["diaObjectId"].to_numpy(np.int64)
+        forced_object = np.full(len(fid), -1)
+        if n:
+            at = np.minimum(np.searchsorted(ids, fid), n - 1)
+            forced_object = np.where(ids[at] == fid, at, -1)
+        forced_bands = forced["band"].to_numpy()
+    for band in BANDS:
+        in_band = bands == band
+        if in_band.any():
+            forced_group = (None if forced_object is None
+                            else np.where(forced_bands == band, forced_object, -1))
+            columns.update(_band_columns(band, group[in_band], n, sources[in_band],
+                                         forced_group, forced if forced_object is not None
+                                         else None))
+    return pd.DataFrame(columns)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from astropy.table import Table
 
+from .backend import host_threads
 from .exposure import Exposure
 
 __all__ = ["inject", "shift_image", "psf_stamp", "overlap_slices", "optimal_snr"]
@@ -20,19 +21,22 @@ def shift_image(image: np.ndarray, dx, dy) -> np.ndarray:
 
     A stack (..., h, w) with ``dx``, ``dy`` of its leading shape shifts every image by its
     own amount in one batched transform."""
-    from scipy.fft import next_fast_len
+    from scipy import fft
 
     pad = 8
     image = np.asarray(image)
     h, w = image.shape[-2:]
-    after = [next_fast_len(n + 2 * pad, real=True) - n - pad for n in (h, w)]  # no prime sizes
+    after = [fft.next_fast_len(n + 2 * pad, real=True) - n - pad for n in (h, w)]  # no primes
     big = np.pad(image, [(0, 0)] * (image.ndim - 2) + [(pad, after[0]), (pad, after[1])])
     dx = np.asarray(dx, float)[..., None, None]
     dy = np.asarray(dy, float)[..., None, None]
     ky = np.fft.fftfreq(big.shape[-2])[:, None]
     kx = np.fft.rfftfreq(big.shape[-1])[None, :]
-    phase = np.exp(-2j * np.pi * (kx * dx + ky * dy))
-    out = np.fft.irfft2(np.fft.rfft2(big) * phase, s=big.shape[-2:])
+    threads = host_threads()
+    spectrum = fft.rfft2(big, workers=threads)
+    spectrum *= np.exp(-2j * np.pi * ky * dy)  # the phase ramp is separable: one exp per
+    spectrum *= np.exp(-2j * np.pi * kx * dx)  # row and per column, not per frequency
+    out = fft.irfft2(spectrum, s=big.shape[-2:], workers=threads)
     return out[..., pad:pad + h, pad:pad + w]
 
 

@@ -97,3 +97,42 @@ def test_object_summaries_from_the_source_history():
     row = summarize_objects(sources, forced).iloc[0]
     assert row["g_fpFluxMean"] == pytest.approx(60.0)
     assert row["g_fpFluxMeanErr"] == pytest.approx(10 / np.sqrt(2))
+
+
+def test_each_objects_summary_is_its_own_history_alone():
+    """The summaries are grouped sums over every object at once: each object's row must be
+    what its own sources (and forced rows) give on their own, whatever the others hold —
+    unsorted ids, several bands, missing fluxes and errors, repeated times, objects with
+    no forced rows."""
+    rng = np.random.default_rng(3)
+    n = 400
+    ids = rng.choice([11, 5, 907, 42, 6, 3000], n)
+    sources = _frame(10 + rng.normal(0, 1e-4, n), -30 + rng.normal(0, 1e-4, n),
+                     diaObjectId=ids, psfFlux=rng.normal(100, 30, n),
+                     psfFluxErr=rng.uniform(5, 15, n), scienceFlux=rng.normal(900, 30, n),
+                     scienceFluxErr=rng.uniform(5, 15, n),
+                     midpointMjdTai=60000 + rng.integers(0, 40, n).astype(float),
+                     band=rng.choice(["g", "r", "i"], n))
+    for column, share in (("psfFlux", 0.05), ("psfFluxErr", 0.05), ("raErr", 0.05)):
+        sources.loc[rng.random(n) < share, column] = np.nan
+    sources.loc[(sources["diaObjectId"] == 6) & (sources["band"] == "i"), "psfFlux"] = np.nan
+    m = 300
+    forced = pd.DataFrame({"diaObjectId": rng.choice([11, 5, 907, 42, 77], m),
+                           "band": rng.choice(["g", "r"], m),
+                           "psfFlux": rng.normal(50, 10, m), "psfFluxErr": rng.uniform(5, 9, m)})
+    together = summarize_objects(sources, forced).set_index("diaObjectId")
+    assert list(together.index) == sorted(set(ids))
+    for object_id in set(ids):
+        alone = summarize_objects(sources[sources["diaObjectId"] == object_id],
+                                  forced[forced["diaObjectId"] == object_id]).iloc[0]
+        for column, value in alone.items():
+            if column == "diaObjectId":
+                continue
+            got = together.loc[object_id, column]
+            assert (np.isnan(value) and np.isnan(got)) or got == pytest.approx(value,
+                                                                               rel=1e-12), \
+                (object_id, column)
+    # a band an object never had: no values, and none counted
+    no_i = together.loc[[i for i in together.index
+                         if not ((sources["diaObjectId"] == i) & (sources["band"] == "i")).any()]]
+    assert np.all(no_i["i_psfFluxNdata"] == 0) and np.all(np.isnan(no_i["i_psfFluxMean"]))
