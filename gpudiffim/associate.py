@@ -165,7 +165,8 @@ def _grouped_max_slope(group, n: int, flux, times, ok):
 def _band_columns(band: str, group, n: int, src: pd.DataFrame, forced_group,
                   forced: pd.DataFrame | None) -> dict:
     """One band's DiaObject columns for the ``n`` objects (``group``: each of ``src``'s
-    sources' object; ``forced_group``: each forced row's object, -1 for another band's):
+    sources' object; ``forced_group``: each of ``forced``'s rows' object, -1 for another
+    band's, None without forced rows):
     NaN, and a count of 0, for objects with no source in the band."""
     flux, err = src["psfFlux"].to_numpy(float), src["psfFluxErr"].to_numpy(float)
     has = np.bincount(group, minlength=n) > 0
@@ -190,7 +191,7 @@ def _band_columns(band: str, group, n: int, src: pd.DataFrame, forced_group,
     if "scienceFlux" in src:
         out[f"{band}_scienceFluxMean"], out[f"{band}_scienceFluxMeanErr"] = _grouped_weighted(
             group, n, src["scienceFlux"].to_numpy(float), src["scienceFluxErr"].to_numpy(float))
-    if forced is not None and (forced_group >= 0).any():
+    if forced_group is not None and (forced_group >= 0).any():
         mine = forced_group >= 0
         out[f"{band}_fpFluxMean"], out[f"{band}_fpFluxMeanErr"] = _grouped_weighted(
             forced_group[mine], n, forced["psfFlux"].to_numpy(float)[mine],
@@ -240,6 +241,5 @@ def summarize_objects(sources: pd.DataFrame, forced: pd.DataFrame | None = None,
             forced_group = (None if forced_object is None
                             else np.where(forced_bands == band, forced_object, -1))
             columns.update(_band_columns(band, group[in_band], n, sources[in_band],
-                                         forced_group, forced if forced_object is not None
-                                         else None))
+                                         forced_group, forced))
     return pd.DataFrame(columns)

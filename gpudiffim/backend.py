@@ -589,7 +589,7 @@ def gpu_unavailable_reason() -> str | None:
 
 
 def host_threads() -> int:
-    """Threads for the CPU's FFTs and filters: ``OMP_NUM_THREADS`` where set (Dask sets it to
+    """Threads for the CPU's FFTs: ``OMP_NUM_THREADS`` where set (Dask sets it to
     each worker's share of the cores), else every core this process may run on."""
     given = os.environ.get("OMP_NUM_THREADS", "").strip()
     if given.isdigit() and int(given) > 0:
